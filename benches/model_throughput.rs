@@ -1,0 +1,25 @@
+//! The built-in risk model's compute per batch size, in-process (no gRPC):
+//! the floor under any served latency, and what batching buys.
+//!
+//!   cargo bench --bench model_throughput
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kiln::config::RepositorySource;
+use kiln::model::{Tensor, TensorData};
+
+fn risk_batches(c: &mut Criterion) {
+    let loaded = kiln::repository::load(&RepositorySource::BuiltIn).expect("built-in repository loads");
+    let model = loaded[0].versions[&1].model.clone();
+    let mut group = c.benchmark_group("risk_mlp");
+    for batch in [1usize, 8, 64] {
+        let input = Tensor { shape: vec![batch, 30], data: TensorData::Fp32(vec![1.0; batch * 30]) };
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &input, |b, input| {
+            b.iter(|| model.run(std::slice::from_ref(input)).expect("runs"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, risk_batches);
+criterion_main!(benches);

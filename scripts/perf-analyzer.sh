@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Drives Kiln with Triton's perf_analyzer over gRPC, feeding real held-out
+# feature rows (--input-data). Without KILN_URL it starts a server itself.
+#
+#   scripts/perf-analyzer.sh                         # a short run, as CI does
+#   KILN_URL=host:8001 scripts/perf-analyzer.sh --concurrency-range 1:32:2
+#
+# perf_analyzer's PyPI wheel (2.60.0, platform manylinux_2_38) needs glibc
+# 2.38, newer than Debian bookworm's. It runs through Debian trixie's
+# loader: libc6, libstdc++6 and libgcc-s1 are fetched with `apt-get
+# download` under a private apt configuration and unpacked with `dpkg -x`
+# into .tools/ (git-ignored); the system is untouched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${KILN_URL:-}" ]; then
+  exec scripts/with-server.sh "$0" "$@"
+fi
+
+tools=$(pwd)/.tools/perf_analyzer
+pa=$tools/wheel/perf_analyzer/bin/perf_analyzer
+libs=$tools/trixie/usr/lib/x86_64-linux-gnu
+mkdir -p "$tools"
+
+if [ ! -x "$pa" ]; then
+  rm -rf "$tools/wheel" "$tools/dl"
+  pip download --quiet perf-analyzer==2.60.0 --platform manylinux_2_38_x86_64 \
+    --only-binary=:all: --no-deps -d "$tools/dl"
+  python3 -m zipfile -e "$tools"/dl/perf_analyzer-*.whl "$tools/wheel"
+  chmod +x "$pa"
+fi
+
+if [ ! -e "$libs/ld-linux-x86-64.so.2" ]; then
+  apt=$tools/apt
+  rm -rf "$apt" "$tools/trixie"
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" >"$apt/sources.list"
+  opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o Debug::NoLocking=1
+        -o APT::Sandbox::User=root)
+  apt-get "${opts[@]}" -qq update
+  (cd "$apt/debs" && apt-get "${opts[@]}" -qq download libc6 libstdc++6 libgcc-s1)
+  for deb in "$apt"/debs/*.deb; do dpkg -x "$deb" "$tools/trixie"; done
+fi
+
+# Held-out rows of the data set, one per request (batch dimension 1).
+input=$tools/risk-input.json
+python3 - "$input" <<'PY'
+import csv, json, sys
+rows = list(csv.reader(open("data/wdbc.csv")))[1:]
+heldout = json.load(open("data/wdbc-split.json"))["heldout_rows"]
+data = [{"features": {"content": [float(v) for v in rows[i][:30]], "shape": [30]}} for i in heldout]
+json.dump({"data": data}, open(sys.argv[1], "w"))
+PY
+
+args=("$@")
+if [ ${#args[@]} -eq 0 ]; then
+  # A few seconds: three concurrency levels, one-second windows.
+  args=(--concurrency-range 1:8:4 --measurement-interval 1000 --stability-percentage 100 --max-trials 3)
+fi
+"$libs/ld-linux-x86-64.so.2" --library-path "$libs:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" \
+  "$pa" -m risk -u "$KILN_URL" -i grpc --input-data "$input" -f "$tools/last-run.csv" "${args[@]}"
+echo "perf_analyzer: results in $tools/last-run.csv"

@@ -1,0 +1,392 @@
+//! Turns a V2 `ModelInferRequest` into Kiln's `InferRequest`, checking it
+//! against the model's declared interface. Everything malformed stops here
+//! with a message naming the input and what was expected.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::pb::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
+use crate::error::InferError;
+use crate::model::{DataType, ModelSpec, Tensor, TensorData, TensorSpec};
+use crate::request::InferRequest;
+
+/// Kiln's own request parameters, type-checked. Others are ignored
+/// (clients such as perf_analyzer send their own).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct KilnParams {
+    pub timeout_us: Option<u64>,
+    pub priority: Option<u64>,
+    pub max_cost_us: Option<u64>,
+    pub tenant: Option<String>,
+}
+
+fn invalid(msg: impl Into<String>) -> InferError {
+    InferError::InvalidArgument(msg.into())
+}
+
+fn unsigned_param(name: &str, p: &InferParameter) -> Result<u64, InferError> {
+    match p.parameter_choice {
+        Some(ParameterChoice::Uint64Param(v)) => Ok(v),
+        Some(ParameterChoice::Int64Param(v)) if v >= 0 => Ok(v as u64),
+        Some(ParameterChoice::Int64Param(v)) => Err(invalid(format!("parameter '{name}': must be >= 0, got {v}"))),
+        _ => Err(invalid(format!("parameter '{name}': expected an int64 or uint64 value, got {}", describe(p)))),
+    }
+}
+
+fn describe(p: &InferParameter) -> &'static str {
+    match p.parameter_choice {
+        Some(ParameterChoice::BoolParam(_)) => "a bool",
+        Some(ParameterChoice::Int64Param(_)) => "an int64",
+        Some(ParameterChoice::StringParam(_)) => "a string",
+        Some(ParameterChoice::DoubleParam(_)) => "a double",
+        Some(ParameterChoice::Uint64Param(_)) => "a uint64",
+        None => "no value",
+    }
+}
+
+/// Reads and type-checks Kiln's request parameters.
+pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<KilnParams, InferError> {
+    let mut out = KilnParams::default();
+    for (name, p) in parameters {
+        match name.as_str() {
+            "timeout" => out.timeout_us = Some(unsigned_param(name, p)?),
+            "priority" => out.priority = Some(unsigned_param(name, p)?),
+            "max_cost_us" => out.max_cost_us = Some(unsigned_param(name, p)?),
+            "tenant" => match &p.parameter_choice {
+                Some(ParameterChoice::StringParam(s)) => out.tenant = Some(s.clone()),
+                _ => return Err(invalid(format!("parameter 'tenant': expected a string, got {}", describe(p)))),
+            },
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Validates `req` against `spec` and builds the typed request.
+pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize, received: Instant) -> Result<InferRequest, InferError> {
+    let model = &spec.name;
+    params(&req.parameters)?;
+    let raw = !req.raw_input_contents.is_empty();
+    if raw && req.raw_input_contents.len() != req.inputs.len() {
+        return Err(invalid(format!(
+            "raw_input_contents has {} entries but the request has {} inputs: one entry per input, in input order",
+            req.raw_input_contents.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
+    let mut rows: Option<(usize, &str)> = None;
+    for (i, input) in req.inputs.iter().enumerate() {
+        let Some(slot) = spec.inputs.iter().position(|s| s.name == input.name) else {
+            let expected: Vec<&str> = spec.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(invalid(format!(
+                "unknown input '{}' for model '{model}'; expected inputs: {}",
+                input.name,
+                expected.join(", ")
+            )));
+        };
+        if slots[slot].is_some() {
+            return Err(invalid(format!("input '{}' appears more than once", input.name)));
+        }
+        let declared = &spec.inputs[slot];
+        let shape = check_shape(declared, &input.datatype, &input.shape, max_rows)?;
+        if let Some((r, other)) = rows
+            && r != shape[0]
+        {
+            return Err(invalid(format!(
+                "input '{}' has {} rows but input '{other}' has {r}: every input needs the same batch dimension",
+                input.name, shape[0]
+            )));
+        }
+        rows = Some((shape[0], &input.name));
+        let count = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(|| {
+            invalid(format!("input '{}': shape {:?} is too large", input.name, input.shape))
+        })?;
+        let data = if raw {
+            if input.contents.as_ref().is_some_and(has_contents) {
+                return Err(invalid(format!(
+                    "input '{}' has typed contents but the request also has raw_input_contents: use one form",
+                    input.name
+                )));
+            }
+            from_raw(declared, &req.raw_input_contents[i], count)?
+        } else {
+            from_typed(declared, input.contents.as_ref(), count)?
+        };
+        check_values(declared, &data)?;
+        slots[slot] = Some(Tensor { shape, data });
+    }
+    let mut inputs = Vec::with_capacity(slots.len());
+    for (declared, slot) in spec.inputs.iter().zip(slots) {
+        inputs.push(slot.ok_or_else(|| {
+            invalid(format!("missing input '{}' ({} {:?}) for model '{model}'", declared.name, declared.datatype, declared.shape))
+        })?);
+    }
+    let outputs = requested_outputs(req, spec)?;
+    Ok(InferRequest {
+        id: req.id.clone(),
+        rows: rows.map(|(r, _)| r).unwrap_or(0),
+        inputs,
+        outputs,
+        received,
+    })
+}
+
+fn check_shape(declared: &TensorSpec, datatype: &str, shape: &[i64], max_rows: usize) -> Result<Vec<usize>, InferError> {
+    let name = &declared.name;
+    if datatype != declared.datatype.as_v2() {
+        return Err(invalid(format!("input '{name}': datatype {datatype:?}, expected {}", declared.datatype)));
+    }
+    if shape.len() != declared.shape.len() {
+        return Err(invalid(format!("input '{name}': shape {shape:?}, expected {:?} (rank {})", declared.shape, declared.shape.len())));
+    }
+    if shape.iter().any(|d| *d < 0) {
+        return Err(invalid(format!("input '{name}': shape {shape:?} has a negative dimension")));
+    }
+    if shape[0] == 0 {
+        return Err(invalid(format!("input '{name}': zero rows; send at least one")));
+    }
+    if shape[0] as u64 > max_rows as u64 {
+        return Err(invalid(format!(
+            "input '{name}': {} rows, more than the model's max_batch_size {max_rows}; split the request",
+            shape[0]
+        )));
+    }
+    for (d, (got, want)) in shape.iter().zip(&declared.shape).enumerate().skip(1) {
+        if *want >= 0 && got != want {
+            return Err(invalid(format!("input '{name}': shape {shape:?}, expected {:?} (dimension {d} must be {want})", declared.shape)));
+        }
+    }
+    Ok(shape.iter().map(|d| *d as usize).collect())
+}
+
+fn has_contents(c: &super::pb::InferTensorContents) -> bool {
+    !(c.bool_contents.is_empty()
+        && c.int_contents.is_empty()
+        && c.int64_contents.is_empty()
+        && c.uint_contents.is_empty()
+        && c.uint64_contents.is_empty()
+        && c.fp32_contents.is_empty()
+        && c.fp64_contents.is_empty()
+        && c.bytes_contents.is_empty())
+}
+
+fn from_raw(declared: &TensorSpec, bytes: &[u8], count: usize) -> Result<TensorData, InferError> {
+    let name = &declared.name;
+    let dt = declared.datatype;
+    if let Some(size) = dt.element_bytes() {
+        let expected = count.checked_mul(size).unwrap_or(usize::MAX);
+        if bytes.len() != expected {
+            return Err(invalid(format!(
+                "input '{name}': raw contents hold {} bytes, expected {expected} ({count} {dt} elements of {size} bytes)",
+                bytes.len()
+            )));
+        }
+    }
+    fn le<T, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect()
+    }
+    Ok(match dt {
+        DataType::Fp32 => TensorData::Fp32(le(bytes, f32::from_le_bytes)),
+        DataType::Fp64 => TensorData::Fp64(le(bytes, f64::from_le_bytes)),
+        DataType::Int32 => TensorData::Int32(le(bytes, i32::from_le_bytes)),
+        DataType::Int64 => TensorData::Int64(le(bytes, i64::from_le_bytes)),
+        DataType::Bytes => {
+            let mut items = Vec::with_capacity(count.min(bytes.len() / 4));
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                    return Err(invalid(format!("input '{name}': raw BYTES element {} has a truncated 4-byte length", items.len())));
+                };
+                let len = u32::from_le_bytes(*len) as usize;
+                if tail.len() < len {
+                    return Err(invalid(format!(
+                        "input '{name}': raw BYTES element {} declares {len} bytes but {} remain",
+                        items.len(),
+                        tail.len()
+                    )));
+                }
+                items.push(tail[..len].to_vec());
+                rest = &tail[len..];
+            }
+            if items.len() != count {
+                return Err(invalid(format!("input '{name}': raw contents hold {} BYTES elements, expected {count}", items.len())));
+            }
+            TensorData::Bytes(items)
+        }
+    })
+}
+
+fn from_typed(declared: &TensorSpec, contents: Option<&super::pb::InferTensorContents>, count: usize) -> Result<TensorData, InferError> {
+    let name = &declared.name;
+    let dt = declared.datatype;
+    let empty = super::pb::InferTensorContents::default();
+    let c = contents.unwrap_or(&empty);
+    let (data, field) = match dt {
+        DataType::Fp32 => (TensorData::Fp32(c.fp32_contents.clone()), "fp32_contents"),
+        DataType::Fp64 => (TensorData::Fp64(c.fp64_contents.clone()), "fp64_contents"),
+        DataType::Int32 => (TensorData::Int32(c.int_contents.clone()), "int_contents"),
+        DataType::Int64 => (TensorData::Int64(c.int64_contents.clone()), "int64_contents"),
+        DataType::Bytes => (TensorData::Bytes(c.bytes_contents.clone()), "bytes_contents"),
+    };
+    if data.len() != count {
+        return Err(invalid(format!(
+            "input '{name}': {field} holds {} values, expected {count} for its shape (no contents at all? send contents or raw_input_contents)",
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
+fn check_values(declared: &TensorSpec, data: &TensorData) -> Result<(), InferError> {
+    let values: Box<dyn Iterator<Item = f64> + '_> = match data {
+        TensorData::Fp32(v) => Box::new(v.iter().map(|x| *x as f64)),
+        TensorData::Fp64(v) => Box::new(v.iter().copied()),
+        _ => return Ok(()),
+    };
+    let row_len = declared.row_len().max(1);
+    for (i, x) in values.enumerate() {
+        let (row, col) = (i / row_len, i % row_len);
+        let feature = declared.features.get(col);
+        let label = match feature {
+            Some(f) => format!("input '{}' row {row} feature '{}'", declared.name, f.name),
+            None => format!("input '{}' element {i}", declared.name),
+        };
+        if !x.is_finite() {
+            return Err(invalid(format!("{label} is {x}: NaN and infinity are not accepted")));
+        }
+        if let Some((low, high)) = feature.and_then(|f| f.valid_range)
+            && !(low..=high).contains(&x)
+        {
+            return Err(invalid(format!("{label} = {x} is outside its valid_range [{low}, {high}]")));
+        }
+    }
+    Ok(())
+}
+
+fn requested_outputs(req: &ModelInferRequest, spec: &ModelSpec) -> Result<Vec<usize>, InferError> {
+    if req.outputs.is_empty() {
+        return Ok((0..spec.outputs.len()).collect());
+    }
+    let mut out = Vec::with_capacity(req.outputs.len());
+    for o in &req.outputs {
+        let Some(idx) = spec.outputs.iter().position(|s| s.name == o.name) else {
+            let known: Vec<&str> = spec.outputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(invalid(format!("unknown requested output '{}'; model '{}' has outputs: {}", o.name, spec.name, known.join(", "))));
+        };
+        if out.contains(&idx) {
+            return Err(invalid(format!("requested output '{}' appears more than once", o.name)));
+        }
+        out.push(idx);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+    use crate::api::pb::InferTensorContents;
+    use crate::model::FeatureSpec;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            name: "m".into(),
+            version: 1,
+            platform: "kiln_mlp".into(),
+            description: String::new(),
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 2],
+                features: vec![
+                    FeatureSpec { name: "a".into(), valid_range: Some((0.0, 10.0)) },
+                    FeatureSpec { name: "b".into(), valid_range: None },
+                ],
+            }],
+            outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::Fp32, shape: vec![-1, 1], features: vec![] }],
+            weights_sha256: String::new(),
+            device: "cpu".into(),
+        }
+    }
+
+    fn request(values: Vec<f32>, shape: Vec<i64>) -> ModelInferRequest {
+        ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape,
+                contents: Some(InferTensorContents { fp32_contents: values, ..Default::default() }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn error(req: &ModelInferRequest) -> String {
+        match decode(req, &spec(), 8, Instant::now()) {
+            Err(InferError::InvalidArgument(m)) => m,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn typed_and_raw_forms_decode_alike() {
+        let typed = request(vec![1.0, 2.0, 3.0, 4.0], vec![2, 2]);
+        let mut raw = typed.clone();
+        raw.inputs[0].contents = None;
+        raw.raw_input_contents = vec![[1f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect()];
+        let a = decode(&typed, &spec(), 8, Instant::now()).expect("valid");
+        let b = decode(&raw, &spec(), 8, Instant::now()).expect("valid");
+        assert_eq!(a.inputs, b.inputs);
+        assert_eq!(a.rows, 2);
+    }
+
+    #[test]
+    fn out_of_range_names_feature_and_row() {
+        let msg = error(&request(vec![1.0, 2.0, 11.0, 0.0], vec![2, 2]));
+        assert!(msg.contains("row 1 feature 'a'") && msg.contains("valid_range"), "{msg}");
+    }
+
+    #[test]
+    fn nan_is_refused() {
+        let msg = error(&request(vec![1.0, f32::NAN], vec![1, 2]));
+        assert!(msg.contains("feature 'b'") && msg.contains("NaN"), "{msg}");
+    }
+
+    #[test]
+    fn rows_over_max_batch_are_refused() {
+        let msg = error(&request(vec![1.0; 18], vec![9, 2]));
+        assert!(msg.contains("max_batch_size 8"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_output_is_named() {
+        let mut req = request(vec![1.0, 2.0], vec![1, 2]);
+        req.outputs = vec![InferRequestedOutputTensor { name: "z".into(), ..Default::default() }];
+        assert!(error(&req).contains("unknown requested output 'z'"));
+    }
+
+    #[test]
+    fn kiln_parameter_of_wrong_type_is_refused() {
+        let mut req = request(vec![1.0, 2.0], vec![1, 2]);
+        req.parameters.insert("timeout".into(), InferParameter { parameter_choice: Some(ParameterChoice::StringParam("1s".into())) });
+        assert!(error(&req).contains("parameter 'timeout'"));
+    }
+
+    #[test]
+    fn unknown_parameters_are_ignored() {
+        let mut req = request(vec![1.0, 2.0], vec![1, 2]);
+        req.parameters.insert("triton_enable_empty_final_response".into(), InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) });
+        assert!(decode(&req, &spec(), 8, Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn raw_bytes_elements_parse_and_truncation_is_caught() {
+        let declared = TensorSpec { name: "s".into(), datatype: DataType::Bytes, shape: vec![-1], features: vec![] };
+        let good = TensorData::Bytes(vec![b"hi".to_vec(), b"".to_vec()]).to_raw();
+        assert_eq!(from_raw(&declared, &good, 2).expect("valid"), TensorData::Bytes(vec![b"hi".to_vec(), vec![]]));
+        assert!(from_raw(&declared, &good[..5], 2).is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! Builds V2 responses from Kiln's types: inference answers (always in
+//! `raw_output_contents`), model metadata and Triton's `ModelConfig`.
+
+use std::collections::HashMap;
+
+use super::pb::{
+    self, InferParameter, ModelConfig, ModelInferResponse, ModelMetadataResponse, infer_parameter::ParameterChoice,
+    model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
+};
+use crate::config::ModelToml;
+use crate::model::{DataType, ModelSpec, TensorSpec};
+use crate::repository::ServedModel;
+use crate::request::InferResponse;
+
+fn int_param(v: u64) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(v.min(i64::MAX as u64) as i64)) }
+}
+
+fn string_param(v: &str) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::StringParam(v.to_string())) }
+}
+
+/// The V2 answer for a computed request. Parameters carry where the time
+/// went and exactly which weights computed it.
+pub fn infer_response(id: String, spec: &ModelSpec, outputs: &[usize], response: InferResponse) -> ModelInferResponse {
+    let t = response.timing;
+    let parameters = HashMap::from([
+        ("queue_us".to_string(), int_param(t.queue_us)),
+        ("compute_us".to_string(), int_param(t.compute_us)),
+        ("batch_size".to_string(), int_param(t.batch_size)),
+        ("model_version".to_string(), string_param(&spec.version.to_string())),
+        ("weights_sha256".to_string(), string_param(&spec.weights_sha256)),
+    ]);
+    let (meta, raw) = outputs
+        .iter()
+        .zip(response.outputs)
+        .map(|(&o, tensor)| {
+            let declared = &spec.outputs[o];
+            let meta = InferOutputTensor {
+                name: declared.name.clone(),
+                datatype: declared.datatype.as_v2().to_string(),
+                shape: tensor.shape.iter().map(|d| *d as i64).collect(),
+                ..Default::default()
+            };
+            (meta, tensor.data.to_raw())
+        })
+        .unzip();
+    ModelInferResponse {
+        model_name: spec.name.clone(),
+        model_version: spec.version.to_string(),
+        id,
+        parameters,
+        outputs: meta,
+        raw_output_contents: raw,
+    }
+}
+
+fn tensor_metadata(t: &TensorSpec) -> TensorMetadata {
+    TensorMetadata { name: t.name.clone(), datatype: t.datatype.as_v2().to_string(), shape: t.shape.clone() }
+}
+
+/// `ModelMetadata`: shapes include the batch dimension as -1.
+pub fn model_metadata(model: &ServedModel, spec: &ModelSpec) -> ModelMetadataResponse {
+    ModelMetadataResponse {
+        name: model.name.clone(),
+        versions: model.versions.keys().map(u64::to_string).collect(),
+        platform: spec.platform.clone(),
+        inputs: spec.inputs.iter().map(tensor_metadata).collect(),
+        outputs: spec.outputs.iter().map(tensor_metadata).collect(),
+    }
+}
+
+fn config_type(dt: DataType) -> i32 {
+    (match dt {
+        DataType::Fp32 => pb::DataType::TypeFp32,
+        DataType::Fp64 => pb::DataType::TypeFp64,
+        DataType::Int32 => pb::DataType::TypeInt32,
+        DataType::Int64 => pb::DataType::TypeInt64,
+        DataType::Bytes => pb::DataType::TypeString,
+    }) as i32
+}
+
+/// Triton's `ModelConfig` as clients read it. Dims exclude the batch
+/// dimension (max_batch_size > 0). Feature names and valid ranges go in
+/// `parameters` as JSON so clients can discover them.
+pub fn model_config(spec: &ModelSpec, config: &ModelToml) -> ModelConfig {
+    let mut parameters = HashMap::new();
+    let mut put = |k: String, v: String| {
+        parameters.insert(k, pb::ModelParameter { string_value: v });
+    };
+    put("weights_sha256".into(), spec.weights_sha256.clone());
+    put("device".into(), spec.device.clone());
+    put("description".into(), spec.description.clone());
+    for input in spec.inputs.iter().filter(|i| !i.features.is_empty()) {
+        let names: Vec<&str> = input.features.iter().map(|f| f.name.as_str()).collect();
+        let ranges: Vec<Option<[f64; 2]>> = input.features.iter().map(|f| f.valid_range.map(|(l, h)| [l, h])).collect();
+        put(format!("{}.feature_names", input.name), serde_json::json!(names).to_string());
+        put(format!("{}.valid_ranges", input.name), serde_json::json!(ranges).to_string());
+    }
+    let kind = if spec.device.starts_with("cuda") {
+        pb::model_instance_group::Kind::Gpu
+    } else {
+        pb::model_instance_group::Kind::Cpu
+    };
+    ModelConfig {
+        name: spec.name.clone(),
+        platform: spec.platform.clone(),
+        backend: "kiln".into(),
+        version_policy: Some(pb::ModelVersionPolicy {
+            policy_choice: Some(pb::model_version_policy::PolicyChoice::All(pb::model_version_policy::All {})),
+        }),
+        max_batch_size: config.max_batch_size.min(i32::MAX as usize) as i32,
+        input: spec
+            .inputs
+            .iter()
+            .map(|t| pb::ModelInput {
+                name: t.name.clone(),
+                data_type: config_type(t.datatype),
+                dims: t.shape[1..].to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+        output: spec
+            .outputs
+            .iter()
+            .map(|t| pb::ModelOutput {
+                name: t.name.clone(),
+                data_type: config_type(t.datatype),
+                dims: t.shape[1..].to_vec(),
+                ..Default::default()
+            })
+            .collect(),
+        scheduling_choice: Some(pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
+            max_queue_delay_microseconds: (config.max_queue_delay_ms * 1000.0).round() as u64,
+            default_queue_policy: Some(pb::ModelQueuePolicy {
+                max_queue_size: config.max_queue.min(u32::MAX as usize) as u32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        instance_group: vec![pb::ModelInstanceGroup {
+            name: format!("{}_{}", spec.name, spec.device),
+            kind: kind as i32,
+            count: config.instances.min(i32::MAX as usize) as i32,
+            ..Default::default()
+        }],
+        parameters,
+        model_transaction_policy: Some(pb::ModelTransactionPolicy { decoupled: false }),
+        response_cache: Some(pb::ModelResponseCache { enable: false }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,188 @@
+//! The V2 `GRPCInferenceService`: health, metadata, config, statistics,
+//! repository index and inference. RPCs Kiln does not support answer
+//! UNIMPLEMENTED through the generated default stubs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::{self, grpc_inference_service_server::GrpcInferenceService};
+use super::{decode, encode, status};
+use crate::error::InferError;
+use crate::monitor::stats::{DurationStat, VersionStats};
+use crate::repository::{Repository, ServedVersion};
+use crate::router;
+
+/// Shared state of the inference service.
+pub struct InferenceService {
+    repo: Arc<Repository>,
+    ready: Arc<AtomicBool>,
+}
+
+impl InferenceService {
+    /// `ready` turns false when shutdown starts, so health checks see it
+    /// before the listener closes.
+    pub fn new(repo: Arc<Repository>, ready: Arc<AtomicBool>) -> Self {
+        Self { repo, ready }
+    }
+
+    fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
+        router::route(&self.repo, name, version).map_err(|e| status::to_status(&e))
+    }
+
+    async fn infer(&self, req: &pb::ModelInferRequest, version: &ServedVersion, received: Instant) -> Result<pb::ModelInferResponse, InferError> {
+        let request = decode::decode(req, &version.spec, version.config.max_batch_size, received)?;
+        let outputs = request.outputs.clone();
+        let answer = version.batcher.submit(request)?;
+        let response = answer.await.map_err(|_| {
+            InferError::Unavailable(format!("model '{}' stopped before answering", version.spec.name))
+        })??;
+        Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response))
+    }
+}
+
+fn duration(stat: &DurationStat) -> Option<pb::StatisticDuration> {
+    let (count, ns) = stat.read();
+    Some(pb::StatisticDuration { count, ns })
+}
+
+fn statistics(name: &str, version: u64, s: &VersionStats) -> pb::ModelStatistics {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    pb::ModelStatistics {
+        name: name.to_string(),
+        version: version.to_string(),
+        last_inference: load(&s.last_inference_ms),
+        inference_count: load(&s.inference_count),
+        execution_count: load(&s.execution_count),
+        inference_stats: Some(pb::InferStatistics {
+            success: duration(&s.success),
+            fail: duration(&s.fail),
+            queue: duration(&s.queue),
+            compute_input: duration(&s.compute_input),
+            compute_infer: duration(&s.compute_infer),
+            compute_output: duration(&s.compute_output),
+            cache_hit: Some(pb::StatisticDuration::default()),
+            cache_miss: Some(pb::StatisticDuration::default()),
+        }),
+        batch_stats: s
+            .batch_stats()
+            .into_iter()
+            .map(|(size, b)| pb::InferBatchStatistics {
+                batch_size: size,
+                compute_input: Some(pb::StatisticDuration { count: b.count, ns: 0 }),
+                compute_infer: Some(pb::StatisticDuration { count: b.count, ns: b.compute_ns }),
+                compute_output: Some(pb::StatisticDuration { count: b.count, ns: 0 }),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.ready.load(Ordering::Acquire) }))
+    }
+
+    async fn model_ready(&self, request: Request<pb::ModelReadyRequest>) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        self.version(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelReadyResponse { ready: self.ready.load(Ordering::Acquire) }))
+    }
+
+    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "kiln".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: ["model_configuration", "model_repository", "statistics", "parameters"].map(String::from).to_vec(),
+        }))
+    }
+
+    async fn model_metadata(&self, request: Request<pb::ModelMetadataRequest>) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        let version = self.version(&r.name, &r.version)?;
+        let model = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(encode::model_metadata(model, &version.spec)))
+    }
+
+    async fn model_config(&self, request: Request<pb::ModelConfigRequest>) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        let version = self.version(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(encode::model_config(&version.spec, &version.config)) }))
+    }
+
+    async fn model_statistics(&self, request: Request<pb::ModelStatisticsRequest>) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = request.into_inner();
+        let mut model_stats = Vec::new();
+        if r.name.is_empty() {
+            for m in self.repo.models.values() {
+                for (v, served) in &m.versions {
+                    model_stats.push(statistics(&m.name, *v, &served.stats));
+                }
+            }
+        } else if r.version.is_empty() {
+            let m = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
+            for (v, served) in &m.versions {
+                model_stats.push(statistics(&m.name, *v, &served.stats));
+            }
+        } else {
+            let served = self.version(&r.name, &r.version)?;
+            model_stats.push(statistics(&r.name, served.spec.version, &served.stats));
+        }
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(&self, _: Request<pb::RepositoryIndexRequest>) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let models = self
+            .repo
+            .models
+            .values()
+            .flat_map(|m| {
+                m.versions.keys().map(|v| pb::repository_index_response::ModelIndex {
+                    name: m.name.clone(),
+                    version: v.to_string(),
+                    state: "READY".into(),
+                    reason: String::new(),
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn model_infer(&self, request: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let received = Instant::now();
+        let req = request.into_inner();
+        let version = match router::route(&self.repo, &req.model_name, &req.model_version) {
+            Ok(v) => v,
+            // Unknown names are not metric labels: a client could grow the set.
+            Err(e) => return Err(status::to_status(&e)),
+        };
+        let result = self.infer(&req, &version, received).await;
+        let elapsed = received.elapsed();
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => status::code(e),
+        };
+        version.metrics.requests(status::code_name(code)).increment(1);
+        version.metrics.request_duration.record(elapsed.as_secs_f64());
+        match result {
+            Ok(response) => {
+                version.stats.success.add(1, elapsed);
+                Ok(Response::new(response))
+            }
+            Err(e) => {
+                version.stats.fail.add(1, elapsed);
+                if let InferError::QueueFull { .. } = e {
+                    version.metrics.rejected("queue_full").increment(1);
+                }
+                Err(status::to_status(&e))
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! A V2 client over the generated stubs, used by `kiln infer`, later by
+//! `kiln bench`, and by the integration tests.
+
+use std::collections::HashMap;
+
+use tonic::transport::Channel;
+
+use crate::api::pb::{
+    self, InferTensorContents, ModelInferRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor,
+};
+
+pub use crate::api::pb::infer_parameter::ParameterChoice;
+pub use pb::grpc_inference_service_client::GrpcInferenceServiceClient as RawClient;
+
+/// Why a client could not reach a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server URL {0:?}: {1}")]
+    InvalidUrl(String, String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, tonic::transport::Error),
+}
+
+/// A connected V2 client.
+#[derive(Clone)]
+pub struct Client {
+    pub raw: GrpcInferenceServiceClient<Channel>,
+}
+
+/// Message bound for client calls; as large as the protocol lets clients go.
+const CLIENT_MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+impl Client {
+    /// Connects to `url` (`host:port` or `http://host:port`).
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+        let endpoint = Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
+        let channel = endpoint.tcp_nodelay(true).connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        let raw = GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
+        Self { raw }
+    }
+
+    /// Runs one FP32 inference on `rows` of `width` values for the model's
+    /// input `input`, returning the raw response.
+    pub async fn infer_fp32(
+        &mut self,
+        model: &str,
+        input: &str,
+        rows: &[Vec<f32>],
+    ) -> Result<pb::ModelInferResponse, tonic::Status> {
+        let request = fp32_request(model, input, rows);
+        Ok(self.raw.model_infer(request).await?.into_inner())
+    }
+}
+
+/// A `ModelInferRequest` carrying `rows` as one FP32 input in raw form.
+pub fn fp32_request(model: &str, input: &str, rows: &[Vec<f32>]) -> ModelInferRequest {
+    let width = rows.first().map(Vec::len).unwrap_or(0);
+    let raw: Vec<u8> = rows.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+    ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: input.to_string(),
+            datatype: "FP32".into(),
+            shape: vec![rows.len() as i64, width as i64],
+            contents: None,
+            parameters: HashMap::new(),
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
+}
+
+/// The same request with typed `contents` instead of raw bytes.
+pub fn fp32_request_typed(model: &str, input: &str, rows: &[Vec<f32>]) -> ModelInferRequest {
+    let mut request = fp32_request(model, input, rows);
+    request.raw_input_contents.clear();
+    request.inputs[0].contents =
+        Some(InferTensorContents { fp32_contents: rows.iter().flatten().copied().collect(), ..Default::default() });
+    request
+}
+
+/// Decodes output `index` of a response as FP32 values.
+pub fn output_fp32(response: &pb::ModelInferResponse, index: usize) -> Option<Vec<f32>> {
+    let raw = response.raw_output_contents.get(index)?;
+    if raw.len() % 4 != 0 {
+        return None;
+    }
+    Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// A response parameter as an integer, if present.
+pub fn int_parameter(response: &pb::ModelInferResponse, name: &str) -> Option<i64> {
+    match response.parameters.get(name)?.parameter_choice {
+        Some(ParameterChoice::Int64Param(v)) => Some(v),
+        Some(ParameterChoice::Uint64Param(v)) => i64::try_from(v).ok(),
+        _ => None,
+    }
+}
+
+/// A response parameter as a string, if present.
+pub fn string_parameter(response: &pb::ModelInferResponse, name: &str) -> Option<String> {
+    match &response.parameters.get(name)?.parameter_choice {
+        Some(ParameterChoice::StringParam(v)) => Some(v.clone()),
+        _ => None,
+    }
+}

@@ -1,0 +1,342 @@
+//! Server configuration and `model.toml`: one serde struct per file format,
+//! defaults in one place, and errors that name the file and the field.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+use crate::model::DataType;
+
+/// A configuration file that could not be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    /// The file (or built-in path) at fault.
+    pub file: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { file: file.into(), message: message.into() }
+    }
+}
+
+/// Default bound on one gRPC message, both directions. Clients allow up to
+/// 2 GiB; tonic's own default is 4 MiB, too small for large batches.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Where the models come from.
+#[derive(Debug, Clone)]
+pub enum RepositorySource {
+    /// The repository compiled into the binary (the `risk` model).
+    BuiltIn,
+    /// A folder of `NAME/model.toml` + `NAME/VERSION/...`.
+    Dir(PathBuf),
+}
+
+/// Everything `kiln::serve` needs to know, already validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub repository: RepositorySource,
+    /// Upper bound on one request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// How long shutdown waits for open calls (queued requests, health
+    /// watch streams) before closing the remaining connections.
+    pub shutdown_grace: std::time::Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            repository: RepositorySource::BuiltIn,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            shutdown_grace: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+/// The file given to `kiln serve --config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// Overrides the default message size bound.
+    pub max_message_bytes: Option<usize>,
+}
+
+impl ServerFile {
+    /// Reads and checks a server config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&file, format!("cannot read: {e}")))?;
+        let parsed: Self = toml::from_str(&text).map_err(|e| ConfigError::new(&file, e.to_string()))?;
+        if parsed.max_message_bytes == Some(0) {
+            return Err(ConfigError::new(file, "field `max_message_bytes`: must be at least 1"));
+        }
+        Ok(parsed)
+    }
+}
+
+/// The kinds of model Kiln can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Feed-forward network from `model.safetensors`.
+    Mlp,
+}
+
+/// Activation functions an MLP may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Tanh,
+    Sigmoid,
+    None,
+}
+
+/// `[mlp]` section: how the layers in the weights file are joined.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MlpSection {
+    /// Between hidden layers.
+    #[serde(default)]
+    pub activation: Activation,
+    /// After the last layer (`sigmoid` for a probability).
+    #[serde(default = "none_activation")]
+    pub output_activation: Activation,
+}
+
+fn none_activation() -> Activation {
+    Activation::None
+}
+
+/// One named feature (a column of a 2-D input).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureToml {
+    pub name: String,
+    /// Hard limits `[low, high]`; values outside are refused.
+    pub valid_range: Option<[f64; 2]>,
+}
+
+/// An input or output tensor as `model.toml` declares it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorToml {
+    pub name: String,
+    pub datatype: String,
+    /// With the batch dimension first, as -1.
+    pub shape: Vec<i64>,
+    #[serde(default)]
+    pub features: Vec<FeatureToml>,
+}
+
+/// `model.toml`: a model's kind, interface and serving settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelToml {
+    pub kind: ModelKind,
+    /// Free text shown in metadata.
+    #[serde(default)]
+    pub description: String,
+    /// The version served when a request names none; default: the highest.
+    pub default_version: Option<u64>,
+    /// `auto`, `cpu` or `cuda:N`.
+    #[serde(default = "defaults::device")]
+    pub device: String,
+    /// Most requests in one batch.
+    #[serde(default = "defaults::max_batch_size")]
+    pub max_batch_size: usize,
+    /// Longest a request waits for others to join its batch.
+    #[serde(default = "defaults::max_queue_delay_ms")]
+    pub max_queue_delay_ms: f64,
+    /// Most requests waiting; beyond it requests are refused at once.
+    #[serde(default = "defaults::max_queue")]
+    pub max_queue: usize,
+    /// Executor threads, each running batches on its own.
+    #[serde(default = "defaults::instances")]
+    pub instances: usize,
+    pub inputs: Vec<TensorToml>,
+    pub outputs: Vec<TensorToml>,
+    #[serde(default)]
+    pub mlp: Option<MlpSection>,
+}
+
+mod defaults {
+    pub fn device() -> String {
+        "auto".into()
+    }
+    pub fn max_batch_size() -> usize {
+        64
+    }
+    pub fn max_queue_delay_ms() -> f64 {
+        1.0
+    }
+    pub fn max_queue() -> usize {
+        1024
+    }
+    pub fn instances() -> usize {
+        1
+    }
+}
+
+/// The device a model asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when there is one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl ModelToml {
+    /// Parses and checks `model.toml` text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let parsed: Self = toml::from_str(text).map_err(|e| ConfigError::new(file, e.to_string()))?;
+        parsed.check().map_err(|message| ConfigError::new(file, message))?;
+        Ok(parsed)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.device_choice()?;
+        if self.max_batch_size == 0 {
+            return Err("field `max_batch_size`: must be at least 1".into());
+        }
+        if self.max_queue == 0 {
+            return Err("field `max_queue`: must be at least 1".into());
+        }
+        if self.instances == 0 {
+            return Err("field `instances`: must be at least 1".into());
+        }
+        if !(self.max_queue_delay_ms.is_finite() && self.max_queue_delay_ms >= 0.0) {
+            return Err("field `max_queue_delay_ms`: must be a non-negative number".into());
+        }
+        if self.inputs.is_empty() {
+            return Err("field `inputs`: a model needs at least one input".into());
+        }
+        if self.outputs.is_empty() {
+            return Err("field `outputs`: a model needs at least one output".into());
+        }
+        for (section, tensors) in [("inputs", &self.inputs), ("outputs", &self.outputs)] {
+            for (i, t) in tensors.iter().enumerate() {
+                check_tensor(t).map_err(|m| format!("field `{section}[{i}]` ({}): {m}", t.name))?;
+                if tensors[..i].iter().any(|o| o.name == t.name) {
+                    return Err(format!("field `{section}[{i}]`: duplicate name `{}`", t.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device this model asks for.
+    pub fn device_choice(&self) -> Result<DeviceChoice, String> {
+        match self.device.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            other => {
+                let ordinal = match other.strip_prefix("cuda") {
+                    Some("") => Some(0),
+                    Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()),
+                    None => None,
+                };
+                match ordinal {
+                    Some(n) => Ok(DeviceChoice::Cuda(n)),
+                    None => Err(format!(
+                        "field `device`: expected \"auto\", \"cpu\" or \"cuda:N\", got {other:?}"
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn check_tensor(t: &TensorToml) -> Result<(), String> {
+    if t.name.is_empty() {
+        return Err("`name` must not be empty".into());
+    }
+    if DataType::from_v2(&t.datatype).is_none() {
+        return Err(format!(
+            "`datatype`: expected one of FP32, FP64, INT32, INT64, BYTES, got {:?}",
+            t.datatype
+        ));
+    }
+    if t.shape.first() != Some(&-1) {
+        return Err("`shape`: the first dimension is the batch and must be -1".into());
+    }
+    if t.shape[1..].iter().any(|d| *d <= 0) {
+        return Err(format!("`shape`: dimensions after the batch must be positive, got {:?}", t.shape));
+    }
+    if !t.features.is_empty() {
+        if t.shape.len() != 2 || t.shape[1] as usize != t.features.len() {
+            return Err(format!(
+                "`features`: {} names given, but shape {:?} is not [-1, {}]",
+                t.features.len(),
+                t.shape,
+                t.features.len()
+            ));
+        }
+        for f in &t.features {
+            if let Some([low, high]) = f.valid_range
+                && !(low.is_finite() && high.is_finite() && low <= high)
+            {
+                return Err(format!("feature `{}`: `valid_range` must be [low, high] with low <= high", f.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+kind = "mlp"
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 2]
+features = [{ name = "a", valid_range = [0.0, 1.0] }, { name = "b" }]
+[[outputs]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 1]
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let m = ModelToml::parse("m.toml", GOOD).expect("valid");
+        assert_eq!(m.max_batch_size, 64);
+        assert_eq!(m.device_choice(), Ok(DeviceChoice::Auto));
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_field() {
+        let err = ModelToml::parse("m.toml", &format!("max_batch = 3\n{GOOD}")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("m.toml:"), "{text}");
+        assert!(text.contains("max_batch"), "{text}");
+    }
+
+    #[test]
+    fn bad_device_is_named() {
+        let err = ModelToml::parse("m.toml", &format!("device = \"tpu\"\n{GOOD}")).unwrap_err();
+        assert!(err.to_string().contains("field `device`"), "{err}");
+    }
+
+    #[test]
+    fn feature_count_must_match_shape() {
+        let bad = GOOD.replace("shape = [-1, 2]", "shape = [-1, 3]");
+        let err = ModelToml::parse("m.toml", &bad).unwrap_err();
+        assert!(err.to_string().contains("`features`"), "{err}");
+    }
+
+    #[test]
+    fn cuda_ordinal_parses() {
+        let m = ModelToml::parse("m.toml", &format!("device = \"cuda:1\"\n{GOOD}")).expect("valid");
+        assert_eq!(m.device_choice(), Ok(DeviceChoice::Cuda(1)));
+    }
+}

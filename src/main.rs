@@ -1,0 +1,233 @@
+//! The `kiln` command: `serve` and `infer` (bench, plan, profile and drift
+//! arrive with their issues). A thin wrapper over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use kiln::api::pb;
+use kiln::client::{self, Client};
+use kiln::config::{DEFAULT_MAX_MESSAGE_BYTES, RepositorySource, ServeConfig, ServerFile};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "KServe V2 gRPC inference server with latency-budget-aware batching")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model repository over gRPC (KServe V2) with Prometheus metrics.
+    Serve(ServeArgs),
+    /// Send one request and print the outputs.
+    Infer(InferArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Model repository folder (NAME/model.toml, NAME/VERSION/...). Without
+    /// it, the built-in repository (the `risk` model) is served.
+    #[arg(long, env = "KILN_REPO")]
+    repo: Option<PathBuf>,
+    /// Server config file (TOML): message bound now, tenants later.
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address. Port 8001 as Triton, so its clients find it.
+    #[arg(long, env = "KILN_GRPC_ADDR", default_value = "0.0.0.0:8001")]
+    grpc: SocketAddr,
+    /// Prometheus `/metrics` listen address. Port 8002 as Triton.
+    #[arg(long, env = "KILN_METRICS_ADDR", default_value = "0.0.0.0:8002")]
+    metrics: SocketAddr,
+    /// CPU threads one model computation may use (sets RAYON_NUM_THREADS).
+    /// More threads shorten a large batch but compete with the gRPC runtime
+    /// for the same cores; on a small machine, one is often fastest overall.
+    #[arg(long, env = "KILN_MODEL_THREADS", default_value_t = 1)]
+    model_threads: usize,
+    /// Threads of the async runtime that decodes, validates and answers
+    /// requests. Default: one per core.
+    #[arg(long, env = "KILN_RUNTIME_THREADS")]
+    runtime_threads: Option<usize>,
+    /// Largest request or response message in bytes. Bigger batches need
+    /// more, but every admitted message is held in memory.
+    #[arg(long, env = "KILN_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Server address, host:port.
+    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001")]
+    url: String,
+    /// Model name.
+    #[arg(long, env = "KILN_MODEL")]
+    model: String,
+    /// Model version; the model's default when absent.
+    #[arg(long, default_value = "")]
+    version: String,
+    /// A JSON object of named features (or an array of them, one per row),
+    /// a JSON array of numbers, or CSV rows of numbers in feature order.
+    /// Read from standard input when absent or `-`.
+    input: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            if args.model_threads == 0 {
+                bail!("--model-threads must be at least 1");
+            }
+            // SAFETY: no other thread exists yet; candle and rayon read this
+            // variable to size their thread pools.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", args.model_threads.to_string()) };
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.runtime_threads {
+                runtime.worker_threads(n.max(1));
+            }
+            runtime.enable_all().build()?.block_on(serve(args))
+        }
+        Command::Infer(args) => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(infer(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => ServerFile::load(path)?,
+        None => ServerFile::default(),
+    };
+    let config = ServeConfig {
+        repository: args.repo.map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn),
+        max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        ..ServeConfig::default()
+    };
+    let grpc = tokio::net::TcpListener::bind(args.grpc).await.with_context(|| format!("binding gRPC on {}", args.grpc))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics)
+        .await
+        .with_context(|| format!("binding metrics on {}", args.metrics))?;
+    tracing::info!(grpc = %grpc.local_addr()?, metrics = %metrics.local_addr()?, "kiln listening");
+    kiln::serve(config, grpc, Some(metrics), shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+async fn infer(args: InferArgs) -> Result<()> {
+    let text = match args.input.as_deref() {
+        None | Some("-") => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
+        Some(t) => t.to_string(),
+    };
+    let mut client = Client::connect(&args.url).await?;
+    let config = client
+        .raw
+        .model_config(pb::ModelConfigRequest { name: args.model.clone(), version: args.version.clone() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .config
+        .context("server sent no model config")?;
+    let input = config.input.first().context("model declares no input")?;
+    let names: Option<Vec<String>> = config
+        .parameters
+        .get(&format!("{}.feature_names", input.name))
+        .and_then(|p| serde_json::from_str(&p.string_value).ok());
+    let rows = parse_rows(&text, names.as_deref())?;
+    let mut request = client::fp32_request(&args.model, &input.name, &rows);
+    request.model_version = args.version;
+    let response = client.raw.model_infer(request).await.map_err(status_error)?.into_inner();
+    let mut outputs = serde_json::Map::new();
+    for (i, out) in response.outputs.iter().enumerate() {
+        let values = client::output_fp32(&response, i).context("output is not FP32")?;
+        let width = (out.shape.get(1).copied().unwrap_or(1).max(1)) as usize;
+        let rows: Vec<&[f32]> = values.chunks(width).collect();
+        outputs.insert(out.name.clone(), serde_json::json!(rows));
+    }
+    let mut params = serde_json::Map::new();
+    for (k, _) in &response.parameters {
+        let v = client::int_parameter(&response, k)
+            .map(serde_json::Value::from)
+            .or_else(|| client::string_parameter(&response, k).map(serde_json::Value::from));
+        if let Some(v) = v {
+            params.insert(k.clone(), v);
+        }
+    }
+    let report = serde_json::json!({
+        "model": response.model_name,
+        "version": response.model_version,
+        "outputs": outputs,
+        "parameters": params,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("[{:?}] {}", s.code(), s.message())
+}
+
+/// Rows of features from JSON (objects by feature name, or arrays) or CSV.
+fn parse_rows(text: &str, names: Option<&[String]>) -> Result<Vec<Vec<f32>>> {
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let value: serde_json::Value = serde_json::from_str(trimmed).context("input is not valid JSON")?;
+        let items = match value {
+            serde_json::Value::Array(items) if items.iter().all(|v| v.is_object() || v.is_array()) => items,
+            other => vec![other],
+        };
+        return items.iter().map(|item| json_row(item, names)).collect();
+    }
+    trimmed
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            line.split(',')
+                .map(|v| v.trim().parse::<f32>().with_context(|| format!("CSV value {v:?} is not a number")))
+                .collect()
+        })
+        .collect()
+}
+
+fn json_row(item: &serde_json::Value, names: Option<&[String]>) -> Result<Vec<f32>> {
+    let number = |v: &serde_json::Value, what: &str| -> Result<f32> {
+        v.as_f64().map(|x| x as f32).with_context(|| format!("{what}: {v} is not a number"))
+    };
+    match item {
+        serde_json::Value::Array(values) => values.iter().enumerate().map(|(i, v)| number(v, &format!("element {i}"))).collect(),
+        serde_json::Value::Object(map) => {
+            let names = names.context("the model publishes no feature names; send an array in feature order")?;
+            if let Some(unknown) = map.keys().find(|k| !names.contains(k)) {
+                bail!("unknown feature {unknown:?}; the model's features are: {}", names.join(", "));
+            }
+            let missing: Vec<&str> = names.iter().filter(|n| !map.contains_key(*n)).map(String::as_str).collect();
+            if !missing.is_empty() {
+                bail!("missing features: {}", missing.join(", "));
+            }
+            names.iter().map(|n| number(&map[n], n)).collect()
+        }
+        other => bail!("expected a JSON object or array per row, got {other}"),
+    }
+}

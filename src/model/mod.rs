@@ -1,0 +1,167 @@
+//! The seam between serving and compute: what a model declares (its spec)
+//! and the trait that runs one batch. Models know nothing of gRPC.
+
+pub mod mlp;
+pub mod tensor;
+
+pub use tensor::{DataType, Tensor, TensorData};
+
+use crate::config::{ConfigError, DeviceChoice, ModelKind, ModelToml, TensorToml};
+
+/// One named column of a 2-D input, with its hard limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureSpec {
+    pub name: String,
+    pub valid_range: Option<(f64, f64)>,
+}
+
+/// An input or output as the model declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    /// Batch dimension first, as -1.
+    pub shape: Vec<i64>,
+    pub features: Vec<FeatureSpec>,
+}
+
+impl TensorSpec {
+    /// Elements in one row (the product of the non-batch dimensions).
+    pub fn row_len(&self) -> usize {
+        self.shape[1..].iter().map(|d| *d as usize).product()
+    }
+
+    fn from_toml(t: &TensorToml) -> Self {
+        Self {
+            name: t.name.clone(),
+            datatype: DataType::from_v2(&t.datatype).expect("checked when model.toml was parsed"),
+            shape: t.shape.clone(),
+            features: t
+                .features
+                .iter()
+                .map(|f| FeatureSpec { name: f.name.clone(), valid_range: f.valid_range.map(|[lo, hi]| (lo, hi)) })
+                .collect(),
+        }
+    }
+}
+
+/// Everything the serving side knows about one model version.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: u64,
+    /// Shown as `platform` in metadata, e.g. `kiln_mlp`.
+    pub platform: String,
+    pub description: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Hex sha256 of the weights file, so an answer traces to what made it.
+    pub weights_sha256: String,
+    /// The device the model really runs on (`cpu`, `cuda:0`).
+    pub device: String,
+}
+
+/// Why a model could not load or could not run a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("model computation failed: {0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Compute(e.to_string())
+    }
+}
+
+/// A loaded model: runs one batch of inputs (in declared order, rows
+/// stacked) and returns every declared output with the same rows.
+pub trait Model: Send + Sync {
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError>;
+}
+
+/// Picks the candle device for a `device` setting. `file` names the config
+/// in errors; `auto` falls back to the CPU with a log line.
+pub fn select_device(choice: DeviceChoice, file: &str) -> Result<candle_core::Device, ConfigError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceChoice::Auto => {
+            if candle_core::utils::cuda_is_available()
+                && let Ok(device) = candle_core::Device::new_cuda(0)
+            {
+                return Ok(device);
+            }
+            tracing::info!(file, "device = \"auto\": no CUDA device in this build or machine, running on the CPU");
+            Ok(candle_core::Device::Cpu)
+        }
+        DeviceChoice::Cuda(ordinal) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(ConfigError::new(
+                    file,
+                    format!(
+                        "field `device`: \"cuda:{ordinal}\" needs a build with CUDA \
+                         (cargo build --release --features cuda); use \"auto\" or \"cpu\""
+                    ),
+                ));
+            }
+            candle_core::Device::new_cuda(ordinal)
+                .map_err(|e| ConfigError::new(file, format!("field `device`: cuda:{ordinal}: {e}")))
+        }
+    }
+}
+
+fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Builds a model version from its config and weights bytes. `file` names
+/// the config for errors.
+pub fn load(
+    name: &str,
+    version: u64,
+    file: &str,
+    config: &ModelToml,
+    weights: &[u8],
+) -> Result<(ModelSpec, Box<dyn Model>), ModelError> {
+    let choice = config.device_choice().map_err(|m| ConfigError::new(file, m))?;
+    let device = select_device(choice, file)?;
+    let inputs: Vec<TensorSpec> = config.inputs.iter().map(TensorSpec::from_toml).collect();
+    let outputs: Vec<TensorSpec> = config.outputs.iter().map(TensorSpec::from_toml).collect();
+    let model: Box<dyn Model> = match config.kind {
+        ModelKind::Mlp => Box::new(mlp::Mlp::load(
+            file,
+            &inputs,
+            &outputs,
+            &config.mlp.clone().unwrap_or_default(),
+            weights,
+            &device,
+        )?),
+    };
+    let spec = ModelSpec {
+        name: name.to_string(),
+        version,
+        platform: match config.kind {
+            ModelKind::Mlp => "kiln_mlp".into(),
+        },
+        description: config.description.clone(),
+        inputs,
+        outputs,
+        weights_sha256: sha256_hex(weights),
+        device: device_name(&device),
+    };
+    Ok((spec, model))
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

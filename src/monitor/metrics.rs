@@ -1,0 +1,157 @@
+//! Metric names, their documentation and buckets, the per-version handles
+//! the hot path uses, and the `/metrics` HTTP endpoint.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Requests answered, by gRPC status code name (`OK`, `INVALID_ARGUMENT`, ...).
+pub const REQUESTS_TOTAL: &str = "kiln_requests_total";
+/// Receipt to answer, per request.
+pub const REQUEST_DURATION: &str = "kiln_request_duration_seconds";
+/// Enqueue to batch dispatch, per request.
+pub const QUEUE_DURATION: &str = "kiln_queue_duration_seconds";
+/// Model time, per batch.
+pub const COMPUTE_DURATION: &str = "kiln_compute_duration_seconds";
+/// Requests per batch.
+pub const BATCH_SIZE: &str = "kiln_batch_size";
+/// Rows per batch.
+pub const BATCH_UNITS: &str = "kiln_batch_units";
+/// Requests waiting, per priority level.
+pub const QUEUE_DEPTH: &str = "kiln_queue_depth";
+/// Requests refused or dropped, by reason (`queue_full`, `cancelled`, ...).
+pub const REJECTED_TOTAL: &str = "kiln_rejected_total";
+/// 1 while a version is loaded and serving.
+pub const MODEL_READY: &str = "kiln_model_ready";
+/// Always 1; its `version` label is Kiln's version.
+pub const BUILD_INFO: &str = "kiln_build_info";
+
+/// Geometric buckets from 10 µs to about 10 s: serving latencies here span
+/// microseconds (the risk model) to seconds (large text batches).
+fn duration_buckets() -> Vec<f64> {
+    (0..=24).map(|i| 10e-6 * 1.8f64.powi(i)).collect()
+}
+
+/// Powers of two up to 4096, for counts of requests and rows.
+fn size_buckets() -> Vec<f64> {
+    (0..=12).map(|i| 2f64.powi(i)).collect()
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls reuse
+/// it, so several servers in one test process share it) and returns the
+/// handle that renders the text format.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &duration_buckets())
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &size_buckets()))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_UNITS.into()), &size_buckets()))
+                .expect("bucket lists are non-empty constants");
+            let handle = builder.install_recorder().expect("the recorder is installed once, guarded by OnceLock");
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(REQUESTS_TOTAL, "Inference requests answered, by model, version and gRPC code.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from receipt to answer per request.");
+    describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time a request waited in the queue before its batch ran.");
+    describe_histogram!(COMPUTE_DURATION, Unit::Seconds, "Model compute time per batch.");
+    describe_histogram!(BATCH_SIZE, "Requests per formed batch.");
+    describe_histogram!(BATCH_UNITS, "Rows per formed batch.");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting in the queue.");
+    describe_counter!(REJECTED_TOTAL, "Requests refused or dropped before compute, by reason.");
+    describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
+    describe_gauge!(BUILD_INFO, "Kiln build information.");
+}
+
+/// Pre-registered handles for one model version, so the hot path does no
+/// label formatting.
+#[derive(Clone)]
+pub struct VersionMetrics {
+    model: String,
+    version: String,
+    pub request_duration: Histogram,
+    pub queue_duration: Histogram,
+    pub compute_duration: Histogram,
+    pub batch_size: Histogram,
+    pub batch_units: Histogram,
+    pub queue_depth: Gauge,
+    pub ready: Gauge,
+}
+
+impl VersionMetrics {
+    pub fn new(model: &str, version: u64) -> Self {
+        let (m, v) = (model.to_string(), version.to_string());
+        Self {
+            request_duration: metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "version" => v.clone()),
+            queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
+            compute_duration: metrics::histogram!(COMPUTE_DURATION, "model" => m.clone(), "version" => v.clone()),
+            batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
+            batch_units: metrics::histogram!(BATCH_UNITS, "model" => m.clone(), "version" => v.clone()),
+            queue_depth: metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone(), "priority" => "1"),
+            ready: metrics::gauge!(MODEL_READY, "model" => m.clone(), "version" => v.clone()),
+            model: m,
+            version: v,
+        }
+    }
+
+    /// The answered-requests counter for one gRPC code.
+    pub fn requests(&self, code: &'static str) -> Counter {
+        metrics::counter!(REQUESTS_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "code" => code)
+    }
+
+    /// The refusals counter for one reason.
+    pub fn rejected(&self, reason: &'static str) -> Counter {
+        metrics::counter!(REJECTED_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "reason" => reason)
+    }
+}
+
+/// Serves the Prometheus text format on `GET /metrics` (any path answers
+/// it: scrapers are configured with one URL). Runs until `shutdown` ends.
+pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, shutdown: impl Future<Output = ()>) {
+    let upkeep = handle.clone();
+    let upkeep_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let accept = async {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                // One request per connection; a scrape's request line and
+                // headers fit easily, and the body is ignored.
+                let mut buf = [0u8; 4096];
+                let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+                let body = handle.render();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = shutdown => {}
+    }
+    upkeep_task.abort();
+}

@@ -1,0 +1,214 @@
+//! The model repository: reads `NAME/model.toml` and numbered version
+//! folders from disk (or from the copy compiled into the binary), loads each
+//! version, and starts its executors and batcher.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::batcher::policy::BatchPolicy;
+use crate::batcher::{BatcherHandle, BatcherSettings};
+use crate::config::{ConfigError, ModelToml, RepositorySource};
+use crate::executor::ExecutorPool;
+use crate::model::{self, Model, ModelError, ModelSpec};
+use crate::monitor::metrics::VersionMetrics;
+use crate::monitor::stats::VersionStats;
+
+/// The weights file every current kind reads from a version folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Why the repository could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{path}: {source}")]
+    Model { path: String, source: ModelError },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// One model's files, read but not yet loaded.
+struct ModelFiles {
+    name: String,
+    /// Shown in errors: the path of `model.toml`.
+    config_file: String,
+    config_text: String,
+    /// Version number, path shown in errors, weights bytes.
+    versions: Vec<(u64, String, Vec<u8>)>,
+}
+
+/// The repository compiled into the binary: the `risk` model.
+fn built_in() -> Vec<ModelFiles> {
+    vec![ModelFiles {
+        name: "risk".into(),
+        config_file: "<built-in>/risk/model.toml".into(),
+        config_text: include_str!("../models/risk/model.toml").into(),
+        versions: vec![(
+            1,
+            "<built-in>/risk/1/model.safetensors".into(),
+            include_bytes!("../models/risk/1/model.safetensors").to_vec(),
+        )],
+    }]
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RepositoryError + '_ {
+    move |source| RepositoryError::Io { path: path.display().to_string(), source }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
+    let mut models = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io_err(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let config_path = path.join("model.toml");
+        let config_file = config_path.display().to_string();
+        if !config_path.is_file() {
+            return Err(ConfigError::new(config_file, "missing: every model folder needs a model.toml").into());
+        }
+        let config_text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let mut versions = Vec::new();
+        for v in std::fs::read_dir(&path).map_err(io_err(&path))? {
+            let v = v.map_err(io_err(&path))?;
+            let Some(number) = v.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
+            if !v.path().is_dir() {
+                continue;
+            }
+            let weights = v.path().join(WEIGHTS_FILE);
+            let bytes = std::fs::read(&weights).map_err(io_err(&weights))?;
+            versions.push((number, weights.display().to_string(), bytes));
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        models.push(ModelFiles { name, config_file, config_text, versions });
+    }
+    if models.is_empty() {
+        return Err(ConfigError::new(dir.display().to_string(), "no model folders (NAME/model.toml) found").into());
+    }
+    Ok(models)
+}
+
+/// A model version loaded into memory, not yet serving.
+pub struct LoadedVersion {
+    pub spec: Arc<ModelSpec>,
+    pub model: Arc<dyn Model>,
+}
+
+/// A model with its config and loaded versions, not yet serving.
+pub struct LoadedModel {
+    pub name: String,
+    pub config: ModelToml,
+    pub default_version: u64,
+    pub versions: BTreeMap<u64, LoadedVersion>,
+}
+
+/// Reads and loads every model (blocking: file I/O and weight loading).
+pub fn load(source: &RepositorySource) -> Result<Vec<LoadedModel>, RepositoryError> {
+    let files = match source {
+        RepositorySource::BuiltIn => built_in(),
+        RepositorySource::Dir(dir) => read_dir(dir)?,
+    };
+    files.into_iter().map(load_model).collect()
+}
+
+fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
+    let config = ModelToml::parse(&files.config_file, &files.config_text)?;
+    if files.versions.is_empty() {
+        return Err(ConfigError::new(
+            files.config_file,
+            format!("model '{}' has no version folder (e.g. {}/1/{WEIGHTS_FILE})", files.name, files.name),
+        )
+        .into());
+    }
+    let mut versions = BTreeMap::new();
+    for (number, path, weights) in &files.versions {
+        let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, weights)
+            .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
+        tracing::info!(model = %files.name, version = number, device = %spec.device, sha256 = %spec.weights_sha256, "loaded");
+        versions.insert(*number, LoadedVersion { spec: Arc::new(spec), model: Arc::from(model) });
+    }
+    let highest = *versions.keys().next_back().expect("checked non-empty above");
+    let default_version = match config.default_version {
+        Some(v) if versions.contains_key(&v) => v,
+        Some(v) => {
+            return Err(ConfigError::new(
+                files.config_file,
+                format!("field `default_version`: version {v} has no folder; found {:?}", versions.keys().collect::<Vec<_>>()),
+            )
+            .into());
+        }
+        None => highest,
+    };
+    Ok(LoadedModel { name: files.name, config, default_version, versions })
+}
+
+/// A model version that is serving: its spec, queue and counters.
+pub struct ServedVersion {
+    pub spec: Arc<ModelSpec>,
+    pub config: Arc<ModelToml>,
+    pub batcher: BatcherHandle,
+    pub stats: Arc<VersionStats>,
+    pub metrics: VersionMetrics,
+}
+
+/// A model and its serving versions.
+pub struct ServedModel {
+    pub name: String,
+    pub config: Arc<ModelToml>,
+    pub default_version: u64,
+    pub versions: BTreeMap<u64, Arc<ServedVersion>>,
+}
+
+/// Every model being served, by name.
+pub struct Repository {
+    pub models: BTreeMap<String, ServedModel>,
+}
+
+impl Repository {
+    /// Starts executors and a batcher for every loaded version. Must run
+    /// inside the tokio runtime (the schedulers are tasks).
+    pub fn start(loaded: Vec<LoadedModel>) -> Result<Self, RepositoryError> {
+        let mut models = BTreeMap::new();
+        for m in loaded {
+            let config = Arc::new(m.config);
+            let settings = BatcherSettings {
+                policy: BatchPolicy {
+                    max_batch_size: config.max_batch_size,
+                    max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1000.0),
+                },
+                max_queue: config.max_queue,
+            };
+            let mut versions = BTreeMap::new();
+            for (number, v) in m.versions {
+                let stats = Arc::new(VersionStats::default());
+                let metrics = VersionMetrics::new(&m.name, number);
+                let pool = ExecutorPool::start(v.model, v.spec.clone(), config.instances, stats.clone(), metrics.clone())
+                    .map_err(|source| RepositoryError::Io { path: format!("{}/{number}", m.name), source })?;
+                let batcher = crate::batcher::scheduler::spawn(&m.name, number, settings, pool, metrics.clone());
+                metrics.ready.set(1.0);
+                versions.insert(
+                    number,
+                    Arc::new(ServedVersion { spec: v.spec, config: config.clone(), batcher, stats, metrics }),
+                );
+            }
+            models.insert(m.name.clone(), ServedModel { name: m.name, config, default_version: m.default_version, versions });
+        }
+        Ok(Self { models })
+    }
+
+    /// Marks every version not ready (metrics) as the server stops.
+    pub fn mark_stopped(&self) {
+        for m in self.models.values() {
+            for v in m.versions.values() {
+                v.metrics.ready.set(0.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Kiln's own request and response types, shared by the stages behind the
+//! API: validated inputs in, split outputs and timings out.
+
+use std::time::Instant;
+
+use crate::model::Tensor;
+
+/// A validated inference request for one model version.
+#[derive(Debug)]
+pub struct InferRequest {
+    /// The client's request id, echoed in the response.
+    pub id: String,
+    /// One tensor per declared input, in the model's declared order.
+    pub inputs: Vec<Tensor>,
+    /// Rows along the batch dimension (the same for every input).
+    pub rows: usize,
+    /// Indices into the model's declared outputs, in the order to answer.
+    pub outputs: Vec<usize>,
+    /// When the server received it; the start of its latency.
+    pub received: Instant,
+}
+
+/// Where a request's time went, returned as response parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// Waiting in the queue, from enqueue to batch dispatch.
+    pub queue_us: u64,
+    /// The whole batch's compute time.
+    pub compute_us: u64,
+    /// Requests in the batch that computed this answer.
+    pub batch_size: u64,
+}
+
+/// A computed answer: the requested outputs, in the requested order.
+#[derive(Debug)]
+pub struct InferResponse {
+    pub outputs: Vec<Tensor>,
+    pub timing: Timing,
+}

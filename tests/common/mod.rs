@@ -1,0 +1,127 @@
+//! Starts a real Kiln server on 127.0.0.1:0 inside the test process and
+//! stops it; reads the risk data set for checks.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kiln::client::Client;
+use kiln::config::ServeConfig;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), kiln::ServeError>>>,
+}
+
+impl TestServer {
+    /// Starts `config` and waits until it answers ServerReady.
+    pub async fn start(config: ServeConfig) -> Self {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+        let addr = grpc.local_addr().expect("addr");
+        let metrics_addr = metrics.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(kiln::serve(config, grpc, Some(metrics), async move {
+            let _ = stopped.await;
+        }));
+        let server = Self { addr, metrics_addr, stop: Some(stop), task: Some(task) };
+        let mut client = server.client().await;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Ok(r) = client.raw.server_ready(kiln::api::pb::ServerReadyRequest {}).await
+                    && r.into_inner().ready
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("server became ready");
+        server
+    }
+
+    /// The built-in repository.
+    pub async fn built_in() -> Self {
+        Self::start(ServeConfig::default()).await
+    }
+
+    /// A fresh client connection.
+    pub async fn client(&self) -> Client {
+        // The listener is bound before serve starts, so connecting succeeds
+        // as soon as the accept loop runs; retry briefly for that.
+        for _ in 0..100 {
+            if let Ok(c) = Client::connect(&self.addr.to_string()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("could not connect to {}", self.addr)
+    }
+
+    /// Fetches the Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_addr).await.expect("connect metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    /// Stops the server gracefully and returns how `serve` ended.
+    pub async fn stop(mut self) -> Result<(), kiln::ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("running").await.expect("serve task did not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The WDBC rows (30 features) and labels, in file order.
+pub fn wdbc() -> (Vec<Vec<f32>>, Vec<f32>) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/wdbc.csv")).expect("data/wdbc.csv");
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for line in text.lines().skip(1) {
+        let values: Vec<f32> = line.split(',').map(|v| v.parse().expect("number")).collect();
+        labels.push(values[30]);
+        rows.push(values[..30].to_vec());
+    }
+    (rows, labels)
+}
+
+/// The held-out row indices the training program set aside.
+pub fn heldout_rows() -> Vec<usize> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/wdbc-split.json")).expect("split file");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["heldout_rows"].as_array().expect("array").iter().map(|x| x.as_u64().expect("index") as usize).collect()
+}
+
+/// The risk model run in-process, for comparison with served answers.
+pub fn risk_in_process(rows: &[Vec<f32>]) -> Vec<f32> {
+    let loaded = kiln::repository::load(&kiln::config::RepositorySource::BuiltIn).expect("built-in loads");
+    let version = &loaded[0].versions[&1];
+    let input = kiln::model::Tensor {
+        shape: vec![rows.len(), 30],
+        data: kiln::model::TensorData::Fp32(rows.iter().flatten().copied().collect()),
+    };
+    let out = version.model.run(&[input]).expect("model runs");
+    match &out[0].data {
+        kiln::model::TensorData::Fp32(v) => v.clone(),
+        other => panic!("unexpected output {other:?}"),
+    }
+}

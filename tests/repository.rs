@@ -1,0 +1,106 @@
+//! Model repositories on disk: a bad or missing config fails at start-up
+//! naming the file and field; a good folder with two versions serves both.
+
+mod common;
+
+use std::path::Path;
+
+use common::TestServer;
+use kiln::api::pb;
+use kiln::config::{RepositorySource, ServeConfig};
+
+const RISK_TOML: &str = include_str!("../models/risk/model.toml");
+const RISK_WEIGHTS: &[u8] = include_bytes!("../models/risk/1/model.safetensors");
+
+fn repo_with(toml: &str, versions: &[u64]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("risk");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    std::fs::write(model.join("model.toml"), toml).expect("write toml");
+    for v in versions {
+        std::fs::create_dir_all(model.join(v.to_string())).expect("mkdir version");
+        std::fs::write(model.join(format!("{v}/model.safetensors")), RISK_WEIGHTS).expect("write weights");
+    }
+    dir
+}
+
+fn load_error(dir: &Path) -> String {
+    match kiln::repository::load(&RepositorySource::Dir(dir.to_path_buf())) {
+        Ok(_) => panic!("expected {} to be refused", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_field_is_named_with_its_file() {
+    let dir = repo_with(&RISK_TOML.replace("max_queue = ", "max_queue_len = "), &[1]);
+    let err = load_error(dir.path());
+    assert!(err.contains("risk/model.toml") && err.contains("max_queue_len"), "{err}");
+}
+
+#[test]
+fn cuda_device_without_cuda_build_names_the_field() {
+    if cfg!(feature = "cuda") {
+        return; // with CUDA compiled in, cuda:0 may well load
+    }
+    let dir = repo_with(&RISK_TOML.replace("device = \"auto\"", "device = \"cuda:0\""), &[1]);
+    let err = load_error(dir.path());
+    assert!(err.contains("field `device`") && err.contains("--features cuda"), "{err}");
+}
+
+#[test]
+fn missing_config_and_missing_weights_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("empty")).expect("mkdir");
+    let err = load_error(dir.path());
+    assert!(err.contains("empty/model.toml") && err.contains("missing"), "{err}");
+
+    let dir = repo_with(RISK_TOML, &[]);
+    std::fs::create_dir_all(dir.path().join("risk/3")).expect("mkdir");
+    let err = load_error(dir.path());
+    assert!(err.contains("risk/3/model.safetensors"), "{err}");
+}
+
+#[test]
+fn declared_output_width_must_match_the_weights() {
+    let dir = repo_with(&RISK_TOML.replace("name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 1]", "name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 2]"), &[1]);
+    let err = load_error(dir.path());
+    assert!(err.contains("field `outputs`") && err.contains("1 units"), "{err}");
+}
+
+#[test]
+fn default_version_must_exist() {
+    let dir = repo_with(&format!("default_version = 4\n{RISK_TOML}"), &[1]);
+    let err = load_error(dir.path());
+    assert!(err.contains("field `default_version`"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_refuses_a_bad_repository_instead_of_panicking() {
+    let dir = repo_with("kind = \"mlp\"\n", &[1]);
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), ..Default::default() };
+    let err = kiln::serve(config, grpc, None, std::future::pending()).await.expect_err("refused");
+    assert!(err.to_string().contains("model.toml"), "{err}");
+}
+
+#[tokio::test]
+async fn a_folder_repository_serves_every_version_with_the_highest_as_default() {
+    let dir = repo_with(RISK_TOML, &[1, 2]);
+    let server = TestServer::start(ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), ..Default::default() }).await;
+    let mut c = server.client().await;
+    let row = common::wdbc().0[0].clone();
+    let default = c.infer_fp32("risk", "features", &[row.clone()]).await.expect("default");
+    assert_eq!(default.model_version, "2");
+    let mut pinned = kiln::client::fp32_request("risk", "features", &[row]);
+    pinned.model_version = "1".into();
+    assert_eq!(c.raw.model_infer(pinned).await.expect("pinned").into_inner().model_version, "1");
+    let stats = c
+        .raw
+        .model_statistics(pb::ModelStatisticsRequest { name: "risk".into(), version: String::new() })
+        .await
+        .expect("stats")
+        .into_inner();
+    let versions: Vec<&str> = stats.model_stats.iter().map(|s| s.version.as_str()).collect();
+    assert_eq!(versions, vec!["1", "2"]);
+}
