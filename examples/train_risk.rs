@@ -155,9 +155,8 @@ fn train(data: &Dataset) -> Result<Trained> {
     }
 
     let (x_test, y_test) = gather(data, &test_idx);
-    let xt = Tensor::from_vec(x_test, (test_idx.len(), features), &device)?
-        .broadcast_sub(&mean_t)?
-        .broadcast_div(&std_t)?;
+    let xt =
+        Tensor::from_vec(x_test, (test_idx.len(), features), &device)?.broadcast_sub(&mean_t)?.broadcast_div(&std_t)?;
     let logits = forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
     let correct = logits.iter().zip(&y_test).filter(|(l, y)| ((**l > 0.0) as u8 as f32) == **y).count();
     let accuracy = correct as f64 / test_idx.len() as f64;
@@ -180,7 +179,9 @@ fn model_toml(names: &[String], train_max: &[f32], accuracy: f64) -> String {
         "kind = \"mlp\"\ndescription = \"Breast-cancer malignancy risk (UCI WDBC, CC BY 4.0); \
          MLP 30-{HIDDEN}-1, held-out accuracy {accuracy:.4}\"\n"
     ));
-    out.push_str("device = \"auto\"\nmax_batch_size = 64\nmax_queue_delay_ms = 0.5\nmax_queue = 1024\ninstances = 1\n\n");
+    out.push_str(
+        "device = \"auto\"\nmax_batch_size = 64\nmax_queue_delay_ms = 0.5\nmax_queue = 1024\ninstances = 1\n\n",
+    );
     out.push_str("[mlp]\nactivation = \"relu\"\noutput_activation = \"sigmoid\"\n\n");
     out.push_str("[[inputs]]\nname = \"features\"\ndatatype = \"FP32\"\nshape = [-1, 30]\n");
     out.push_str("# Hard limits: non-negative, at most ten times the training maximum.\nfeatures = [\n");
@@ -203,7 +204,10 @@ fn check(trained: &Trained, toml: &str) -> Result<()> {
         worst = worst.max(diff);
     }
     let committed_toml = std::fs::read_to_string(Path::new(MODEL_DIR).join("model.toml"))?;
-    println!("largest weight difference {worst:.2e} (tolerance {WEIGHT_TOLERANCE:.0e}); held-out accuracy {:.4}", trained.accuracy);
+    println!(
+        "largest weight difference {worst:.2e} (tolerance {WEIGHT_TOLERANCE:.0e}); held-out accuracy {:.4}",
+        trained.accuracy
+    );
     if worst > WEIGHT_TOLERANCE {
         bail!("retrained weights differ from the committed ones by {worst} > {WEIGHT_TOLERANCE}");
     }

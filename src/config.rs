@@ -68,8 +68,7 @@ impl ServerFile {
     /// Reads and checks a server config file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(&file, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, format!("cannot read: {e}")))?;
         let parsed: Self = toml::from_str(&text).map_err(|e| ConfigError::new(&file, e.to_string()))?;
         if parsed.max_message_bytes == Some(0) {
             return Err(ConfigError::new(file, "field `max_message_bytes`: must be at least 1"));
@@ -244,9 +243,7 @@ impl ModelToml {
                 };
                 match ordinal {
                     Some(n) => Ok(DeviceChoice::Cuda(n)),
-                    None => Err(format!(
-                        "field `device`: expected \"auto\", \"cpu\" or \"cuda:N\", got {other:?}"
-                    )),
+                    None => Err(format!("field `device`: expected \"auto\", \"cpu\" or \"cuda:N\", got {other:?}")),
                 }
             }
         }
@@ -258,10 +255,7 @@ fn check_tensor(t: &TensorToml) -> Result<(), String> {
         return Err("`name` must not be empty".into());
     }
     if DataType::from_v2(&t.datatype).is_none() {
-        return Err(format!(
-            "`datatype`: expected one of FP32, FP64, INT32, INT64, BYTES, got {:?}",
-            t.datatype
-        ));
+        return Err(format!("`datatype`: expected one of FP32, FP64, INT32, INT64, BYTES, got {:?}", t.datatype));
     }
     if t.shape.first() != Some(&-1) {
         return Err("`shape`: the first dimension is the batch and must be -1".into());

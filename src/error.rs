@@ -11,7 +11,9 @@ pub enum InferError {
     #[error("{0}")]
     InvalidArgument(String),
     /// The model's queue is at `max_queue`.
-    #[error("model '{model}' version {version}: queue full ({max_queue} requests waiting); retry later or add capacity")]
+    #[error(
+        "model '{model}' version {version}: queue full ({max_queue} requests waiting); retry later or add capacity"
+    )]
     QueueFull { model: String, version: u64, max_queue: usize },
     /// The server is shutting down or the model is not serving.
     #[error("{0}")]

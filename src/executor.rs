@@ -6,8 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
+use crate::batcher::scheduler::Message;
 use crate::batcher::{Batch, Pending};
 use crate::error::InferError;
 use crate::model::{Model, ModelSpec, Tensor};
@@ -15,53 +14,44 @@ use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
 use crate::request::{InferResponse, Timing};
 
-/// An executor instance saying it has finished its batch.
-#[derive(Debug, Clone, Copy)]
-pub struct InstanceFree(pub usize);
-
 /// The executor threads of one model version, as the scheduler sees them.
 pub struct ExecutorPool {
     senders: Vec<std::sync::mpsc::Sender<Batch>>,
     /// Instances with no batch.
     pub idle: Vec<usize>,
-    /// Where instances report that they are free again.
-    pub free: mpsc::UnboundedReceiver<InstanceFree>,
     spec: Arc<ModelSpec>,
 }
 
 impl ExecutorPool {
-    /// Starts `instances` threads sharing one loaded model.
-    pub fn start(
+    /// Starts `instances` threads sharing one loaded model; each reports
+    /// `Message::Free` to the scheduler after every batch.
+    pub(crate) fn start(
         model: Arc<dyn Model>,
         spec: Arc<ModelSpec>,
         instances: usize,
         stats: Arc<VersionStats>,
         metrics: VersionMetrics,
+        scheduler: std::sync::mpsc::Sender<Message>,
     ) -> std::io::Result<Self> {
-        let (free_tx, free) = mpsc::unbounded_channel();
         let mut senders = Vec::with_capacity(instances);
         for instance in 0..instances {
             let (tx, rx) = std::sync::mpsc::channel::<Batch>();
-            let worker = Worker {
-                model: model.clone(),
-                spec: spec.clone(),
-                stats: stats.clone(),
-                metrics: metrics.clone(),
-            };
-            let free_tx = free_tx.clone();
-            std::thread::Builder::new()
-                .name(format!("kiln-exec-{}-{}-{instance}", spec.name, spec.version))
-                .spawn(move || {
+            let worker =
+                Worker { model: model.clone(), spec: spec.clone(), stats: stats.clone(), metrics: metrics.clone() };
+            let scheduler = scheduler.clone();
+            std::thread::Builder::new().name(format!("kiln-exec-{}-{}-{instance}", spec.name, spec.version)).spawn(
+                move || {
                     for batch in rx {
                         worker.run(batch);
-                        if free_tx.send(InstanceFree(instance)).is_err() {
+                        if scheduler.send(Message::Free(instance)).is_err() {
                             break;
                         }
                     }
-                })?;
+                },
+            )?;
             senders.push(tx);
         }
-        Ok(Self { senders, idle: (0..instances).rev().collect(), free, spec })
+        Ok(Self { senders, idle: (0..instances).rev().collect(), spec })
     }
 
     /// Hands a batch to an idle instance.
@@ -83,7 +73,6 @@ struct Worker {
 
 impl Worker {
     fn run(&self, batch: Batch) {
-        let started = Instant::now();
         let rows = batch.rows();
         let size = batch.requests.len();
         for p in &batch.requests {
@@ -94,10 +83,16 @@ impl Worker {
         self.metrics.batch_size.record(size as f64);
         self.metrics.batch_units.record(rows as f64);
 
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.compute(&batch.requests, rows)));
-        let compute = started.elapsed();
+        let started = Instant::now();
+        let inputs = match self.stack_inputs(&batch.requests) {
+            Ok(inputs) => inputs,
+            Err(reason) => return fail_all(batch.requests, &self.spec, reason),
+        };
+        let stacked = Instant::now();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.compute(&inputs, rows)));
+        let computed = Instant::now();
+        let compute = computed - stacked;
         self.stats.record_batch(rows as u64, compute);
-        self.stats.compute_infer.add(size as u64, compute);
         self.metrics.compute_duration.record(compute.as_secs_f64());
 
         let outputs = match outcome {
@@ -113,37 +108,52 @@ impl Worker {
                 return fail_all(batch.requests, &self.spec, format!("model panicked: {reason}"));
             }
         };
-        let timing = |p: &Pending| Timing {
-            queue_us: batch.dispatched.saturating_duration_since(p.enqueued).as_micros() as u64,
-            compute_us: compute.as_micros() as u64,
-            batch_size: size as u64,
-        };
         let mut offset = 0;
+        let mut replies = Vec::with_capacity(size);
         for p in batch.requests {
             let response = InferResponse {
                 outputs: p.request.outputs.iter().map(|&o| outputs[o].slice_rows(offset, p.request.rows)).collect(),
-                timing: timing(&p),
+                timing: Timing {
+                    queue_us: batch.dispatched.saturating_duration_since(p.enqueued).as_micros() as u64,
+                    compute_us: compute.as_micros() as u64,
+                    batch_size: size as u64,
+                },
             };
             offset += p.request.rows;
+            replies.push((p.reply, response));
+        }
+        // Every request of the batch is charged the batch's stage times, as
+        // Triton does; perf_analyzer requires the three counts to agree.
+        let n = size as u64;
+        self.stats.compute_input.add(n, stacked - started);
+        self.stats.compute_infer.add(n, compute);
+        self.stats.compute_output.add(n, computed.elapsed());
+        for (reply, response) in replies {
             // A caller that has gone simply does not read its answer.
-            let _ = p.reply.send(Ok(response));
+            let _ = reply.send(Ok(response));
         }
     }
 
-    /// Stacks the requests' inputs, runs the model, and checks that every
-    /// declared output came back with one row per input row.
-    fn compute(&self, requests: &[Pending], rows: usize) -> Result<Vec<Tensor>, String> {
-        let inputs = (0..self.spec.inputs.len())
+    /// Stacks each declared input across the batch's requests.
+    fn stack_inputs(&self, requests: &[Pending]) -> Result<Vec<Tensor>, String> {
+        (0..self.spec.inputs.len())
             .map(|i| {
                 let parts: Vec<&Tensor> = requests.iter().map(|p| &p.request.inputs[i]).collect();
                 Tensor::concat_rows(&parts).ok_or_else(|| format!("input {i} could not be stacked"))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let outputs = self.model.run(&inputs).map_err(|e| e.to_string())?;
+            .collect()
+    }
+
+    /// Runs the model and checks that every declared output came back with
+    /// one row per input row.
+    fn compute(&self, inputs: &[Tensor], rows: usize) -> Result<Vec<Tensor>, String> {
+        let outputs = self.model.run(inputs).map_err(|e| e.to_string())?;
         if outputs.len() != self.spec.outputs.len() {
             return Err(format!("model returned {} outputs, declared {}", outputs.len(), self.spec.outputs.len()));
         }
-        if let Some((spec, out)) = self.spec.outputs.iter().zip(&outputs).find(|(s, o)| o.rows() != rows || o.row_len() != s.row_len()) {
+        if let Some((spec, out)) =
+            self.spec.outputs.iter().zip(&outputs).find(|(s, o)| o.rows() != rows || o.row_len() != s.row_len())
+        {
             return Err(format!("output `{}` came back with shape {:?} for {rows} rows", spec.name, out.shape));
         }
         Ok(outputs)

@@ -76,9 +76,7 @@ struct InferArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -95,7 +93,9 @@ fn main() -> Result<()> {
             }
             runtime.enable_all().build()?.block_on(serve(args))
         }
-        Command::Infer(args) => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(infer(args)),
+        Command::Infer(args) => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(infer(args))
+        }
     }
 }
 
@@ -109,7 +109,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         ..ServeConfig::default()
     };
-    let grpc = tokio::net::TcpListener::bind(args.grpc).await.with_context(|| format!("binding gRPC on {}", args.grpc))?;
+    let grpc =
+        tokio::net::TcpListener::bind(args.grpc).await.with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics)
         .await
         .with_context(|| format!("binding metrics on {}", args.metrics))?;
@@ -167,7 +168,7 @@ async fn infer(args: InferArgs) -> Result<()> {
         outputs.insert(out.name.clone(), serde_json::json!(rows));
     }
     let mut params = serde_json::Map::new();
-    for (k, _) in &response.parameters {
+    for k in response.parameters.keys() {
         let v = client::int_parameter(&response, k)
             .map(serde_json::Value::from)
             .or_else(|| client::string_parameter(&response, k).map(serde_json::Value::from));
@@ -216,7 +217,9 @@ fn json_row(item: &serde_json::Value, names: Option<&[String]>) -> Result<Vec<f3
         v.as_f64().map(|x| x as f32).with_context(|| format!("{what}: {v} is not a number"))
     };
     match item {
-        serde_json::Value::Array(values) => values.iter().enumerate().map(|(i, v)| number(v, &format!("element {i}"))).collect(),
+        serde_json::Value::Array(values) => {
+            values.iter().enumerate().map(|(i, v)| number(v, &format!("element {i}"))).collect()
+        }
         serde_json::Value::Object(map) => {
             let names = names.context("the model publishes no feature names; send an array in feature order")?;
             if let Some(unknown) = map.keys().find(|k| !names.contains(k)) {

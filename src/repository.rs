@@ -10,7 +10,6 @@ use std::time::Duration;
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{BatcherHandle, BatcherSettings};
 use crate::config::{ConfigError, ModelToml, RepositorySource};
-use crate::executor::ExecutorPool;
 use crate::model::{self, Model, ModelError, ModelSpec};
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
@@ -59,10 +58,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RepositoryError + '_ {
 
 fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
     let mut models = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(io_err(dir))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(io_err(dir))?;
+    let mut entries: Vec<_> =
+        std::fs::read_dir(dir).map_err(io_err(dir))?.collect::<Result<Vec<_>, _>>().map_err(io_err(dir))?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
@@ -78,7 +75,9 @@ fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
         let mut versions = Vec::new();
         for v in std::fs::read_dir(&path).map_err(io_err(&path))? {
             let v = v.map_err(io_err(&path))?;
-            let Some(number) = v.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
+            let Some(number) = v.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
             if !v.path().is_dir() {
                 continue;
             }
@@ -140,7 +139,10 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
         Some(v) => {
             return Err(ConfigError::new(
                 files.config_file,
-                format!("field `default_version`: version {v} has no folder; found {:?}", versions.keys().collect::<Vec<_>>()),
+                format!(
+                    "field `default_version`: version {v} has no folder; found {:?}",
+                    versions.keys().collect::<Vec<_>>()
+                ),
             )
             .into());
         }
@@ -172,8 +174,7 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Starts executors and a batcher for every loaded version. Must run
-    /// inside the tokio runtime (the schedulers are tasks).
+    /// Starts executors and a batcher thread for every loaded version.
     pub fn start(loaded: Vec<LoadedModel>) -> Result<Self, RepositoryError> {
         let mut models = BTreeMap::new();
         for m in loaded {
@@ -184,21 +185,25 @@ impl Repository {
                     max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1000.0),
                 },
                 max_queue: config.max_queue,
+                instances: config.instances,
             };
             let mut versions = BTreeMap::new();
             for (number, v) in m.versions {
                 let stats = Arc::new(VersionStats::default());
                 let metrics = VersionMetrics::new(&m.name, number);
-                let pool = ExecutorPool::start(v.model, v.spec.clone(), config.instances, stats.clone(), metrics.clone())
-                    .map_err(|source| RepositoryError::Io { path: format!("{}/{number}", m.name), source })?;
-                let batcher = crate::batcher::scheduler::spawn(&m.name, number, settings, pool, metrics.clone());
+                let batcher =
+                    crate::batcher::scheduler::spawn(v.model, v.spec.clone(), settings, stats.clone(), metrics.clone())
+                        .map_err(|source| RepositoryError::Io { path: format!("{}/{number}", m.name), source })?;
                 metrics.ready.set(1.0);
                 versions.insert(
                     number,
                     Arc::new(ServedVersion { spec: v.spec, config: config.clone(), batcher, stats, metrics }),
                 );
             }
-            models.insert(m.name.clone(), ServedModel { name: m.name, config, default_version: m.default_version, versions });
+            models.insert(
+                m.name.clone(),
+                ServedModel { name: m.name, config, default_version: m.default_version, versions },
+            );
         }
         Ok(Self { models })
     }

@@ -5,7 +5,8 @@ mod common;
 
 use common::TestServer;
 use kiln::api::pb::{
-    InferParameter, ModelInferRequest, infer_parameter::ParameterChoice, model_infer_request::InferRequestedOutputTensor,
+    InferParameter, ModelInferRequest, infer_parameter::ParameterChoice,
+    model_infer_request::InferRequestedOutputTensor,
 };
 use kiln::client;
 use tonic::Code;
@@ -41,7 +42,15 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("unknown model", with(|r| r.model_name = "nope".into()), Code::NotFound, "unknown model 'nope'"),
         ("unknown version", with(|r| r.model_version = "7".into()), Code::NotFound, "no version '7'"),
         ("non-numeric version", with(|r| r.model_version = "latest".into()), Code::NotFound, "no version 'latest'"),
-        ("missing input", with(|r| { r.inputs.clear(); r.raw_input_contents.clear(); }), Code::InvalidArgument, "missing input 'features'"),
+        (
+            "missing input",
+            with(|r| {
+                r.inputs.clear();
+                r.raw_input_contents.clear();
+            }),
+            Code::InvalidArgument,
+            "missing input 'features'",
+        ),
         ("unknown input", with(|r| r.inputs[0].name = "feats".into()), Code::InvalidArgument, "unknown input 'feats'"),
         (
             "duplicate input",
@@ -56,25 +65,54 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("wrong width", with(|r| r.inputs[0].shape = vec![1, 29]), Code::InvalidArgument, "dimension 1 must be 30"),
         ("wrong rank", with(|r| r.inputs[0].shape = vec![30]), Code::InvalidArgument, "rank 2"),
         ("negative dimension", with(|r| r.inputs[0].shape = vec![-1, 30]), Code::InvalidArgument, "negative dimension"),
-        ("zero rows", with(|r| { r.inputs[0].shape = vec![0, 30]; r.raw_input_contents[0].clear(); }), Code::InvalidArgument, "zero rows"),
-        ("raw byte length", with(|r| { r.raw_input_contents[0].pop(); }), Code::InvalidArgument, "raw contents hold 119 bytes, expected 120"),
-        ("typed count", client::fp32_request_typed("risk", "features", &[row[..29].to_vec()]), Code::InvalidArgument, "dimension 1 must be 30"),
+        (
+            "zero rows",
+            with(|r| {
+                r.inputs[0].shape = vec![0, 30];
+                r.raw_input_contents[0].clear();
+            }),
+            Code::InvalidArgument,
+            "zero rows",
+        ),
+        (
+            "raw byte length",
+            with(|r| {
+                r.raw_input_contents[0].pop();
+            }),
+            Code::InvalidArgument,
+            "raw contents hold 119 bytes, expected 120",
+        ),
+        (
+            "typed count",
+            client::fp32_request_typed("risk", "features", &[row[..29].to_vec()]),
+            Code::InvalidArgument,
+            "dimension 1 must be 30",
+        ),
         (
             "typed values short",
             with(|r| {
                 r.raw_input_contents.clear();
-                r.inputs[0].contents = Some(kiln::api::pb::InferTensorContents { fp32_contents: vec![1.0; 29], ..Default::default() });
+                r.inputs[0].contents =
+                    Some(kiln::api::pb::InferTensorContents { fp32_contents: vec![1.0; 29], ..Default::default() });
             }),
             Code::InvalidArgument,
             "fp32_contents holds 29 values, expected 30",
         ),
         (
             "typed and raw both",
-            with(|r| r.inputs[0].contents = Some(kiln::api::pb::InferTensorContents { fp32_contents: vec![1.0; 30], ..Default::default() })),
+            with(|r| {
+                r.inputs[0].contents =
+                    Some(kiln::api::pb::InferTensorContents { fp32_contents: vec![1.0; 30], ..Default::default() })
+            }),
             Code::InvalidArgument,
             "use one form",
         ),
-        ("raw buffer count", with(|r| r.raw_input_contents.push(vec![0; 4])), Code::InvalidArgument, "raw_input_contents has 2 entries"),
+        (
+            "raw buffer count",
+            with(|r| r.raw_input_contents.push(vec![0; 4])),
+            Code::InvalidArgument,
+            "raw_input_contents has 2 entries",
+        ),
         (
             "unknown output",
             with(|r| r.outputs.push(InferRequestedOutputTensor { name: "score".into(), ..Default::default() })),
@@ -85,11 +123,36 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("infinity", with_value(f32::INFINITY), Code::InvalidArgument, "feature 'area_mean' is inf"),
         ("below valid_range", with_value(-1.0), Code::InvalidArgument, "'area_mean' = -1 is outside its valid_range"),
         ("above valid_range", with_value(1e9), Code::InvalidArgument, "outside its valid_range"),
-        ("rows over max_batch_size", client::fp32_request("risk", "features", &vec![row.clone(); 65]), Code::InvalidArgument, "max_batch_size 64"),
-        ("timeout as string", param("timeout", ParameterChoice::StringParam("5s".into())), Code::InvalidArgument, "parameter 'timeout'"),
-        ("negative priority", param("priority", ParameterChoice::Int64Param(-1)), Code::InvalidArgument, "parameter 'priority': must be >= 0"),
-        ("tenant as number", param("tenant", ParameterChoice::Int64Param(3)), Code::InvalidArgument, "parameter 'tenant': expected a string"),
-        ("max_cost_us as double", param("max_cost_us", ParameterChoice::DoubleParam(1.5)), Code::InvalidArgument, "parameter 'max_cost_us'"),
+        (
+            "rows over max_batch_size",
+            client::fp32_request("risk", "features", &vec![row.clone(); 65]),
+            Code::InvalidArgument,
+            "max_batch_size 64",
+        ),
+        (
+            "timeout as string",
+            param("timeout", ParameterChoice::StringParam("5s".into())),
+            Code::InvalidArgument,
+            "parameter 'timeout'",
+        ),
+        (
+            "negative priority",
+            param("priority", ParameterChoice::Int64Param(-1)),
+            Code::InvalidArgument,
+            "parameter 'priority': must be >= 0",
+        ),
+        (
+            "tenant as number",
+            param("tenant", ParameterChoice::Int64Param(3)),
+            Code::InvalidArgument,
+            "parameter 'tenant': expected a string",
+        ),
+        (
+            "max_cost_us as double",
+            param("max_cost_us", ParameterChoice::DoubleParam(1.5)),
+            Code::InvalidArgument,
+            "parameter 'max_cost_us'",
+        ),
     ];
     assert!(cases.len() >= 15);
     for (what, request, code, message) in cases {

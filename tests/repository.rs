@@ -63,7 +63,13 @@ fn missing_config_and_missing_weights_are_named() {
 
 #[test]
 fn declared_output_width_must_match_the_weights() {
-    let dir = repo_with(&RISK_TOML.replace("name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 1]", "name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 2]"), &[1]);
+    let dir = repo_with(
+        &RISK_TOML.replace(
+            "name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 1]",
+            "name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 2]",
+        ),
+        &[1],
+    );
     let err = load_error(dir.path());
     assert!(err.contains("field `outputs`") && err.contains("1 units"), "{err}");
 }
@@ -87,10 +93,14 @@ async fn serve_refuses_a_bad_repository_instead_of_panicking() {
 #[tokio::test]
 async fn a_folder_repository_serves_every_version_with_the_highest_as_default() {
     let dir = repo_with(RISK_TOML, &[1, 2]);
-    let server = TestServer::start(ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), ..Default::default() }).await;
+    let server = TestServer::start(ServeConfig {
+        repository: RepositorySource::Dir(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
     let mut c = server.client().await;
     let row = common::wdbc().0[0].clone();
-    let default = c.infer_fp32("risk", "features", &[row.clone()]).await.expect("default");
+    let default = c.infer_fp32("risk", "features", std::slice::from_ref(&row)).await.expect("default");
     assert_eq!(default.model_version, "2");
     let mut pinned = kiln::client::fp32_request("risk", "features", &[row]);
     pinned.model_version = "1".into();

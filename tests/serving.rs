@@ -17,7 +17,8 @@ async fn outputs_equal_the_model_run_in_process_in_both_content_forms() {
     let expected = common::risk_in_process(&sample);
 
     let raw = c.raw.model_infer(client::fp32_request("risk", "features", &sample)).await.expect("raw").into_inner();
-    let typed = c.raw.model_infer(client::fp32_request_typed("risk", "features", &sample)).await.expect("typed").into_inner();
+    let typed =
+        c.raw.model_infer(client::fp32_request_typed("risk", "features", &sample)).await.expect("typed").into_inner();
     for response in [&raw, &typed] {
         assert_eq!(response.outputs[0].name, "probability");
         assert_eq!(response.outputs[0].shape, vec![16, 1]);
@@ -122,10 +123,12 @@ async fn metadata_config_and_index_describe_the_model() {
     assert_eq!(config.input[0].dims, vec![30], "dims exclude the batch dimension");
     assert_eq!(config.input[0].data_type, pb::DataType::TypeFp32 as i32);
     assert!(config.max_batch_size > 0);
-    let names: Vec<String> = serde_json::from_str(&config.parameters["features.feature_names"].string_value).expect("json");
+    let names: Vec<String> =
+        serde_json::from_str(&config.parameters["features.feature_names"].string_value).expect("json");
     assert_eq!(names.len(), 30);
     assert_eq!(names[0], "radius_mean");
-    let ranges: Vec<[f64; 2]> = serde_json::from_str(&config.parameters["features.valid_ranges"].string_value).expect("json");
+    let ranges: Vec<[f64; 2]> =
+        serde_json::from_str(&config.parameters["features.valid_ranges"].string_value).expect("json");
     assert!(ranges.iter().all(|[lo, hi]| *lo == 0.0 && *hi > 0.0));
     let sha = &config.parameters["weights_sha256"].string_value;
     assert_eq!(sha.len(), 64);

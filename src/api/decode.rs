@@ -54,7 +54,9 @@ pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<KilnParams
             "max_cost_us" => out.max_cost_us = Some(unsigned_param(name, p)?),
             "tenant" => match &p.parameter_choice {
                 Some(ParameterChoice::StringParam(s)) => out.tenant = Some(s.clone()),
-                _ => return Err(invalid(format!("parameter 'tenant': expected a string, got {}", describe(p)))),
+                _ => {
+                    return Err(invalid(format!("parameter 'tenant': expected a string, got {}", describe(p))));
+                }
             },
             _ => {}
         }
@@ -63,7 +65,12 @@ pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<KilnParams
 }
 
 /// Validates `req` against `spec` and builds the typed request.
-pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize, received: Instant) -> Result<InferRequest, InferError> {
+pub fn decode(
+    req: &ModelInferRequest,
+    spec: &ModelSpec,
+    max_rows: usize,
+    received: Instant,
+) -> Result<InferRequest, InferError> {
     let model = &spec.name;
     params(&req.parameters)?;
     let raw = !req.raw_input_contents.is_empty();
@@ -99,9 +106,10 @@ pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize, receiv
             )));
         }
         rows = Some((shape[0], &input.name));
-        let count = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(|| {
-            invalid(format!("input '{}': shape {:?} is too large", input.name, input.shape))
-        })?;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+            .ok_or_else(|| invalid(format!("input '{}': shape {:?} is too large", input.name, input.shape)))?;
         let data = if raw {
             if input.contents.as_ref().is_some_and(has_contents) {
                 return Err(invalid(format!(
@@ -119,26 +127,32 @@ pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize, receiv
     let mut inputs = Vec::with_capacity(slots.len());
     for (declared, slot) in spec.inputs.iter().zip(slots) {
         inputs.push(slot.ok_or_else(|| {
-            invalid(format!("missing input '{}' ({} {:?}) for model '{model}'", declared.name, declared.datatype, declared.shape))
+            invalid(format!(
+                "missing input '{}' ({} {:?}) for model '{model}'",
+                declared.name, declared.datatype, declared.shape
+            ))
         })?);
     }
     let outputs = requested_outputs(req, spec)?;
-    Ok(InferRequest {
-        id: req.id.clone(),
-        rows: rows.map(|(r, _)| r).unwrap_or(0),
-        inputs,
-        outputs,
-        received,
-    })
+    Ok(InferRequest { id: req.id.clone(), rows: rows.map(|(r, _)| r).unwrap_or(0), inputs, outputs, received })
 }
 
-fn check_shape(declared: &TensorSpec, datatype: &str, shape: &[i64], max_rows: usize) -> Result<Vec<usize>, InferError> {
+fn check_shape(
+    declared: &TensorSpec,
+    datatype: &str,
+    shape: &[i64],
+    max_rows: usize,
+) -> Result<Vec<usize>, InferError> {
     let name = &declared.name;
     if datatype != declared.datatype.as_v2() {
         return Err(invalid(format!("input '{name}': datatype {datatype:?}, expected {}", declared.datatype)));
     }
     if shape.len() != declared.shape.len() {
-        return Err(invalid(format!("input '{name}': shape {shape:?}, expected {:?} (rank {})", declared.shape, declared.shape.len())));
+        return Err(invalid(format!(
+            "input '{name}': shape {shape:?}, expected {:?} (rank {})",
+            declared.shape,
+            declared.shape.len()
+        )));
     }
     if shape.iter().any(|d| *d < 0) {
         return Err(invalid(format!("input '{name}': shape {shape:?} has a negative dimension")));
@@ -154,7 +168,10 @@ fn check_shape(declared: &TensorSpec, datatype: &str, shape: &[i64], max_rows: u
     }
     for (d, (got, want)) in shape.iter().zip(&declared.shape).enumerate().skip(1) {
         if *want >= 0 && got != want {
-            return Err(invalid(format!("input '{name}': shape {shape:?}, expected {:?} (dimension {d} must be {want})", declared.shape)));
+            return Err(invalid(format!(
+                "input '{name}': shape {shape:?}, expected {:?} (dimension {d} must be {want})",
+                declared.shape
+            )));
         }
     }
     Ok(shape.iter().map(|d| *d as usize).collect())
@@ -175,7 +192,7 @@ fn from_raw(declared: &TensorSpec, bytes: &[u8], count: usize) -> Result<TensorD
     let name = &declared.name;
     let dt = declared.datatype;
     if let Some(size) = dt.element_bytes() {
-        let expected = count.checked_mul(size).unwrap_or(usize::MAX);
+        let expected = count.saturating_mul(size);
         if bytes.len() != expected {
             return Err(invalid(format!(
                 "input '{name}': raw contents hold {} bytes, expected {expected} ({count} {dt} elements of {size} bytes)",
@@ -196,7 +213,10 @@ fn from_raw(declared: &TensorSpec, bytes: &[u8], count: usize) -> Result<TensorD
             let mut rest = bytes;
             while !rest.is_empty() {
                 let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-                    return Err(invalid(format!("input '{name}': raw BYTES element {} has a truncated 4-byte length", items.len())));
+                    return Err(invalid(format!(
+                        "input '{name}': raw BYTES element {} has a truncated 4-byte length",
+                        items.len()
+                    )));
                 };
                 let len = u32::from_le_bytes(*len) as usize;
                 if tail.len() < len {
@@ -210,14 +230,21 @@ fn from_raw(declared: &TensorSpec, bytes: &[u8], count: usize) -> Result<TensorD
                 rest = &tail[len..];
             }
             if items.len() != count {
-                return Err(invalid(format!("input '{name}': raw contents hold {} BYTES elements, expected {count}", items.len())));
+                return Err(invalid(format!(
+                    "input '{name}': raw contents hold {} BYTES elements, expected {count}",
+                    items.len()
+                )));
             }
             TensorData::Bytes(items)
         }
     })
 }
 
-fn from_typed(declared: &TensorSpec, contents: Option<&super::pb::InferTensorContents>, count: usize) -> Result<TensorData, InferError> {
+fn from_typed(
+    declared: &TensorSpec,
+    contents: Option<&super::pb::InferTensorContents>,
+    count: usize,
+) -> Result<TensorData, InferError> {
     let name = &declared.name;
     let dt = declared.datatype;
     let empty = super::pb::InferTensorContents::default();
@@ -272,7 +299,12 @@ fn requested_outputs(req: &ModelInferRequest, spec: &ModelSpec) -> Result<Vec<us
     for o in &req.outputs {
         let Some(idx) = spec.outputs.iter().position(|s| s.name == o.name) else {
             let known: Vec<&str> = spec.outputs.iter().map(|s| s.name.as_str()).collect();
-            return Err(invalid(format!("unknown requested output '{}'; model '{}' has outputs: {}", o.name, spec.name, known.join(", "))));
+            return Err(invalid(format!(
+                "unknown requested output '{}'; model '{}' has outputs: {}",
+                o.name,
+                spec.name,
+                known.join(", ")
+            )));
         };
         if out.contains(&idx) {
             return Err(invalid(format!("requested output '{}' appears more than once", o.name)));
@@ -285,8 +317,8 @@ fn requested_outputs(req: &ModelInferRequest, spec: &ModelSpec) -> Result<Vec<us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
     use crate::api::pb::InferTensorContents;
+    use crate::api::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
     use crate::model::FeatureSpec;
 
     fn spec() -> ModelSpec {
@@ -304,7 +336,12 @@ mod tests {
                     FeatureSpec { name: "b".into(), valid_range: None },
                 ],
             }],
-            outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::Fp32, shape: vec![-1, 1], features: vec![] }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, 1],
+                features: vec![],
+            }],
             weights_sha256: String::new(),
             device: "cpu".into(),
         }
@@ -371,14 +408,20 @@ mod tests {
     #[test]
     fn kiln_parameter_of_wrong_type_is_refused() {
         let mut req = request(vec![1.0, 2.0], vec![1, 2]);
-        req.parameters.insert("timeout".into(), InferParameter { parameter_choice: Some(ParameterChoice::StringParam("1s".into())) });
+        req.parameters.insert(
+            "timeout".into(),
+            InferParameter { parameter_choice: Some(ParameterChoice::StringParam("1s".into())) },
+        );
         assert!(error(&req).contains("parameter 'timeout'"));
     }
 
     #[test]
     fn unknown_parameters_are_ignored() {
         let mut req = request(vec![1.0, 2.0], vec![1, 2]);
-        req.parameters.insert("triton_enable_empty_final_response".into(), InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) });
+        req.parameters.insert(
+            "triton_enable_empty_final_response".into(),
+            InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) },
+        );
         assert!(decode(&req, &spec(), 8, Instant::now()).is_ok());
     }
 

@@ -32,7 +32,12 @@ impl InferenceService {
         router::route(&self.repo, name, version).map_err(|e| status::to_status(&e))
     }
 
-    async fn infer(&self, req: &pb::ModelInferRequest, version: &ServedVersion, received: Instant) -> Result<pb::ModelInferResponse, InferError> {
+    async fn infer(
+        &self,
+        req: &pb::ModelInferRequest,
+        version: &ServedVersion,
+        received: Instant,
+    ) -> Result<pb::ModelInferResponse, InferError> {
         let request = decode::decode(req, &version.spec, version.config.max_batch_size, received)?;
         let outputs = request.outputs.clone();
         let answer = version.batcher.submit(request)?;
@@ -86,38 +91,60 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<pb::ServerReadyRequest>) -> Result<Response<pb::ServerReadyResponse>, Status> {
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
         Ok(Response::new(pb::ServerReadyResponse { ready: self.ready.load(Ordering::Acquire) }))
     }
 
-    async fn model_ready(&self, request: Request<pb::ModelReadyRequest>) -> Result<Response<pb::ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
         self.version(&r.name, &r.version)?;
         Ok(Response::new(pb::ModelReadyResponse { ready: self.ready.load(Ordering::Acquire) }))
     }
 
-    async fn server_metadata(&self, _: Request<pb::ServerMetadataRequest>) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: "kiln".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: ["model_configuration", "model_repository", "statistics", "parameters"].map(String::from).to_vec(),
+            extensions: ["model_configuration", "model_repository", "statistics", "parameters"]
+                .map(String::from)
+                .to_vec(),
         }))
     }
 
-    async fn model_metadata(&self, request: Request<pb::ModelMetadataRequest>) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
         let version = self.version(&r.name, &r.version)?;
         let model = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
         Ok(Response::new(encode::model_metadata(model, &version.spec)))
     }
 
-    async fn model_config(&self, request: Request<pb::ModelConfigRequest>) -> Result<Response<pb::ModelConfigResponse>, Status> {
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = request.into_inner();
         let version = self.version(&r.name, &r.version)?;
-        Ok(Response::new(pb::ModelConfigResponse { config: Some(encode::model_config(&version.spec, &version.config)) }))
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(encode::model_config(&version.spec, &version.config)),
+        }))
     }
 
-    async fn model_statistics(&self, request: Request<pb::ModelStatisticsRequest>) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = request.into_inner();
         let mut model_stats = Vec::new();
         if r.name.is_empty() {
@@ -138,7 +165,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
-    async fn repository_index(&self, _: Request<pb::RepositoryIndexRequest>) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+    async fn repository_index(
+        &self,
+        _: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         let models = self
             .repo
             .models
@@ -155,7 +185,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
     }
 
-    async fn model_infer(&self, request: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let received = Instant::now();
         let req = request.into_inner();
         let version = match router::route(&self.repo, &req.model_name, &req.model_version) {

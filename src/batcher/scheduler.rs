@@ -1,19 +1,26 @@
-//! The scheduler task: sole owner of one model version's queue. Requests
-//! arrive over a channel; batches leave for idle executors when the policy
-//! says so; executors report back when they are free again.
+//! The scheduler: sole owner of one model version's queue, on its own OS
+//! thread. Requests and "executor free" notices arrive on one channel;
+//! batches leave for idle executors when the policy says so.
+//!
+//! A thread rather than a tokio task because batching delays are often
+//! below a millisecond and tokio's timer rounds sleeps up to whole
+//! milliseconds; `recv_timeout` waits on a futex with microsecond accuracy.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::policy::{BatchPolicy, Decision};
 use super::queue::{Batch, Pending};
 use crate::error::InferError;
-use crate::executor::{ExecutorPool, InstanceFree};
+use crate::executor::ExecutorPool;
+use crate::model::{Model, ModelSpec};
 use crate::monitor::metrics::VersionMetrics;
+use crate::monitor::stats::VersionStats;
 use crate::request::{InferRequest, InferResponse};
 
 /// Queue settings of one model version.
@@ -22,17 +29,39 @@ pub struct BatcherSettings {
     pub policy: BatchPolicy,
     /// Most requests waiting at once.
     pub max_queue: usize,
+    /// Executor threads.
+    pub instances: usize,
+}
+
+/// What the scheduler thread hears.
+pub(crate) enum Message {
+    /// A newly admitted request.
+    Submit(Pending),
+    /// Executor instance `n` finished its batch.
+    Free(usize),
+    /// Every handle is gone: answer what is queued, then stop.
+    Close,
 }
 
 /// The API's way into a model version's queue. Cheap to clone; when every
 /// clone is dropped the scheduler answers what is queued and stops.
 #[derive(Clone)]
 pub struct BatcherHandle {
-    submit: mpsc::UnboundedSender<Pending>,
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    submit: mpsc::Sender<Message>,
     depth: Arc<AtomicUsize>,
     max_queue: usize,
     model: String,
     version: u64,
+}
+
+impl Drop for HandleInner {
+    fn drop(&mut self) {
+        let _ = self.submit.send(Message::Close);
+    }
 }
 
 impl BatcherHandle {
@@ -43,19 +72,23 @@ impl BatcherHandle {
         &self,
         request: InferRequest,
     ) -> Result<oneshot::Receiver<Result<InferResponse, InferError>>, InferError> {
-        let admitted = self
-            .depth
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < self.max_queue).then_some(d + 1));
+        let inner = &self.inner;
+        let admitted =
+            inner.depth.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < inner.max_queue).then_some(d + 1));
         if admitted.is_err() {
-            return Err(InferError::QueueFull { model: self.model.clone(), version: self.version, max_queue: self.max_queue });
+            return Err(InferError::QueueFull {
+                model: inner.model.clone(),
+                version: inner.version,
+                max_queue: inner.max_queue,
+            });
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending { request, reply, enqueued: Instant::now() };
-        if let Err(mpsc::error::SendError(pending)) = self.submit.send(pending) {
-            self.depth.fetch_sub(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(Message::Submit(pending))) = inner.submit.send(Message::Submit(pending)) {
+            inner.depth.fetch_sub(1, Ordering::AcqRel);
             let _ = pending.reply.send(Err(InferError::Unavailable(format!(
                 "model '{}' version {} is shutting down",
-                self.model, self.version
+                inner.model, inner.version
             ))));
         }
         Ok(answer)
@@ -63,29 +96,36 @@ impl BatcherHandle {
 
     /// Requests admitted and not yet dispatched.
     pub fn depth(&self) -> usize {
-        self.depth.load(Ordering::Acquire)
+        self.inner.depth.load(Ordering::Acquire)
     }
 }
 
-/// Starts the scheduler task for one model version (inside a tokio runtime).
+/// Starts the executors and the scheduler thread of one model version.
 pub fn spawn(
-    model: &str,
-    version: u64,
+    model: Arc<dyn Model>,
+    spec: Arc<ModelSpec>,
     settings: BatcherSettings,
-    executors: ExecutorPool,
+    stats: Arc<VersionStats>,
     metrics: VersionMetrics,
-) -> BatcherHandle {
-    let (submit, requests) = mpsc::unbounded_channel();
+) -> std::io::Result<BatcherHandle> {
+    let (submit, messages) = mpsc::channel();
+    let executors =
+        ExecutorPool::start(model, spec.clone(), settings.instances, stats, metrics.clone(), submit.clone())?;
     let depth = Arc::new(AtomicUsize::new(0));
-    let scheduler = Scheduler {
-        queue: VecDeque::new(),
-        depth: depth.clone(),
-        policy: settings.policy,
-        executors,
-        metrics,
-    };
-    tokio::spawn(scheduler.run(requests));
-    BatcherHandle { submit, depth, max_queue: settings.max_queue, model: model.to_string(), version }
+    let scheduler =
+        Scheduler { queue: VecDeque::new(), depth: depth.clone(), policy: settings.policy, executors, metrics };
+    std::thread::Builder::new()
+        .name(format!("kiln-sched-{}-{}", spec.name, spec.version))
+        .spawn(move || scheduler.run(messages))?;
+    Ok(BatcherHandle {
+        inner: Arc::new(HandleInner {
+            submit,
+            depth,
+            max_queue: settings.max_queue,
+            model: spec.name.clone(),
+            version: spec.version,
+        }),
+    })
 }
 
 struct Scheduler {
@@ -97,33 +137,27 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Pending>) {
+    fn run(mut self, messages: mpsc::Receiver<Message>) {
         let mut draining = false;
         loop {
             let wake = self.dispatch_ready(draining);
             if draining && self.queue.is_empty() {
                 break;
             }
-            let sleep = async {
-                match wake {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
+            let message = match wake {
+                Some(at) => messages.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => messages.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
-            tokio::select! {
-                free = self.executors.free.recv() => match free {
-                    Some(InstanceFree(i)) => self.executors.idle.push(i),
-                    // Every executor thread is gone; nothing more can run.
-                    None => break,
-                },
-                pending = requests.recv(), if !draining => match pending {
-                    Some(p) => self.queue.push_back(p),
-                    None => draining = true,
-                },
-                _ = sleep => {}
+            match message {
+                Ok(Message::Submit(p)) => self.queue.push_back(p),
+                Ok(Message::Free(i)) => self.executors.idle.push(i),
+                Ok(Message::Close) => draining = true,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        // Whatever is left (executors gone) is answered, never dropped silently.
+        // Only reachable with requests left if every sender vanished; they
+        // are answered, never dropped silently.
         for pending in self.queue.drain(..) {
             let _ = pending.reply.send(Err(InferError::Unavailable("model is shutting down".into())));
         }
@@ -163,6 +197,174 @@ impl Scheduler {
         if dropped > 0 {
             self.depth.fetch_sub(dropped, Ordering::AcqRel);
             self.metrics.rejected("cancelled").increment(dropped as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{DataType, ModelError, Tensor, TensorData, TensorSpec};
+
+    /// Doubles its input; blocks each batch until the test opens the gate,
+    /// so the test controls when the executor is busy. Negative input fails
+    /// the batch; NaN panics.
+    struct GatedDoubler {
+        gate: Mutex<std::sync::mpsc::Receiver<()>>,
+        batches: AtomicUsize,
+        rows: AtomicUsize,
+    }
+
+    impl Model for GatedDoubler {
+        fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+            let _ = self.gate.lock().expect("gate").recv();
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            self.rows.fetch_add(inputs[0].rows(), Ordering::SeqCst);
+            let TensorData::Fp32(v) = &inputs[0].data else { unreachable!("fp32 only") };
+            if v.iter().any(|x| x.is_nan()) {
+                panic!("NaN reached the model");
+            }
+            if v.iter().any(|x| *x < 0.0) {
+                return Err(ModelError::Compute("negative input".into()));
+            }
+            Ok(vec![Tensor {
+                shape: inputs[0].shape.clone(),
+                data: TensorData::Fp32(v.iter().map(|x| x * 2.0).collect()),
+            }])
+        }
+    }
+
+    fn spec() -> Arc<ModelSpec> {
+        let t = |name: &str| TensorSpec {
+            name: name.into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 1],
+            features: vec![],
+        };
+        Arc::new(ModelSpec {
+            name: "double".into(),
+            version: 1,
+            platform: "test".into(),
+            description: String::new(),
+            inputs: vec![t("x")],
+            outputs: vec![t("y")],
+            weights_sha256: String::new(),
+            device: "cpu".into(),
+        })
+    }
+
+    fn request(x: f32) -> InferRequest {
+        InferRequest {
+            id: String::new(),
+            inputs: vec![Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![x]) }],
+            rows: 1,
+            outputs: vec![0],
+            received: Instant::now(),
+        }
+    }
+
+    fn start(
+        max_batch_size: usize,
+        max_queue: usize,
+    ) -> (BatcherHandle, Arc<GatedDoubler>, std::sync::mpsc::Sender<()>) {
+        let (open, gate) = std::sync::mpsc::channel();
+        let model =
+            Arc::new(GatedDoubler { gate: Mutex::new(gate), batches: AtomicUsize::new(0), rows: AtomicUsize::new(0) });
+        let settings = BatcherSettings {
+            policy: BatchPolicy { max_batch_size, max_queue_delay: Duration::ZERO },
+            max_queue,
+            instances: 1,
+        };
+        let handle =
+            spawn(model.clone(), spec(), settings, Arc::default(), VersionMetrics::new("double", 1)).expect("spawn");
+        (handle, model, open)
+    }
+
+    fn value(answer: Result<InferResponse, InferError>) -> f32 {
+        match answer.expect("ok").outputs[0].data {
+            TensorData::Fp32(ref v) => v[0],
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits (bounded) until the scheduler has handed the first request to
+    /// the executor, which then blocks on the gate.
+    fn wait_for_depth(handle: &BatcherHandle, depth: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handle.depth() != depth {
+            assert!(Instant::now() < deadline, "depth stayed {} (wanted {depth})", handle.depth());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_refuses_at_once_and_every_admitted_request_is_answered() {
+        let (handle, model, open) = start(4, 3);
+        let first = handle.submit(request(1.0)).expect("admitted");
+        wait_for_depth(&handle, 0); // dispatched, executor blocked on the gate
+        let queued: Vec<_> = (0..3).map(|i| handle.submit(request(i as f32)).expect("admitted")).collect();
+        match handle.submit(request(9.0)) {
+            Err(InferError::QueueFull { max_queue: 3, .. }) => {}
+            other => panic!("expected QueueFull, got {:?}", other.map(|_| ())),
+        }
+        for _ in 0..2 {
+            open.send(()).expect("gate");
+        }
+        assert_eq!(value(first.await.expect("answered")), 2.0);
+        for (i, answer) in queued.into_iter().enumerate() {
+            assert_eq!(value(answer.await.expect("answered")), 2.0 * i as f32);
+        }
+        // The three queued requests ran as one batch.
+        assert_eq!(model.batches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn model_error_and_panic_fail_only_their_batch() {
+        let (handle, _model, open) = start(1, 8);
+        let bad = handle.submit(request(-1.0)).expect("admitted");
+        let panicking = handle.submit(request(f32::NAN)).expect("admitted");
+        let good = handle.submit(request(3.0)).expect("admitted");
+        for _ in 0..3 {
+            open.send(()).expect("gate");
+        }
+        assert!(
+            matches!(bad.await.expect("answered"), Err(InferError::ModelFailed { reason, .. }) if reason.contains("negative"))
+        );
+        assert!(
+            matches!(panicking.await.expect("answered"), Err(InferError::ModelFailed { reason, .. }) if reason.contains("panicked"))
+        );
+        assert_eq!(value(good.await.expect("answered")), 6.0);
+    }
+
+    #[tokio::test]
+    async fn cancelled_request_is_never_computed() {
+        let (handle, model, open) = start(4, 8);
+        let first = handle.submit(request(1.0)).expect("admitted");
+        wait_for_depth(&handle, 0);
+        let cancelled = handle.submit(request(5.0)).expect("admitted");
+        let kept = handle.submit(request(2.0)).expect("admitted");
+        drop(cancelled); // the caller went away while queued
+        open.send(()).expect("gate");
+        open.send(()).expect("gate");
+        first.await.expect("answered").expect("ok");
+        assert_eq!(value(kept.await.expect("answered")), 4.0);
+        assert_eq!(model.rows.load(Ordering::SeqCst), 2, "the cancelled row reached the model");
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_still_answers_what_is_queued() {
+        let (handle, _model, open) = start(2, 8);
+        let answers: Vec<_> = (0..5).map(|i| handle.submit(request(i as f32)).expect("admitted")).collect();
+        drop(handle);
+        for _ in 0..5 {
+            let _ = open.send(());
+        }
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(value(answer.await.expect("answered")), 2.0 * i as f32);
         }
     }
 }

@@ -35,8 +35,10 @@ impl Client {
     /// Connects to `url` (`host:port` or `http://host:port`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
         let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-        let endpoint = Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
-        let channel = endpoint.tcp_nodelay(true).connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))?;
+        let endpoint =
+            Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
+        let channel =
+            endpoint.tcp_nodelay(true).connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))?;
         Ok(Self::from_channel(channel))
     }
 

@@ -42,13 +42,18 @@ impl Mlp {
         };
         for (field, t) in [("inputs", input), ("outputs", output)] {
             if t.datatype != super::DataType::Fp32 || t.shape.len() != 2 {
-                return Err(config_err(format!("field `{field}`: an mlp takes FP32 [-1, N], got {} {:?}", t.datatype, t.shape)));
+                return Err(config_err(format!(
+                    "field `{field}`: an mlp takes FP32 [-1, N], got {} {:?}",
+                    t.datatype, t.shape
+                )));
             }
         }
         let mut tensors: HashMap<String, CTensor> = candle_core::safetensors::load_buffer(weights, device)
             .map_err(|e| ModelError::Weights(format!("cannot read safetensors: {e}")))?;
         let mut take = |name: &str| -> Option<Result<CTensor, ModelError>> {
-            tensors.remove(name).map(|t| t.to_dtype(DType::F32).map_err(|e| ModelError::Weights(format!("{name}: {e}"))))
+            tensors
+                .remove(name)
+                .map(|t| t.to_dtype(DType::F32).map_err(|e| ModelError::Weights(format!("{name}: {e}"))))
         };
         let in_features = input.row_len();
         let scaling = match (take("input.mean"), take("input.std")) {
@@ -56,13 +61,18 @@ impl Mlp {
                 let (mean, std) = (mean?, std?);
                 for (name, t) in [("input.mean", &mean), ("input.std", &std)] {
                     if t.dims() != [in_features] {
-                        return Err(ModelError::Weights(format!("{name}: shape {:?}, expected [{in_features}]", t.dims())));
+                        return Err(ModelError::Weights(format!(
+                            "{name}: shape {:?}, expected [{in_features}]",
+                            t.dims()
+                        )));
                     }
                 }
                 Some((mean, std))
             }
             (None, None) => None,
-            _ => return Err(ModelError::Weights("input.mean and input.std come together".into())),
+            _ => {
+                return Err(ModelError::Weights("input.mean and input.std come together".into()));
+            }
         };
         let mut layers = Vec::new();
         let mut width = in_features;
@@ -71,7 +81,8 @@ impl Mlp {
             let weight = weight?;
             let bias = take(&format!("layers.{i}.bias"))
                 .ok_or_else(|| ModelError::Weights(format!("layers.{i}.bias is missing")))??;
-            let (out, inp) = weight.dims2().map_err(|_| ModelError::Weights(format!("layers.{i}.weight must be 2-D")))?;
+            let (out, inp) =
+                weight.dims2().map_err(|_| ModelError::Weights(format!("layers.{i}.weight must be 2-D")))?;
             if inp != width || bias.dims() != [out] {
                 return Err(ModelError::Weights(format!(
                     "layers.{i}: weight {:?} and bias {:?} do not follow a layer of width {width}",

@@ -189,10 +189,7 @@ impl Tensor {
         let row_len = self.row_len();
         let mut shape = self.shape.clone();
         shape[0] = count;
-        Tensor {
-            shape,
-            data: self.data.slice(start * row_len..(start + count) * row_len),
-        }
+        Tensor { shape, data: self.data.slice(start * row_len..(start + count) * row_len) }
     }
 }
 

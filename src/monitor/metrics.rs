@@ -131,7 +131,9 @@ pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, shutdow
     });
     let accept = async {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handle = handle.clone();
             tokio::spawn(async move {
                 // One request per connection; a scrape's request line and

@@ -106,7 +106,8 @@ pub fn wdbc() -> (Vec<Vec<f32>>, Vec<f32>) {
 
 /// The held-out row indices the training program set aside.
 pub fn heldout_rows() -> Vec<usize> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/wdbc-split.json")).expect("split file");
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/wdbc-split.json")).expect("split file");
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
     v["heldout_rows"].as_array().expect("array").iter().map(|x| x.as_u64().expect("index") as usize).collect()
 }
