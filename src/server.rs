@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::api::inference::InferenceService;
@@ -81,12 +80,14 @@ pub async fn serve(
         }))
     });
 
+    // Nagle's algorithm with delayed ACKs stalls small responses by ~40 ms;
+    // the builder's tcp_nodelay does not reach a listener we bind ourselves.
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(inference)
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     // A long-lived stream (a health Watch) would hold graceful shutdown
     // open forever; after the grace period the rest are closed.
     let mut stopped = stop_rx.clone();
