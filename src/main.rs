@@ -1,6 +1,7 @@
 //! The `kiln` command: `serve` and `infer` (bench, plan, profile and drift
 //! arrive with their issues). A thin wrapper over the library.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -73,7 +74,19 @@ struct InferArgs {
     input: Option<String>,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // The message alone: a user error is not a crash, and anyhow's Debug
+    // form would append a backtrace whenever RUST_BACKTRACE is set.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -182,8 +195,12 @@ async fn infer(args: InferArgs) -> Result<()> {
         "outputs": outputs,
         "parameters": params,
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    // A reader that stops early (`| head`) is not an error.
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {

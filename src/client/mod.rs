@@ -18,8 +18,8 @@ pub use pb::grpc_inference_service_client::GrpcInferenceServiceClient as RawClie
 pub enum ClientError {
     #[error("invalid server URL {0:?}: {1}")]
     InvalidUrl(String, String),
-    #[error("cannot connect to {0}: {1}")]
-    Connect(String, tonic::transport::Error),
+    #[error("cannot connect to {0}")]
+    Connect(String, #[source] tonic::transport::Error),
 }
 
 /// A connected V2 client.
