@@ -132,6 +132,14 @@ async fn metadata_config_and_index_describe_the_model() {
     assert!(ranges.iter().all(|[lo, hi]| *lo == 0.0 && *hi > 0.0));
     let sha = &config.parameters["weights_sha256"].string_value;
     assert_eq!(sha.len(), 64);
+    let meta_sha = match &meta.kiln_parameters["weights_sha256"].parameter_choice {
+        Some(kiln::client::ParameterChoice::StringParam(s)) => s.clone(),
+        other => panic!("weights_sha256 in metadata: {other:?}"),
+    };
+    assert_eq!(&meta_sha, sha);
+    let weights =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/risk/1/model.safetensors")).expect("weights");
+    assert_eq!(sha, &kiln::model::sha256_hex(&weights), "the hash is of the weights file itself");
 
     // Every answer carries the version and the weights' hash.
     let r = c.infer_fp32("risk", "features", &[common::wdbc().0[0].clone()]).await.expect("infer");
@@ -197,5 +205,34 @@ async fn metrics_endpoint_exports_request_queue_and_batch_metrics() {
         "kiln_build_info",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_the_inference_and_health_services() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = TestServer::built_in().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses =
+        reflection.server_reflection_info(futures::stream::iter([request])).await.expect("reflection").into_inner();
+    let response = responses.message().await.expect("stream").expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {:?}", response.message_response)
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["inference.GRPCInferenceService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
 }

@@ -67,6 +67,10 @@ pub fn model_metadata(model: &ServedModel, spec: &ModelSpec) -> ModelMetadataRes
         platform: spec.platform.clone(),
         inputs: spec.inputs.iter().map(tensor_metadata).collect(),
         outputs: spec.outputs.iter().map(tensor_metadata).collect(),
+        kiln_parameters: HashMap::from([
+            ("model_version".to_string(), string_param(&spec.version.to_string())),
+            ("weights_sha256".to_string(), string_param(&spec.weights_sha256)),
+        ]),
     }
 }
 
