@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
+use std::time::Duration;
+
+use crate::api::deadline;
 use crate::api::inference::InferenceService;
 use crate::api::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::config::ServeConfig;
@@ -19,8 +22,6 @@ use crate::repository::{self, Repository, RepositoryError};
 pub enum ServeError {
     #[error("model repository: {0}")]
     Repository(#[from] RepositoryError),
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("loading models: {0}")]
@@ -80,33 +81,67 @@ pub async fn serve(
         }))
     });
 
-    // Nagle's algorithm with delayed ACKs stalls small responses by ~40 ms;
-    // the builder's tcp_nodelay does not reach a listener we bind ourselves.
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .add_service(inference)
-        .add_service(health_service)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming, signal);
-    // A long-lived stream (a health Watch) would hold graceful shutdown
-    // open forever; after the grace period the rest are closed.
-    let mut stopped = stop_rx.clone();
-    let grace = config.shutdown_grace;
-    let deadline = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-        tokio::time::sleep(grace).await;
-    };
-    let result = tokio::select! {
-        r = server => r,
-        _ = deadline => {
-            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
-            Ok(())
-        }
-    };
+    let routes = tonic::service::Routes::new(inference).add_service(health_service).add_service(reflection).prepare();
+    let service = tower::ServiceBuilder::new().map_request(deadline::take_grpc_timeout).service(routes);
+    accept_loop(grpc, service, signal, config.shutdown_grace).await;
     repo.mark_stopped();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
-    result?;
     Ok(())
+}
+
+/// Serves HTTP/2 connections until `signal` completes, then lets open calls
+/// finish for at most `grace` (a health Watch stream would otherwise hold
+/// shutdown open forever).
+///
+/// Kiln runs this loop itself rather than tonic's `Server` because tonic
+/// wraps every service in its own grpc-timeout enforcement, which answers
+/// CANCELLED; Kiln must own that deadline and answer DEADLINE_EXCEEDED.
+async fn accept_loop<S>(listener: TcpListener, service: S, signal: impl Future<Output = ()>, grace: Duration)
+where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                // Nagle's algorithm with delayed ACKs stalls small responses
+                // by ~40 ms.
+                let _ = stream.set_nodelay(true);
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let hyper_service = hyper_util::service::TowerToHyperService::new(service.clone());
+                let connection = graceful.watch(builder.serve_connection(io, hyper_service));
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
+        }
+    }
 }

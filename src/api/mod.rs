@@ -1,6 +1,7 @@
 //! The gRPC border: V2 inference service, health and reflection. Protocol
 //! types live here and in `client/`; everything behind works on Kiln's own.
 
+pub mod deadline;
 pub mod decode;
 pub mod encode;
 pub mod inference;
