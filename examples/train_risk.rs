@@ -183,7 +183,8 @@ fn model_toml(names: &[String], train_max: &[f32], accuracy: f64) -> String {
          MLP 30-{HIDDEN}-1, held-out accuracy {accuracy:.4}\"\n"
     ));
     out.push_str(
-        "device = \"auto\"\nmax_batch_size = 64\nmax_queue_delay_ms = 0.5\nmax_queue = 1024\ninstances = 1\n\n",
+        "device = \"auto\"\nmax_batch_size = 64\nmax_queue_delay_ms = 0.5\nmax_queue = 1024\ninstances = 1\n\
+latency_budget_ms = 10\ndefault_timeout_ms = 1000\n\n",
     );
     out.push_str("[mlp]\nactivation = \"relu\"\noutput_activation = \"sigmoid\"\n\n");
     out.push_str("[[inputs]]\nname = \"features\"\ndatatype = \"FP32\"\nshape = [-1, 30]\n");

@@ -2,6 +2,7 @@
 //! defaults in one place, and errors that name the file and the field.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::model::DataType;
@@ -35,10 +36,23 @@ pub enum RepositorySource {
     Dir(PathBuf),
 }
 
+/// A tenant's compute budget: a token bucket of compute-seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Compute-seconds per second the tenant may spend on average (0.5 =
+    /// half of one executor's time).
+    pub budget: f64,
+    /// Compute-seconds it may spend in a burst above the average.
+    pub burst: f64,
+}
+
 /// Everything `kiln::serve` needs to know, already validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub repository: RepositorySource,
+    /// Tenants with a compute budget; others are not limited.
+    pub tenants: BTreeMap<String, TenantConfig>,
     /// Upper bound on one request or response message, in bytes.
     pub max_message_bytes: usize,
     /// How long shutdown waits for open calls (queued requests, health
@@ -50,6 +64,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             repository: RepositorySource::BuiltIn,
+            tenants: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             shutdown_grace: std::time::Duration::from_secs(30),
         }
@@ -62,6 +77,9 @@ impl Default for ServeConfig {
 pub struct ServerFile {
     /// Overrides the default message size bound.
     pub max_message_bytes: Option<usize>,
+    /// `[tenants.NAME]` sections: `budget` and `burst` in compute-seconds.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
 }
 
 impl ServerFile {
@@ -72,6 +90,18 @@ impl ServerFile {
         let parsed: Self = toml::from_str(&text).map_err(|e| ConfigError::new(&file, e.to_string()))?;
         if parsed.max_message_bytes == Some(0) {
             return Err(ConfigError::new(file, "field `max_message_bytes`: must be at least 1"));
+        }
+        for (name, t) in &parsed.tenants {
+            for (field, value) in [("budget", t.budget), ("burst", t.burst)] {
+                if !(value.is_finite() && value > 0.0) {
+                    return Err(ConfigError::new(
+                        &file,
+                        format!(
+                            "field `tenants.{name}.{field}`: must be a positive number of compute-seconds, got {value}"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(parsed)
     }
@@ -158,6 +188,20 @@ pub struct ModelToml {
     /// Executor threads, each running batches on its own.
     #[serde(default = "defaults::instances")]
     pub instances: usize,
+    /// Target for queue + compute of each request (the p99 goal); the
+    /// batcher stops waiting for company when it would be missed.
+    #[serde(default = "defaults::latency_budget_ms")]
+    pub latency_budget_ms: f64,
+    /// Deadline of a request that sets none (nor a gRPC deadline).
+    #[serde(default = "defaults::default_timeout_ms")]
+    pub default_timeout_ms: f64,
+    /// Most estimated compute one request may cost, in microseconds.
+    pub max_cost_us: Option<u64>,
+    /// Priority levels; 1 is the highest, as in Triton.
+    #[serde(default = "defaults::priority_levels")]
+    pub priority_levels: u32,
+    /// Level of a request that sets none (or 0); default: the middle one.
+    pub default_priority: Option<u32>,
     pub inputs: Vec<TensorToml>,
     pub outputs: Vec<TensorToml>,
     #[serde(default)]
@@ -178,6 +222,15 @@ mod defaults {
         1024
     }
     pub fn instances() -> usize {
+        1
+    }
+    pub fn latency_budget_ms() -> f64 {
+        100.0
+    }
+    pub fn default_timeout_ms() -> f64 {
+        10_000.0
+    }
+    pub fn priority_levels() -> u32 {
         1
     }
 }
@@ -210,8 +263,29 @@ impl ModelToml {
         if self.instances == 0 {
             return Err("field `instances`: must be at least 1".into());
         }
-        if !(self.max_queue_delay_ms.is_finite() && self.max_queue_delay_ms >= 0.0) {
-            return Err("field `max_queue_delay_ms`: must be a non-negative number".into());
+        for (field, value) in [
+            ("max_queue_delay_ms", self.max_queue_delay_ms),
+            ("latency_budget_ms", self.latency_budget_ms),
+            ("default_timeout_ms", self.default_timeout_ms),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(format!("field `{field}`: must be a non-negative number of milliseconds, got {value}"));
+            }
+        }
+        if self.latency_budget_ms > self.default_timeout_ms {
+            return Err(format!(
+                "field `latency_budget_ms`: {} ms exceeds `default_timeout_ms` {} ms; a budget longer than the \
+                 deadline can never be used",
+                self.latency_budget_ms, self.default_timeout_ms
+            ));
+        }
+        if self.priority_levels == 0 {
+            return Err("field `priority_levels`: must be at least 1".into());
+        }
+        if let Some(p) = self.default_priority
+            && !(1..=self.priority_levels).contains(&p)
+        {
+            return Err(format!("field `default_priority`: {p} is not a level in 1..={}", self.priority_levels));
         }
         if self.inputs.is_empty() {
             return Err("field `inputs`: a model needs at least one input".into());
@@ -228,6 +302,11 @@ impl ModelToml {
             }
         }
         Ok(())
+    }
+
+    /// The level of a request that asks for none.
+    pub fn default_priority_level(&self) -> u32 {
+        self.default_priority.unwrap_or(self.priority_levels.div_ceil(2))
     }
 
     /// The device this model asks for.
@@ -326,6 +405,22 @@ shape = [-1, 1]
         let bad = GOOD.replace("shape = [-1, 2]", "shape = [-1, 3]");
         let err = ModelToml::parse("m.toml", &bad).unwrap_err();
         assert!(err.to_string().contains("`features`"), "{err}");
+    }
+
+    #[test]
+    fn budget_beyond_default_timeout_is_refused() {
+        let err = ModelToml::parse("m.toml", &format!("latency_budget_ms = 50\ndefault_timeout_ms = 20\n{GOOD}"))
+            .unwrap_err();
+        assert!(err.to_string().contains("field `latency_budget_ms`"), "{err}");
+    }
+
+    #[test]
+    fn default_priority_must_be_a_level() {
+        let err =
+            ModelToml::parse("m.toml", &format!("priority_levels = 2\ndefault_priority = 3\n{GOOD}")).unwrap_err();
+        assert!(err.to_string().contains("field `default_priority`"), "{err}");
+        let m = ModelToml::parse("m.toml", &format!("priority_levels = 3\n{GOOD}")).expect("valid");
+        assert_eq!(m.default_priority_level(), 2);
     }
 
     #[test]

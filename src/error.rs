@@ -15,10 +15,44 @@ pub enum InferError {
         "model '{model}' version {version}: queue full ({max_queue} requests waiting); retry later or add capacity"
     )]
     QueueFull { model: String, version: u64, max_queue: usize },
+    /// Refused at admission: even computed alone, right now, the request
+    /// would finish after its deadline.
+    #[error("{0}")]
+    DeadlineUnmeetable(String),
+    /// The deadline passed (or could no longer be met) before an answer.
+    #[error("{0}")]
+    Expired(String),
+    /// The estimated cost is over the request's or the model's cap.
+    #[error(
+        "model '{model}': estimated cost {estimate_us} µs exceeds the {source_of_cap} max_cost_us of {cap_us} µs; \
+         send fewer rows or raise the cap"
+    )]
+    CostCap { model: String, estimate_us: u64, cap_us: u64, source_of_cap: &'static str },
+    /// The tenant has spent its compute budget for now.
+    #[error(
+        "tenant '{tenant}' compute budget spent: this request needs about {needed_us} µs, {available_us} µs \
+         available; the budget refills at {rate} compute-seconds per second"
+    )]
+    TenantBudget { tenant: String, needed_us: u64, available_us: i64, rate: f64 },
     /// The server is shutting down or the model is not serving.
     #[error("{0}")]
     Unavailable(String),
     /// The model failed on the batch this request was in.
     #[error("model '{model}' version {version} failed on this batch: {reason}")]
     ModelFailed { model: String, version: u64, reason: String },
+}
+
+impl InferError {
+    /// The `reason` label of `kiln_rejected_total` for refusals counted
+    /// where the error is answered (expiry in the queue and cancellation are
+    /// counted by the scheduler, which sees them happen).
+    pub fn rejection_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::QueueFull { .. } => Some("queue_full"),
+            Self::CostCap { .. } => Some("cost_cap"),
+            Self::TenantBudget { .. } => Some("tenant_budget"),
+            Self::DeadlineUnmeetable(_) => Some("deadline"),
+            _ => None,
+        }
+    }
 }

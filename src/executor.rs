@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::batcher::latency::SharedLatency;
 use crate::batcher::scheduler::Message;
 use crate::batcher::{Batch, Pending};
 use crate::error::InferError;
@@ -17,8 +18,9 @@ use crate::request::{InferResponse, Timing};
 /// The executor threads of one model version, as the scheduler sees them.
 pub struct ExecutorPool {
     senders: Vec<std::sync::mpsc::Sender<Batch>>,
-    /// Instances with no batch.
-    pub idle: Vec<usize>,
+    /// Batches sent to each instance and not finished: 0 idle, 1 running,
+    /// 2 running with the next one staged behind it.
+    in_flight: Vec<u8>,
     spec: Arc<ModelSpec>,
 }
 
@@ -29,6 +31,7 @@ impl ExecutorPool {
         model: Arc<dyn Model>,
         spec: Arc<ModelSpec>,
         instances: usize,
+        latency: Arc<SharedLatency>,
         stats: Arc<VersionStats>,
         metrics: VersionMetrics,
         scheduler: std::sync::mpsc::Sender<Message>,
@@ -36,30 +39,63 @@ impl ExecutorPool {
         let mut senders = Vec::with_capacity(instances);
         for instance in 0..instances {
             let (tx, rx) = std::sync::mpsc::channel::<Batch>();
-            let worker =
-                Worker { model: model.clone(), spec: spec.clone(), stats: stats.clone(), metrics: metrics.clone() };
+            let worker = Worker {
+                model: model.clone(),
+                spec: spec.clone(),
+                latency: latency.clone(),
+                stats: stats.clone(),
+                metrics: metrics.clone(),
+            };
             let scheduler = scheduler.clone();
             std::thread::Builder::new().name(format!("kiln-exec-{}-{}-{instance}", spec.name, spec.version)).spawn(
                 move || {
                     for batch in rx {
                         worker.run(batch);
-                        if scheduler.send(Message::Free(instance)).is_err() {
-                            break;
-                        }
+                        // The scheduler is gone only at shutdown; keep
+                        // draining what was staged.
+                        let _ = scheduler.send(Message::Free(instance));
                     }
                 },
             )?;
             senders.push(tx);
         }
-        Ok(Self { senders, idle: (0..instances).rev().collect(), spec })
+        Ok(Self { senders, in_flight: vec![0; instances], spec })
     }
 
-    /// Hands a batch to an idle instance.
+    /// True when some instance has nothing to run.
+    pub fn has_idle(&self) -> bool {
+        self.in_flight.contains(&0)
+    }
+
+    /// True when some instance runs a batch with nothing staged behind it.
+    pub fn has_stage_slot(&self) -> bool {
+        self.in_flight.contains(&1)
+    }
+
+    pub fn idle_instance(&self) -> Option<usize> {
+        self.in_flight.iter().position(|n| *n == 0)
+    }
+
+    pub fn stage_instance(&self) -> Option<usize> {
+        self.in_flight.iter().position(|n| *n == 1)
+    }
+
+    /// Instance `i` finished a batch.
+    pub fn finished(&mut self, i: usize) {
+        if let Some(n) = self.in_flight.get_mut(i) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Hands a batch to an instance (to run now, or next if it is busy).
     pub fn dispatch(&mut self, instance: usize, batch: Batch) {
-        if let Err(std::sync::mpsc::SendError(batch)) = self.senders[instance].send(batch) {
+        match self.senders[instance].send(batch) {
+            Ok(()) => self.in_flight[instance] += 1,
             // The thread is gone (it never panics out of a batch, so this
             // means the process is going down): answer, do not drop.
-            fail_all(batch.requests, &self.spec, "executor thread stopped".into());
+            Err(std::sync::mpsc::SendError(batch)) => {
+                fail_all(batch.requests, &self.spec, "executor thread stopped".into())
+            }
         }
     }
 }
@@ -67,6 +103,7 @@ impl ExecutorPool {
 struct Worker {
     model: Arc<dyn Model>,
     spec: Arc<ModelSpec>,
+    latency: Arc<SharedLatency>,
     stats: Arc<VersionStats>,
     metrics: VersionMetrics,
 }
@@ -75,15 +112,17 @@ impl Worker {
     fn run(&self, batch: Batch) {
         let rows = batch.rows();
         let size = batch.requests.len();
+        // Queue time ends when the batch starts, staged or not.
+        let started = Instant::now();
         for p in &batch.requests {
-            let waited = batch.dispatched.saturating_duration_since(p.enqueued);
+            let waited = started.saturating_duration_since(p.enqueued);
             self.stats.queue.add(1, waited);
             self.metrics.queue_duration.record(waited.as_secs_f64());
         }
         self.metrics.batch_size.record(size as f64);
         self.metrics.batch_units.record(rows as f64);
+        self.metrics.batch_fill_ratio.record(rows as f64 / self.metrics.max_batch_units as f64);
 
-        let started = Instant::now();
         let inputs = match self.stack_inputs(&batch.requests) {
             Ok(inputs) => inputs,
             Err(reason) => return fail_all(batch.requests, &self.spec, reason),
@@ -93,6 +132,10 @@ impl Worker {
         let computed = Instant::now();
         let compute = computed - stacked;
         self.stats.record_batch(rows as u64, compute);
+        if matches!(outcome, Ok(Ok(_))) {
+            self.latency.observe(rows, size, compute);
+            self.metrics.publish_latency(&self.latency.estimate());
+        }
         self.metrics.compute_duration.record(compute.as_secs_f64());
 
         let outputs = match outcome {
@@ -114,9 +157,10 @@ impl Worker {
             let response = InferResponse {
                 outputs: p.request.outputs.iter().map(|&o| outputs[o].slice_rows(offset, p.request.rows)).collect(),
                 timing: Timing {
-                    queue_us: batch.dispatched.saturating_duration_since(p.enqueued).as_micros() as u64,
+                    queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
                     compute_us: compute.as_micros() as u64,
                     batch_size: size as u64,
+                    cost_us: (compute.as_micros() as u64 * p.request.rows as u64) / rows.max(1) as u64,
                 },
             };
             offset += p.request.rows;

@@ -5,6 +5,7 @@
 //! `executor` → `model`, with `monitor` beside. `serve` is the one entry
 //! point; the binary and the tests both call it.
 
+pub mod admission;
 pub mod api;
 pub mod batcher;
 pub mod client;

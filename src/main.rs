@@ -33,7 +33,9 @@ struct ServeArgs {
     /// it, the built-in repository (the `risk` model) is served.
     #[arg(long, env = "KILN_REPO")]
     repo: Option<PathBuf>,
-    /// Server config file (TOML): message bound now, tenants later.
+    /// Server config file (TOML): `max_message_bytes`, and `[tenants.NAME]`
+    /// sections with `budget` (compute-seconds per second) and `burst`
+    /// (compute-seconds) that cap what each tenant may spend.
     #[arg(long, env = "KILN_CONFIG")]
     config: Option<PathBuf>,
     /// gRPC listen address. Port 8001 as Triton, so its clients find it.
@@ -120,6 +122,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let config = ServeConfig {
         repository: args.repo.map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        tenants: file.tenants,
         ..ServeConfig::default()
     };
     let grpc =

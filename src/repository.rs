@@ -7,10 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::batcher::latency::SharedLatency;
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{BatcherHandle, BatcherSettings};
 use crate::config::{ConfigError, ModelToml, RepositorySource};
-use crate::model::{self, Model, ModelError, ModelSpec};
+use crate::model::{self, DataType, Model, ModelError, ModelSpec, Tensor, TensorData};
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
 
@@ -98,6 +99,46 @@ fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
 pub struct LoadedVersion {
     pub spec: Arc<ModelSpec>,
     pub model: Arc<dyn Model>,
+    /// Seeded by the warm-up, so the first requests are judged sensibly.
+    pub latency: Arc<SharedLatency>,
+}
+
+/// Rounds of warm-up at each of the two batch sizes.
+const WARM_UP_ROUNDS: usize = 3;
+
+/// Runs the model a few times at one row and at a full batch, so that the
+/// first requests find warm caches and the latency model has a slope.
+fn warm_up(model: &dyn Model, spec: &ModelSpec, max_units: usize) -> Result<SharedLatency, ModelError> {
+    let latency = SharedLatency::default();
+    let sample = |rows: usize| -> Vec<Tensor> {
+        spec.inputs
+            .iter()
+            .map(|input| {
+                let count = rows * input.row_len();
+                let data = match input.datatype {
+                    DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
+                    DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
+                    DataType::Int32 => TensorData::Int32(vec![0; count]),
+                    DataType::Int64 => TensorData::Int64(vec![0; count]),
+                    DataType::Bytes => TensorData::Bytes(vec![b"warm up".to_vec(); count]),
+                };
+                let mut shape = vec![rows];
+                shape.extend(input.shape[1..].iter().map(|d| *d as usize));
+                Tensor { shape, data }
+            })
+            .collect()
+    };
+    // The very first run pays one-off costs (allocation, page faults).
+    model.run(&sample(1))?;
+    for _ in 0..WARM_UP_ROUNDS {
+        for rows in [1, max_units] {
+            let inputs = sample(rows);
+            let started = std::time::Instant::now();
+            model.run(&inputs)?;
+            latency.observe(rows, 1, started.elapsed());
+        }
+    }
+    Ok(latency)
 }
 
 /// A model with its config and loaded versions, not yet serving.
@@ -130,8 +171,22 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
     for (number, path, weights) in &files.versions {
         let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, weights)
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
-        tracing::info!(model = %files.name, version = number, device = %spec.device, sha256 = %spec.weights_sha256, "loaded");
-        versions.insert(*number, LoadedVersion { spec: Arc::new(spec), model: Arc::from(model) });
+        let latency = warm_up(model.as_ref(), &spec, config.max_batch_size)
+            .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
+        let estimate = latency.estimate();
+        tracing::info!(
+            model = %files.name,
+            version = number,
+            device = %spec.device,
+            sha256 = %spec.weights_sha256,
+            fixed_us = estimate.fixed_s * 1e6,
+            per_unit_us = estimate.per_unit_s * 1e6,
+            "loaded and warmed up"
+        );
+        versions.insert(
+            *number,
+            LoadedVersion { spec: Arc::new(spec), model: Arc::from(model), latency: Arc::new(latency) },
+        );
     }
     let highest = *versions.keys().next_back().expect("checked non-empty above");
     let default_version = match config.default_version {
@@ -154,6 +209,7 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
 /// A model version that is serving: its spec, queue and counters.
 pub struct ServedVersion {
     pub spec: Arc<ModelSpec>,
+    pub latency: Arc<SharedLatency>,
     pub config: Arc<ModelToml>,
     pub batcher: BatcherHandle,
     pub stats: Arc<VersionStats>,
@@ -181,23 +237,39 @@ impl Repository {
             let config = Arc::new(m.config);
             let settings = BatcherSettings {
                 policy: BatchPolicy {
-                    max_batch_size: config.max_batch_size,
+                    max_batch_units: config.max_batch_size,
                     max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1000.0),
+                    latency_budget: Duration::from_secs_f64(config.latency_budget_ms / 1000.0),
                 },
                 max_queue: config.max_queue,
                 instances: config.instances,
+                priority_levels: config.priority_levels,
             };
             let mut versions = BTreeMap::new();
             for (number, v) in m.versions {
                 let stats = Arc::new(VersionStats::default());
-                let metrics = VersionMetrics::new(&m.name, number);
-                let batcher =
-                    crate::batcher::scheduler::spawn(v.model, v.spec.clone(), settings, stats.clone(), metrics.clone())
-                        .map_err(|source| RepositoryError::Io { path: format!("{}/{number}", m.name), source })?;
+                let metrics = VersionMetrics::new(&m.name, number, config.priority_levels, config.max_batch_size);
+                metrics.publish_latency(&v.latency.estimate());
+                let batcher = crate::batcher::scheduler::spawn(
+                    v.model,
+                    v.spec.clone(),
+                    settings,
+                    v.latency.clone(),
+                    stats.clone(),
+                    metrics.clone(),
+                )
+                .map_err(|source| RepositoryError::Io { path: format!("{}/{number}", m.name), source })?;
                 metrics.ready.set(1.0);
                 versions.insert(
                     number,
-                    Arc::new(ServedVersion { spec: v.spec, config: config.clone(), batcher, stats, metrics }),
+                    Arc::new(ServedVersion {
+                        spec: v.spec,
+                        latency: v.latency,
+                        config: config.clone(),
+                        batcher,
+                        stats,
+                        metrics,
+                    }),
                 );
             }
             models.insert(

@@ -18,6 +18,10 @@ pub struct InferRequest {
     pub outputs: Vec<usize>,
     /// When the server received it; the start of its latency.
     pub received: Instant,
+    /// Its priority level, 1 the highest (set at admission).
+    pub priority: u32,
+    /// When its answer is due at the latest (set at admission).
+    pub deadline: Instant,
 }
 
 /// Where a request's time went, returned as response parameters.
@@ -29,6 +33,9 @@ pub struct Timing {
     pub compute_us: u64,
     /// Requests in the batch that computed this answer.
     pub batch_size: u64,
+    /// This request's share of the batch's compute time (its units over the
+    /// batch's units).
+    pub cost_us: u64,
 }
 
 /// A computed answer: the requested outputs, in the requested order.

@@ -55,7 +55,8 @@ pub async fn serve(
         .build_v1()?;
 
     let ready = Arc::new(AtomicBool::new(true));
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), ready.clone()))
+    let admission = Arc::new(crate::admission::Admission::new(&config.tenants));
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), admission, ready.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 

@@ -64,15 +64,16 @@ pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<KilnParams
     Ok(out)
 }
 
-/// Validates `req` against `spec` and builds the typed request.
+/// Validates `req` against `spec` and builds the typed request (priority
+/// and deadline are set by admission) with Kiln's parameters.
 pub fn decode(
     req: &ModelInferRequest,
     spec: &ModelSpec,
     max_rows: usize,
     received: Instant,
-) -> Result<InferRequest, InferError> {
+) -> Result<(InferRequest, KilnParams), InferError> {
     let model = &spec.name;
-    params(&req.parameters)?;
+    let kiln_params = params(&req.parameters)?;
     let raw = !req.raw_input_contents.is_empty();
     if raw && req.raw_input_contents.len() != req.inputs.len() {
         return Err(invalid(format!(
@@ -134,7 +135,16 @@ pub fn decode(
         })?);
     }
     let outputs = requested_outputs(req, spec)?;
-    Ok(InferRequest { id: req.id.clone(), rows: rows.map(|(r, _)| r).unwrap_or(0), inputs, outputs, received })
+    let request = InferRequest {
+        id: req.id.clone(),
+        rows: rows.map(|(r, _)| r).unwrap_or(0),
+        inputs,
+        outputs,
+        received,
+        priority: 0,
+        deadline: received,
+    };
+    Ok((request, kiln_params))
 }
 
 fn check_shape(
@@ -374,8 +384,8 @@ mod tests {
         let mut raw = typed.clone();
         raw.inputs[0].contents = None;
         raw.raw_input_contents = vec![[1f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect()];
-        let a = decode(&typed, &spec(), 8, Instant::now()).expect("valid");
-        let b = decode(&raw, &spec(), 8, Instant::now()).expect("valid");
+        let (a, _) = decode(&typed, &spec(), 8, Instant::now()).expect("valid");
+        let (b, _) = decode(&raw, &spec(), 8, Instant::now()).expect("valid");
         assert_eq!(a.inputs, b.inputs);
         assert_eq!(a.rows, 2);
     }

@@ -28,6 +28,7 @@ pub fn infer_response(id: String, spec: &ModelSpec, outputs: &[usize], response:
         ("queue_us".to_string(), int_param(t.queue_us)),
         ("compute_us".to_string(), int_param(t.compute_us)),
         ("batch_size".to_string(), int_param(t.batch_size)),
+        ("cost_us".to_string(), int_param(t.cost_us)),
         ("model_version".to_string(), string_param(&spec.version.to_string())),
         ("weights_sha256".to_string(), string_param(&spec.weights_sha256)),
     ]);
@@ -95,6 +96,10 @@ pub fn model_config(spec: &ModelSpec, config: &ModelToml) -> ModelConfig {
     put("weights_sha256".into(), spec.weights_sha256.clone());
     put("device".into(), spec.device.clone());
     put("description".into(), spec.description.clone());
+    put("latency_budget_ms".into(), config.latency_budget_ms.to_string());
+    if let Some(cap) = config.max_cost_us {
+        put("max_cost_us".into(), cap.to_string());
+    }
     for input in spec.inputs.iter().filter(|i| !i.features.is_empty()) {
         let names: Vec<&str> = input.features.iter().map(|f| f.name.as_str()).collect();
         let ranges: Vec<Option<[f64; 2]>> = input.features.iter().map(|f| f.valid_range.map(|(l, h)| [l, h])).collect();
@@ -136,8 +141,12 @@ pub fn model_config(spec: &ModelSpec, config: &ModelToml) -> ModelConfig {
             .collect(),
         scheduling_choice: Some(pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
             max_queue_delay_microseconds: (config.max_queue_delay_ms * 1000.0).round() as u64,
+            priority_levels: config.priority_levels as u64,
+            default_priority_level: config.default_priority_level() as u64,
             default_queue_policy: Some(pb::ModelQueuePolicy {
                 max_queue_size: config.max_queue.min(u32::MAX as usize) as u32,
+                default_timeout_microseconds: (config.default_timeout_ms * 1000.0).round() as u64,
+                allow_timeout_override: true,
                 ..Default::default()
             }),
             ..Default::default()

@@ -8,43 +8,101 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use super::deadline::GrpcDeadline;
 use super::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use super::{decode, encode, status};
+use crate::admission::{Admission, VersionLimits};
 use crate::error::InferError;
 use crate::monitor::stats::{DurationStat, VersionStats};
 use crate::repository::{Repository, ServedVersion};
 use crate::router;
 
+/// Metadata naming the tenant when the request parameter does not.
+const TENANT_HEADER: &str = "x-kiln-tenant";
+
 /// Shared state of the inference service.
 pub struct InferenceService {
     repo: Arc<Repository>,
+    admission: Arc<Admission>,
     ready: Arc<AtomicBool>,
+}
+
+/// Where the call came from, beyond its message.
+struct CallContext {
+    received: Instant,
+    grpc_deadline: Option<GrpcDeadline>,
+    tenant: Option<String>,
 }
 
 impl InferenceService {
     /// `ready` turns false when shutdown starts, so health checks see it
     /// before the listener closes.
-    pub fn new(repo: Arc<Repository>, ready: Arc<AtomicBool>) -> Self {
-        Self { repo, ready }
+    pub fn new(repo: Arc<Repository>, admission: Arc<Admission>, ready: Arc<AtomicBool>) -> Self {
+        Self { repo, admission, ready }
     }
 
     fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
         router::route(&self.repo, name, version).map_err(|e| status::to_status(&e))
     }
 
+    /// Decode, admit, queue, wait (bounded by the deadline), answer. The
+    /// tenant's budget is settled whatever happens.
     async fn infer(
         &self,
         req: &pb::ModelInferRequest,
         version: &ServedVersion,
-        received: Instant,
+        call: &CallContext,
     ) -> Result<pb::ModelInferResponse, InferError> {
-        let request = decode::decode(req, &version.spec, version.config.max_batch_size, received)?;
+        let grpc_deadline = match call.grpc_deadline {
+            None => None,
+            Some(GrpcDeadline::At(at)) => Some(at),
+            Some(GrpcDeadline::Invalid) => {
+                return Err(InferError::InvalidArgument("metadata 'grpc-timeout': not a valid gRPC timeout".into()));
+            }
+        };
+        let (mut request, params) = decode::decode(req, &version.spec, version.config.max_batch_size, call.received)?;
+        let tenant = params.tenant.clone().or_else(|| call.tenant.clone());
+        let limits =
+            VersionLimits { model: &version.spec.name, config: &version.config, estimate: version.latency.estimate() };
+        let admitted = self.admission.admit(&limits, &mut request, &params, grpc_deadline, tenant.as_deref())?;
         let outputs = request.outputs.clone();
-        let answer = version.batcher.submit(request)?;
-        let response = answer.await.map_err(|_| {
-            InferError::Unavailable(format!("model '{}' stopped before answering", version.spec.name))
-        })??;
-        Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response))
+        let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&admitted, Some(0)))?;
+        let deadline = admitted.deadline;
+        let answer = tokio::time::timeout_at(deadline.into(), ticket.answer()).await;
+        let expired = || {
+            InferError::Expired(format!(
+                "model '{}' version {}: deadline exceeded after {} µs, before the answer was ready",
+                version.spec.name,
+                version.spec.version,
+                call.received.elapsed().as_micros()
+            ))
+        };
+        match answer {
+            Ok(Ok(response)) => {
+                let cost_us = response.timing.cost_us;
+                self.admission.settle(&admitted, Some(cost_us));
+                version.metrics.add_cost(admitted.tenant_label(), cost_us as f64 / 1e6);
+                // Never answer OK after the deadline, even by a hair.
+                if Instant::now() > deadline {
+                    version.metrics.rejected("deadline").increment(1);
+                    return Err(expired());
+                }
+                Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response))
+            }
+            Err(_elapsed) => {
+                // It may be computing now; the estimate stands as its cost.
+                self.admission.settle(&admitted, None);
+                version.metrics.rejected("deadline").increment(1);
+                Err(expired())
+            }
+            Ok(Err(e)) => {
+                // Expired in the queue or refused at shutdown: never
+                // computed, nothing to charge. A model failure did compute.
+                let computed = matches!(e, InferError::ModelFailed { .. });
+                self.admission.settle(&admitted, if computed { None } else { Some(0) });
+                Err(e)
+            }
+        }
     }
 }
 
@@ -189,15 +247,19 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let received = Instant::now();
+        let call = CallContext {
+            received: Instant::now(),
+            grpc_deadline: request.extensions().get::<GrpcDeadline>().copied(),
+            tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
+        };
         let req = request.into_inner();
         let version = match router::route(&self.repo, &req.model_name, &req.model_version) {
             Ok(v) => v,
             // Unknown names are not metric labels: a client could grow the set.
             Err(e) => return Err(status::to_status(&e)),
         };
-        let result = self.infer(&req, &version, received).await;
-        let elapsed = received.elapsed();
+        let result = self.infer(&req, &version, &call).await;
+        let elapsed = call.received.elapsed();
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(e) => status::code(e),
@@ -211,8 +273,8 @@ impl GrpcInferenceService for InferenceService {
             }
             Err(e) => {
                 version.stats.fail.add(1, elapsed);
-                if let InferError::QueueFull { .. } = e {
-                    version.metrics.rejected("queue_full").increment(1);
+                if let Some(reason) = e.rejection_reason() {
+                    version.metrics.rejected(reason).increment(1);
                 }
                 Err(status::to_status(&e))
             }

@@ -14,7 +14,10 @@ pub fn code(err: &InferError) -> Code {
     match err {
         InferError::NotFound(_) => Code::NotFound,
         InferError::InvalidArgument(_) => Code::InvalidArgument,
-        InferError::QueueFull { .. } => Code::ResourceExhausted,
+        InferError::QueueFull { .. } | InferError::CostCap { .. } | InferError::TenantBudget { .. } => {
+            Code::ResourceExhausted
+        }
+        InferError::DeadlineUnmeetable(_) | InferError::Expired(_) => Code::DeadlineExceeded,
         InferError::Unavailable(_) => Code::Unavailable,
         InferError::ModelFailed { .. } => Code::Internal,
     }

@@ -1,6 +1,7 @@
 //! Dynamic batching: a bounded queue per model version, a pure dispatch
 //! policy, and the scheduler task that owns the queue and feeds executors.
 
+pub mod latency;
 pub mod policy;
 pub mod queue;
 pub mod scheduler;

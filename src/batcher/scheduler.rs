@@ -1,12 +1,12 @@
 //! The scheduler: sole owner of one model version's queue, on its own OS
-//! thread. Requests and "executor free" notices arrive on one channel;
-//! batches leave for idle executors when the policy says so.
+//! thread. Requests, cancellations and "executor free" notices arrive on one
+//! channel; the policy decides what expires and what leaves as a batch.
 //!
-//! A thread rather than a tokio task because batching delays are often
-//! below a millisecond and tokio's timer rounds sleeps up to whole
-//! milliseconds; `recv_timeout` waits on a futex with microsecond accuracy.
+//! A thread rather than a tokio task because batching delays and expiry
+//! times are often below a millisecond and tokio's timer rounds sleeps up to
+//! whole milliseconds; `recv_timeout` waits on a futex with microsecond
+//! accuracy.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::policy::{BatchPolicy, Decision};
-use super::queue::{Batch, Pending};
+use super::latency::SharedLatency;
+use super::policy::{Action, BatchPolicy, DispatchReason};
+use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::InferError;
 use crate::executor::ExecutorPool;
 use crate::model::{Model, ModelSpec};
@@ -31,14 +32,18 @@ pub struct BatcherSettings {
     pub max_queue: usize,
     /// Executor threads.
     pub instances: usize,
+    /// Priority levels (1 is the highest).
+    pub priority_levels: u32,
 }
 
 /// What the scheduler thread hears.
 pub(crate) enum Message {
     /// A newly admitted request.
     Submit(Pending),
-    /// Executor instance `n` finished its batch.
+    /// Executor instance `n` finished a batch.
     Free(usize),
+    /// A caller went away: drop its request if it is still queued.
+    Sweep,
     /// Every handle is gone: answer what is queued, then stop.
     Close,
 }
@@ -64,14 +69,38 @@ impl Drop for HandleInner {
     }
 }
 
+/// Where an admitted request's answer arrives. Dropping it before the
+/// answer (the client cancelled) tells the scheduler to drop the request.
+pub struct Ticket {
+    answer: oneshot::Receiver<Result<InferResponse, InferError>>,
+    sweep: mpsc::Sender<Message>,
+    answered: bool,
+}
+
+impl Ticket {
+    /// Waits for the answer.
+    pub async fn answer(&mut self) -> Result<InferResponse, InferError> {
+        let result = (&mut self.answer)
+            .await
+            .unwrap_or_else(|_| Err(InferError::Unavailable("the model stopped before answering".into())));
+        self.answered = true;
+        result
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.sweep.send(Message::Sweep);
+        }
+    }
+}
+
 impl BatcherHandle {
     /// Queues a request and returns where its answer will arrive. A full
     /// queue refuses at once: the channel is unbounded but `depth` bounds
     /// what is admitted, so memory stays bounded.
-    pub fn submit(
-        &self,
-        request: InferRequest,
-    ) -> Result<oneshot::Receiver<Result<InferResponse, InferError>>, InferError> {
+    pub fn submit(&self, request: InferRequest) -> Result<Ticket, InferError> {
         let inner = &self.inner;
         let admitted =
             inner.depth.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < inner.max_queue).then_some(d + 1));
@@ -91,7 +120,7 @@ impl BatcherHandle {
                 inner.model, inner.version
             ))));
         }
-        Ok(answer)
+        Ok(Ticket { answer, sweep: inner.submit.clone(), answered: false })
     }
 
     /// Requests admitted and not yet dispatched.
@@ -105,15 +134,31 @@ pub fn spawn(
     model: Arc<dyn Model>,
     spec: Arc<ModelSpec>,
     settings: BatcherSettings,
+    latency: Arc<SharedLatency>,
     stats: Arc<VersionStats>,
     metrics: VersionMetrics,
 ) -> std::io::Result<BatcherHandle> {
     let (submit, messages) = mpsc::channel();
-    let executors =
-        ExecutorPool::start(model, spec.clone(), settings.instances, stats, metrics.clone(), submit.clone())?;
+    let executors = ExecutorPool::start(
+        model,
+        spec.clone(),
+        settings.instances,
+        latency.clone(),
+        stats,
+        metrics.clone(),
+        submit.clone(),
+    )?;
     let depth = Arc::new(AtomicUsize::new(0));
-    let scheduler =
-        Scheduler { queue: VecDeque::new(), depth: depth.clone(), policy: settings.policy, executors, metrics };
+    let scheduler = Scheduler {
+        queue: ServiceQueue::new(settings.priority_levels),
+        depth: depth.clone(),
+        policy: settings.policy,
+        latency,
+        executors,
+        metrics,
+        spec: spec.clone(),
+        next_expiry: None,
+    };
     std::thread::Builder::new()
         .name(format!("kiln-sched-{}-{}", spec.name, spec.version))
         .spawn(move || scheduler.run(messages))?;
@@ -129,18 +174,22 @@ pub fn spawn(
 }
 
 struct Scheduler {
-    queue: VecDeque<Pending>,
+    queue: ServiceQueue,
     depth: Arc<AtomicUsize>,
     policy: BatchPolicy,
+    latency: Arc<SharedLatency>,
     executors: ExecutorPool,
     metrics: VersionMetrics,
+    spec: Arc<ModelSpec>,
+    /// The earliest instant a queued request may need expiring.
+    next_expiry: Option<Instant>,
 }
 
 impl Scheduler {
     fn run(mut self, messages: mpsc::Receiver<Message>) {
         let mut draining = false;
         loop {
-            let wake = self.dispatch_ready(draining);
+            let wake = self.step(draining);
             if draining && self.queue.is_empty() {
                 break;
             }
@@ -149,8 +198,15 @@ impl Scheduler {
                 None => messages.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match message {
-                Ok(Message::Submit(p)) => self.queue.push_back(p),
-                Ok(Message::Free(i)) => self.executors.idle.push(i),
+                Ok(Message::Submit(p)) => {
+                    // Its own expiry may come before anything queued.
+                    let alone = self.latency.estimate().predict(p.request.rows);
+                    let last_start = p.request.deadline.checked_sub(alone).unwrap_or(p.enqueued);
+                    self.next_expiry = Some(self.next_expiry.map_or(last_start, |n| n.min(last_start)));
+                    self.queue.push(p);
+                }
+                Ok(Message::Free(i)) => self.executors.finished(i),
+                Ok(Message::Sweep) => self.drop_abandoned(),
                 Ok(Message::Close) => draining = true,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -158,45 +214,97 @@ impl Scheduler {
         }
         // Only reachable with requests left if every sender vanished; they
         // are answered, never dropped silently.
-        for pending in self.queue.drain(..) {
+        for pending in self.queue.take_all() {
             let _ = pending.reply.send(Err(InferError::Unavailable("model is shutting down".into())));
         }
         self.depth.store(0, Ordering::Release);
-        self.metrics.queue_depth.set(0.0);
+        self.publish_depth();
     }
 
-    /// Dispatches batches while an executor is idle and the policy allows;
-    /// returns when to look again if the policy asked to wait.
-    fn dispatch_ready(&mut self, draining: bool) -> Option<Instant> {
+    /// Expires what can no longer be met and dispatches what the policy
+    /// allows; returns when to look again.
+    fn step(&mut self, draining: bool) -> Option<Instant> {
         loop {
-            self.drop_abandoned();
-            self.metrics.queue_depth.set(self.queue.len() as f64);
-            if self.executors.idle.is_empty() {
-                return None;
-            }
             let now = Instant::now();
-            let oldest = self.queue.front().map(|p| p.enqueued);
-            match self.policy.decide(self.queue.len(), oldest, now, draining) {
-                Decision::Idle => return None,
-                Decision::WaitUntil(at) => return Some(at),
-                Decision::Dispatch(count) => {
-                    let requests: Vec<Pending> = self.queue.drain(..count).collect();
-                    self.depth.fetch_sub(count, Ordering::AcqRel);
-                    let instance = self.executors.idle.pop().expect("checked non-empty above");
-                    self.executors.dispatch(instance, Batch { requests, dispatched: now });
+            let can_run = self.executors.has_idle();
+            let can_stage = self.executors.has_stage_slot();
+            let expiry_due = self.next_expiry.is_some_and(|at| now >= at);
+            if !(can_run || can_stage || expiry_due || draining) {
+                // Every executor is busy with a batch staged behind it: only
+                // expiry can change anything before the next message.
+                self.publish_depth();
+                return self.next_expiry;
+            }
+            let estimate = self.latency.estimate();
+            let (keys, views) = self.queue.views();
+            let plan = self.policy.plan(&views, now, &estimate, draining);
+            for &i in &plan.expired {
+                if let Some(p) = self.queue.take(&keys[i]) {
+                    self.expire(p, &estimate, now);
                 }
             }
+            self.next_expiry = plan.next_expiry;
+            let (members, reason) = match plan.action {
+                Action::Dispatch { members, reason } => (members, reason),
+                Action::WaitUntil(at) if can_run => {
+                    self.publish_depth();
+                    return Some(self.next_expiry.map_or(at, |e| e.min(at)));
+                }
+                _ => {
+                    self.publish_depth();
+                    return self.next_expiry;
+                }
+            };
+            // A full batch may be staged behind a running one, so the
+            // executor starts it the moment it is free; anything else waits
+            // for an idle executor, since more requests may still join.
+            let instance = if can_run {
+                self.executors.idle_instance()
+            } else if can_stage && matches!(reason, DispatchReason::Full | DispatchReason::Draining) {
+                self.executors.stage_instance()
+            } else {
+                None
+            };
+            let Some(instance) = instance else {
+                self.publish_depth();
+                return self.next_expiry;
+            };
+            let requests: Vec<Pending> = members.iter().filter_map(|&i| self.queue.take(&keys[i])).collect();
+            self.depth.fetch_sub(requests.len(), Ordering::AcqRel);
+            self.executors.dispatch(instance, Batch { requests });
         }
+    }
+
+    fn expire(&mut self, pending: Pending, estimate: &super::latency::LatencyEstimate, now: Instant) {
+        self.depth.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.rejected("expired_in_queue").increment(1);
+        let waited = now.saturating_duration_since(pending.enqueued);
+        let left = pending.request.deadline.saturating_duration_since(now);
+        let _ = pending.reply.send(Err(InferError::Expired(format!(
+            "model '{}' version {}: deadline exceeded while queued: waited {} µs, {} µs left, computing it \
+             takes about {} µs; it was never computed",
+            self.spec.name,
+            self.spec.version,
+            waited.as_micros(),
+            left.as_micros(),
+            estimate.predict(pending.request.rows).as_micros()
+        ))));
     }
 
     /// Removes requests whose caller has gone, counting each.
     fn drop_abandoned(&mut self) {
-        let before = self.queue.len();
-        self.queue.retain(|p| !p.is_abandoned());
-        let dropped = before - self.queue.len();
+        let dropped = self.queue.take_abandoned().len();
         if dropped > 0 {
             self.depth.fetch_sub(dropped, Ordering::AcqRel);
             self.metrics.rejected("cancelled").increment(dropped as u64);
+        }
+    }
+
+    fn publish_depth(&self) {
+        for (level, depth) in self.queue.depth_by_priority().iter().enumerate() {
+            if let Some(g) = self.metrics.queue_depth.get(level) {
+                g.set(*depth as f64);
+            }
         }
     }
 }
@@ -258,12 +366,15 @@ mod tests {
     }
 
     fn request(x: f32) -> InferRequest {
+        let now = Instant::now();
         InferRequest {
             id: String::new(),
             inputs: vec![Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![x]) }],
             rows: 1,
             outputs: vec![0],
-            received: Instant::now(),
+            received: now,
+            priority: 1,
+            deadline: now + Duration::from_secs(60),
         }
     }
 
@@ -275,13 +386,22 @@ mod tests {
         let model =
             Arc::new(GatedDoubler { gate: Mutex::new(gate), batches: AtomicUsize::new(0), rows: AtomicUsize::new(0) });
         let settings = BatcherSettings {
-            policy: BatchPolicy { max_batch_size, max_queue_delay: Duration::ZERO },
+            policy: BatchPolicy {
+                max_batch_units: max_batch_size,
+                max_queue_delay: Duration::ZERO,
+                latency_budget: Duration::from_secs(1),
+            },
             max_queue,
             instances: 1,
+            priority_levels: 1,
         };
-        let handle =
-            spawn(model.clone(), spec(), settings, Arc::default(), VersionMetrics::new("double", 1)).expect("spawn");
+        let metrics = VersionMetrics::new("double", 1, 1, max_batch_size);
+        let handle = spawn(model.clone(), spec(), settings, Arc::default(), Arc::default(), metrics).expect("spawn");
         (handle, model, open)
+    }
+
+    async fn value_of(mut ticket: Ticket) -> f32 {
+        value(ticket.answer().await)
     }
 
     fn value(answer: Result<InferResponse, InferError>) -> f32 {
@@ -314,9 +434,9 @@ mod tests {
         for _ in 0..2 {
             open.send(()).expect("gate");
         }
-        assert_eq!(value(first.await.expect("answered")), 2.0);
+        assert_eq!(value_of(first).await, 2.0);
         for (i, answer) in queued.into_iter().enumerate() {
-            assert_eq!(value(answer.await.expect("answered")), 2.0 * i as f32);
+            assert_eq!(value_of(answer).await, 2.0 * i as f32);
         }
         // The three queued requests ran as one batch.
         assert_eq!(model.batches.load(Ordering::SeqCst), 2);
@@ -325,19 +445,19 @@ mod tests {
     #[tokio::test]
     async fn model_error_and_panic_fail_only_their_batch() {
         let (handle, _model, open) = start(1, 8);
-        let bad = handle.submit(request(-1.0)).expect("admitted");
-        let panicking = handle.submit(request(f32::NAN)).expect("admitted");
+        let mut bad = handle.submit(request(-1.0)).expect("admitted");
+        let mut panicking = handle.submit(request(f32::NAN)).expect("admitted");
         let good = handle.submit(request(3.0)).expect("admitted");
         for _ in 0..3 {
             open.send(()).expect("gate");
         }
         assert!(
-            matches!(bad.await.expect("answered"), Err(InferError::ModelFailed { reason, .. }) if reason.contains("negative"))
+            matches!(bad.answer().await, Err(InferError::ModelFailed { reason, .. }) if reason.contains("negative"))
         );
         assert!(
-            matches!(panicking.await.expect("answered"), Err(InferError::ModelFailed { reason, .. }) if reason.contains("panicked"))
+            matches!(panicking.answer().await, Err(InferError::ModelFailed { reason, .. }) if reason.contains("panicked"))
         );
-        assert_eq!(value(good.await.expect("answered")), 6.0);
+        assert_eq!(value_of(good).await, 6.0);
     }
 
     #[tokio::test]
@@ -350,8 +470,8 @@ mod tests {
         drop(cancelled); // the caller went away while queued
         open.send(()).expect("gate");
         open.send(()).expect("gate");
-        first.await.expect("answered").expect("ok");
-        assert_eq!(value(kept.await.expect("answered")), 4.0);
+        value_of(first).await;
+        assert_eq!(value_of(kept).await, 4.0);
         assert_eq!(model.rows.load(Ordering::SeqCst), 2, "the cancelled row reached the model");
     }
 
@@ -364,7 +484,7 @@ mod tests {
             let _ = open.send(());
         }
         for (i, answer) in answers.into_iter().enumerate() {
-            assert_eq!(value(answer.await.expect("answered")), 2.0 * i as f32);
+            assert_eq!(value_of(answer).await, 2.0 * i as f32);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Metric names, their documentation and buckets, the per-version handles
 //! the hot path uses, and the `/metrics` HTTP endpoint.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Unit};
@@ -25,6 +26,12 @@ pub const BATCH_UNITS: &str = "kiln_batch_units";
 pub const QUEUE_DEPTH: &str = "kiln_queue_depth";
 /// Requests refused or dropped, by reason (`queue_full`, `cancelled`, ...).
 pub const REJECTED_TOTAL: &str = "kiln_rejected_total";
+/// Rows over the batch limit, per batch: how full batches run.
+pub const BATCH_FILL_RATIO: &str = "kiln_batch_fill_ratio";
+/// The latency model's terms, by `term` (`fixed`, `per_unit`).
+pub const LATENCY_MODEL: &str = "kiln_latency_model_seconds";
+/// Compute-seconds spent, by tenant (configured tenants, else `other`).
+pub const COST_TOTAL: &str = "kiln_cost_seconds_total";
 /// 1 while a version is loaded and serving.
 pub const MODEL_READY: &str = "kiln_model_ready";
 /// Always 1; its `version` label is Kiln's version.
@@ -34,6 +41,11 @@ pub const BUILD_INFO: &str = "kiln_build_info";
 /// microseconds (the risk model) to seconds (large text batches).
 fn duration_buckets() -> Vec<f64> {
     (0..=24).map(|i| 10e-6 * 1.8f64.powi(i)).collect()
+}
+
+/// Tenths, for ratios in [0, 1].
+fn ratio_buckets() -> Vec<f64> {
+    (1..=10).map(|i| i as f64 / 10.0).collect()
 }
 
 /// Powers of two up to 4096, for counts of requests and rows.
@@ -53,6 +65,7 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &duration_buckets())
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &size_buckets()))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_UNITS.into()), &size_buckets()))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_FILL_RATIO.into()), &ratio_buckets()))
                 .expect("bucket lists are non-empty constants");
             let handle = builder.install_recorder().expect("the recorder is installed once, guarded by OnceLock");
             describe();
@@ -72,6 +85,8 @@ fn describe() {
     describe_histogram!(BATCH_UNITS, "Rows per formed batch.");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting in the queue.");
     describe_counter!(REJECTED_TOTAL, "Requests refused or dropped before compute, by reason.");
+    describe_histogram!(BATCH_FILL_RATIO, "Rows per batch over the batch limit.");
+    describe_gauge!(LATENCY_MODEL, Unit::Seconds, "The latency model t = fixed + per_unit * units, by term.");
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
     describe_gauge!(BUILD_INFO, "Kiln build information.");
 }
@@ -87,20 +102,34 @@ pub struct VersionMetrics {
     pub compute_duration: Histogram,
     pub batch_size: Histogram,
     pub batch_units: Histogram,
-    pub queue_depth: Gauge,
+    pub batch_fill_ratio: Histogram,
+    /// One gauge per priority level (index 0 = level 1).
+    pub queue_depth: Vec<Gauge>,
     pub ready: Gauge,
+    latency_fixed: Gauge,
+    latency_per_unit: Gauge,
+    /// The batch limit the fill ratio is measured against.
+    pub max_batch_units: usize,
 }
 
 impl VersionMetrics {
-    pub fn new(model: &str, version: u64) -> Self {
+    pub fn new(model: &str, version: u64, priority_levels: u32, max_batch_units: usize) -> Self {
         let (m, v) = (model.to_string(), version.to_string());
         Self {
+            batch_fill_ratio: metrics::histogram!(BATCH_FILL_RATIO, "model" => m.clone(), "version" => v.clone()),
+            latency_fixed: metrics::gauge!(LATENCY_MODEL, "model" => m.clone(), "version" => v.clone(), "term" => "fixed"),
+            latency_per_unit: metrics::gauge!(LATENCY_MODEL, "model" => m.clone(), "version" => v.clone(), "term" => "per_unit"),
+            max_batch_units: max_batch_units.max(1),
             request_duration: metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "version" => v.clone()),
             queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
             compute_duration: metrics::histogram!(COMPUTE_DURATION, "model" => m.clone(), "version" => v.clone()),
             batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
             batch_units: metrics::histogram!(BATCH_UNITS, "model" => m.clone(), "version" => v.clone()),
-            queue_depth: metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone(), "priority" => "1"),
+            queue_depth: (1..=priority_levels.max(1))
+                .map(|level| {
+                    metrics::gauge!(QUEUE_DEPTH, "model" => m.clone(), "version" => v.clone(), "priority" => level.to_string())
+                })
+                .collect(),
             ready: metrics::gauge!(MODEL_READY, "model" => m.clone(), "version" => v.clone()),
             model: m,
             version: v,
@@ -112,10 +141,54 @@ impl VersionMetrics {
         metrics::counter!(REQUESTS_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "code" => code)
     }
 
+    /// Publishes the latency model's current terms.
+    pub fn publish_latency(&self, estimate: &crate::batcher::latency::LatencyEstimate) {
+        self.latency_fixed.set(estimate.fixed_s);
+        self.latency_per_unit.set(estimate.per_unit_s);
+    }
+
+    /// Adds compute-seconds spent for a tenant label.
+    pub fn add_cost(&self, tenant: &str, seconds: f64) {
+        add_float_counter(
+            COST_TOTAL,
+            [("model", &self.model), ("version", &self.version), ("tenant", tenant)],
+            seconds,
+        );
+    }
+
     /// The refusals counter for one reason.
     pub fn rejected(&self, reason: &'static str) -> Counter {
         metrics::counter!(REJECTED_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "reason" => reason)
     }
+}
+
+/// Counters with fractional increments (the `metrics` facade's counters are
+/// integers): name → labels → value, rendered after the facade's output.
+type FloatCounters = BTreeMap<&'static str, BTreeMap<String, f64>>;
+static FLOAT_COUNTERS: Mutex<FloatCounters> = Mutex::new(BTreeMap::new());
+
+fn add_float_counter<const N: usize>(name: &'static str, labels: [(&str, &str); N], value: f64) {
+    let rendered: Vec<String> =
+        labels.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+    let key = rendered.join(",");
+    let mut counters = FLOAT_COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+    *counters.entry(name).or_default().entry(key).or_insert(0.0) += value;
+}
+
+/// The Prometheus text: the facade's metrics, then the float counters.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    let counters = FLOAT_COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+    for (name, series) in counters.iter() {
+        if *name == COST_TOTAL {
+            out.push_str("# HELP kiln_cost_seconds_total Compute-seconds spent, by model, version and tenant.\n");
+        }
+        out.push_str(&format!("# TYPE {name} counter\n"));
+        for (labels, value) in series {
+            out.push_str(&format!("{name}{{{labels}}} {value}\n"));
+        }
+    }
+    out
 }
 
 /// Serves the Prometheus text format on `GET /metrics` (any path answers
@@ -140,7 +213,7 @@ pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, shutdow
                 // headers fit easily, and the body is ignored.
                 let mut buf = [0u8; 4096];
                 let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-                let body = handle.render();
+                let body = render(&handle);
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
