@@ -91,6 +91,9 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.answered {
+            // Close before telling the scheduler: fields drop only after
+            // this body, and the sweep must already see the caller gone.
+            self.answer.close();
             let _ = self.sweep.send(Message::Sweep);
         }
     }

@@ -126,3 +126,73 @@ pub fn risk_in_process(rows: &[Vec<f32>]) -> Vec<f32> {
         other => panic!("unexpected output {other:?}"),
     }
 }
+
+/// A repository holding `wide`: a real MLP 30 → `hidden` → `hidden` → 2
+/// whose cost is controlled by its width and the rows sent (about
+/// 2·hidden² flops per row). Weights come from a seeded generator.
+pub fn wide_mlp_repo(name: &str, hidden: usize, settings: &str) -> tempfile::TempDir {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join(name);
+    std::fs::create_dir_all(model.join("1")).expect("mkdir");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut tensor = |rows: usize, cols: usize| {
+        let bound = 1.0 / (cols as f32).sqrt();
+        let values: Vec<f32> = (0..rows * cols).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound).collect();
+        candle_core::Tensor::from_vec(values, (rows, cols), &candle_core::Device::Cpu).expect("tensor")
+    };
+    let mut tensors = std::collections::HashMap::new();
+    for (i, (out, inp)) in [(hidden, 30), (hidden, hidden), (2, hidden)].into_iter().enumerate() {
+        tensors.insert(format!("layers.{i}.weight"), tensor(out, inp));
+        tensors.insert(format!("layers.{i}.bias"), tensor(1, out).flatten_all().expect("flatten"));
+    }
+    candle_core::safetensors::save(&tensors, model.join("1/model.safetensors")).expect("save weights");
+    let toml = format!(
+        "kind = \"mlp\"\n{settings}\n[mlp]\nactivation = \"relu\"\n\n\
+         [[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\nshape = [-1, 30]\n\n\
+         [[outputs]]\nname = \"y\"\ndatatype = \"FP32\"\nshape = [-1, 2]\n"
+    );
+    std::fs::write(model.join("model.toml"), toml).expect("write model.toml");
+    dir
+}
+
+/// `rows` rows of ones, as a request for a wide model.
+pub fn wide_request(model: &str, rows: usize) -> kiln::api::pb::ModelInferRequest {
+    kiln::client::fp32_request(model, "x", &vec![vec![1.0; 30]; rows])
+}
+
+/// ModelStatistics of version 1 of `model`.
+pub async fn statistics(client: &mut kiln::client::Client, model: &str) -> kiln::api::pb::ModelStatistics {
+    let r = client
+        .raw
+        .model_statistics(kiln::api::pb::ModelStatisticsRequest { name: model.into(), version: "1".into() })
+        .await
+        .expect("statistics");
+    r.into_inner().model_stats.remove(0)
+}
+
+/// Waits (bounded) until `model`'s executor has started `batches` batches:
+/// queue time is recorded as each batch starts, before it computes.
+pub async fn wait_for_started(client: &mut kiln::client::Client, model: &str, requests: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = statistics(client, model).await;
+        if s.inference_stats.and_then(|i| i.queue).is_some_and(|q| q.count >= requests) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{model}: {requests} requests never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A parameter map entry.
+pub fn param(choice: kiln::client::ParameterChoice) -> kiln::api::pb::InferParameter {
+    kiln::api::pb::InferParameter { parameter_choice: Some(choice) }
+}
+
+/// Resident memory of this process, in bytes (Linux).
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}

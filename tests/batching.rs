@@ -1,0 +1,354 @@
+//! The batching core against a live server with a real model of
+//! controllable cost: deadlines, expiry, cancellation, priorities, cost
+//! caps, tenant budgets, load shedding and overload.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, param, statistics, wait_for_started, wide_mlp_repo, wide_request};
+use kiln::client::{self, ParameterChoice};
+use kiln::config::{RepositorySource, ServeConfig, TenantConfig};
+use tonic::Code;
+
+/// For a 2048-wide MLP: one row costs ~17 MFLOP, a 1024-row request
+/// (the one that occupies the executor) a few hundred milliseconds.
+const SETTINGS: &str = "max_batch_size = 1024\nmax_queue_delay_ms = 2\nmax_queue = 64\nlatency_budget_ms = 500\n\
+                        default_timeout_ms = 20000\npriority_levels = 2\nmax_cost_us = 10000000";
+
+/// These tests reason about what runs while something else runs; several
+/// servers computing at once on a small machine would blur that, so they
+/// take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn wide_server(
+    model: &str,
+    hidden: usize,
+    settings: &str,
+    tenants: BTreeMap<String, TenantConfig>,
+) -> (TestServer, tempfile::TempDir) {
+    let dir = wide_mlp_repo(model, hidden, settings);
+    let config =
+        ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), tenants, ..Default::default() };
+    (TestServer::start(config).await, dir)
+}
+
+/// Starts a slow 1024-row request and waits until the executor runs it.
+async fn occupy_executor(
+    server: &TestServer,
+    model: &'static str,
+) -> tokio::task::JoinHandle<Result<kiln::api::pb::ModelInferResponse, tonic::Status>> {
+    let mut c = server.client().await;
+    let before = statistics(&mut c, model).await.inference_stats.and_then(|i| i.queue).map_or(0, |q| q.count);
+    let mut slow = server.client().await;
+    let task =
+        tokio::spawn(async move { slow.raw.model_infer(wide_request(model, 1024)).await.map(|r| r.into_inner()) });
+    wait_for_started(&mut c, model, before + 1).await;
+    task
+}
+
+#[tokio::test]
+async fn expired_request_is_never_computed_and_answers_before_the_running_batch_ends() {
+    const M: &str = "expiry";
+    let _turn = SERIAL.lock().await;
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let mut c = server.client().await;
+    let slow = occupy_executor(&server, M).await;
+    let mut hurried = wide_request(M, 1);
+    hurried.parameters.insert("timeout".into(), param(ParameterChoice::Int64Param(30_000)));
+    let status = c.raw.model_infer(hurried).await.expect_err("cannot be served in 30 ms behind a long batch");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{}", status.message());
+    assert!(status.message().contains("never computed"), "{}", status.message());
+    assert!(!slow.is_finished(), "the expiry waited for the running batch");
+    slow.await.expect("join").expect("slow request answered");
+    let s = statistics(&mut c, M).await;
+    // Warm-up does not count; only the 1024 rows of the slow request ran.
+    assert_eq!(s.inference_count, 1024, "the expired row reached the model");
+    let metrics = server.metrics_text().await;
+    let series = format!("kiln_rejected_total{{model=\"{M}\",version=\"1\",reason=\"expired_in_queue\"}} 1");
+    assert!(metrics.contains(&series), "{metrics}");
+}
+
+#[tokio::test]
+async fn grpc_timeout_header_answers_deadline_exceeded_not_cancelled() {
+    const M: &str = "grpc_deadline";
+    let _turn = SERIAL.lock().await;
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let mut c = server.client().await;
+    let slow = occupy_executor(&server, M).await;
+    let mut request = tonic::Request::new(wide_request(M, 1));
+    // Sets the raw `grpc-timeout` header; the tonic client does not enforce it.
+    request.set_timeout(Duration::from_millis(30));
+    let status = c.raw.model_infer(request).await.expect_err("deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    slow.await.expect("join").expect("slow answered");
+
+    let mut malformed = tonic::Request::new(wide_request(M, 1));
+    malformed.metadata_mut().insert("grpc-timeout", "soon".parse().expect("ascii"));
+    let status = c.raw.model_infer(malformed).await.expect_err("bad header");
+    assert!(matches!(status.code(), Code::InvalidArgument | Code::Internal), "{status:?}");
+}
+
+#[tokio::test]
+async fn hopeless_request_is_refused_at_admission_with_the_predicted_time() {
+    const M: &str = "hopeless";
+    let _turn = SERIAL.lock().await;
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let mut c = server.client().await;
+    let mut request = wide_request(M, 1024);
+    request.parameters.insert("timeout".into(), param(ParameterChoice::Uint64Param(50)));
+    let status = c.raw.model_infer(request).await.expect_err("50 µs for 1024 rows");
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(
+        status.message().contains("cannot be met") && status.message().contains("takes about"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(statistics(&mut c, M).await.inference_count, 0);
+}
+
+#[tokio::test]
+async fn cancelled_request_is_removed_from_the_queue_and_not_computed() {
+    const M: &str = "cancel";
+    let _turn = SERIAL.lock().await;
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let mut c = server.client().await;
+    let slow = occupy_executor(&server, M).await;
+    let mut doomed_client = server.client().await;
+    let doomed = tokio::spawn(async move { doomed_client.raw.model_infer(wide_request(M, 3)).await });
+    // Wait until it is queued, then the caller goes away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let queued = format!("kiln_queue_depth{{model=\"{M}\",version=\"1\",priority=\"1\"}} 1");
+    while !server.metrics_text().await.contains(&queued) {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    doomed.abort();
+    let _ = doomed.await;
+    slow.await.expect("join").expect("slow answered");
+    // The next request runs after the sweep; wait for the cancel to count.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cancelled = format!("kiln_rejected_total{{model=\"{M}\",version=\"1\",reason=\"cancelled\"}} 1");
+    while !server.metrics_text().await.contains(&cancelled) {
+        assert!(Instant::now() < deadline, "cancellation never counted");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    c.raw.model_infer(wide_request(M, 1)).await.expect("served");
+    assert_eq!(statistics(&mut c, M).await.inference_count, 1025, "the cancelled rows were computed");
+}
+
+#[tokio::test]
+async fn full_queue_is_refused_at_once_and_the_queued_are_served() {
+    let _turn = SERIAL.lock().await;
+    const M: &str = "queue_full";
+    let settings = SETTINGS.replace("max_queue = 64", "max_queue = 2");
+    let (server, _dir) = wide_server(M, 2048, &settings, BTreeMap::new()).await;
+    let slow = occupy_executor(&server, M).await;
+    // One-row requests never fill a batch, so they wait in the queue.
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        let mut c = server.client().await;
+        queued.push(tokio::spawn(async move { c.raw.model_infer(wide_request(M, 1)).await }));
+    }
+    let two = format!("kiln_queue_depth{{model=\"{M}\",version=\"1\",priority=\"1\"}} 2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.metrics_text().await.contains(&two) {
+        assert!(Instant::now() < deadline, "the two requests never queued");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut c = server.client().await;
+    let status = c.raw.model_infer(wide_request(M, 1)).await.expect_err("the queue holds two");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("queue full (2 requests waiting)"), "{}", status.message());
+    slow.await.expect("join").expect("slow answered");
+    for q in queued {
+        q.await.expect("join").expect("queued requests are served");
+    }
+    let refused = format!("kiln_rejected_total{{model=\"{M}\",version=\"1\",reason=\"queue_full\"}} 1");
+    assert!(server.metrics_text().await.contains(&refused));
+}
+
+#[tokio::test]
+async fn higher_priority_runs_before_an_earlier_lower_priority_request() {
+    let _turn = SERIAL.lock().await;
+    const M: &str = "priority";
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let slow = occupy_executor(&server, M).await;
+    let send = |rows: usize, priority: u64| {
+        let addr = server.addr.to_string();
+        async move {
+            let mut c = kiln::client::Client::connect(&addr).await.expect("connect");
+            let mut r = wide_request(M, rows);
+            r.parameters.insert("priority".into(), param(ParameterChoice::Uint64Param(priority)));
+            let result = c.raw.model_infer(r).await.map(|r| r.into_inner());
+            (Instant::now(), result)
+        }
+    };
+    // Two 600-row requests cannot share a 1024-row batch: one runs after
+    // the other. Low is queued first; high arrives later and still goes first.
+    let low = tokio::spawn(send(600, 2));
+    let queued = format!("kiln_queue_depth{{model=\"{M}\",version=\"1\",priority=\"2\"}} 1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.metrics_text().await.contains(&queued) {
+        assert!(Instant::now() < deadline, "low never queued");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let high = tokio::spawn(send(600, 1));
+    slow.await.expect("join").expect("slow answered");
+    let (high_done, high) = high.await.expect("join");
+    let (low_done, low) = low.await.expect("join");
+    let (high, low) = (high.expect("high answered"), low.expect("low answered"));
+    assert!(high_done < low_done, "the low-priority request ran first");
+    let queue_us = |r: &kiln::api::pb::ModelInferResponse| client::int_parameter(r, "queue_us").expect("queue_us");
+    assert!(queue_us(&high) < queue_us(&low));
+
+    let mut c = server.client().await;
+    let mut bad = wide_request(M, 1);
+    bad.parameters.insert("priority".into(), param(ParameterChoice::Int64Param(3)));
+    let status = c.raw.model_infer(bad).await.expect_err("only two levels");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("parameter 'priority'"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn cost_caps_refuse_before_queueing_and_actual_cost_is_returned() {
+    const M: &str = "cost";
+    let _turn = SERIAL.lock().await;
+    // One row costs a few ms (it reads every weight); 1024 rows far more.
+    let settings = SETTINGS.replace("max_cost_us = 10000000", "max_cost_us = 50000");
+    let (server, _dir) = wide_server(M, 2048, &settings, BTreeMap::new()).await;
+    let mut c = server.client().await;
+
+    let ok = c.raw.model_infer(wide_request(M, 1)).await.expect("cheap request").into_inner();
+    let cost = client::int_parameter(&ok, "cost_us").expect("cost_us");
+    let compute = client::int_parameter(&ok, "compute_us").expect("compute_us");
+    assert!(cost > 0 && cost <= compute, "cost {cost} of a batch computing {compute}");
+
+    let mut capped = wide_request(M, 1);
+    capped.parameters.insert("max_cost_us".into(), param(ParameterChoice::Int64Param(0)));
+    let status = c.raw.model_infer(capped).await.expect_err("over the request's cap");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("estimated cost") && status.message().contains("request's max_cost_us of 0 µs"),
+        "{}",
+        status.message()
+    );
+
+    let status = c.raw.model_infer(wide_request(M, 1024)).await.expect_err("over the model's cap");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("model's max_cost_us of 50000 µs"), "{}", status.message());
+    assert_eq!(statistics(&mut c, M).await.inference_count, 1, "a capped request was computed");
+    let metrics = server.metrics_text().await;
+    assert!(metrics.contains(&format!("model=\"{M}\",version=\"1\",reason=\"cost_cap\"}} 2")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("kiln_cost_seconds_total{{model=\"{M}\",version=\"1\",tenant=\"other\"}}")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_spent_tenant_budget_is_refused_and_others_are_not() {
+    const M: &str = "tenant";
+    let _turn = SERIAL.lock().await;
+    // 50 ms of burst pays for a few 64-row requests (~10 ms each), not 50.
+    let tenants = BTreeMap::from([("small".to_string(), TenantConfig { budget: 0.0001, burst: 0.05 })]);
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, tenants).await;
+    let mut c = server.client().await;
+    let mut refused = None;
+    for _ in 0..50 {
+        let mut r = wide_request(M, 64);
+        r.parameters.insert("tenant".into(), param(ParameterChoice::StringParam("small".into())));
+        match c.raw.model_infer(r).await {
+            Ok(_) => {}
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("a 50 ms burst cannot pay for 50 batches of 64 rows");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("tenant 'small' compute budget spent"), "{}", status.message());
+
+    // The same tenant named in metadata is refused too; another tenant is not.
+    let mut by_header = tonic::Request::new(wide_request(M, 64));
+    by_header.metadata_mut().insert("x-kiln-tenant", "small".parse().expect("ascii"));
+    assert_eq!(c.raw.model_infer(by_header).await.expect_err("same tenant").code(), Code::ResourceExhausted);
+    let mut other = wide_request(M, 64);
+    other.parameters.insert("tenant".into(), param(ParameterChoice::StringParam("someone-else".into())));
+    c.raw.model_infer(other).await.expect("unconfigured tenants are not limited");
+
+    let metrics = server.metrics_text().await;
+    assert!(metrics.contains(&format!("model=\"{M}\",version=\"1\",tenant=\"small\"}}")), "{metrics}");
+    assert!(!metrics.contains("someone-else"), "client-chosen names must not become labels");
+    assert!(metrics.contains(&format!("model=\"{M}\",version=\"1\",reason=\"tenant_budget\"}} 2")), "{metrics}");
+}
+
+#[tokio::test]
+async fn open_loop_overload_answers_every_request_once_never_ok_late_and_bounds_memory() {
+    const M: &str = "overload";
+    let _turn = SERIAL.lock().await;
+    // A 4096-wide model and small batches, so capacity is low enough for
+    // this process to offer three times it.
+    let settings = "max_batch_size = 16\nmax_queue_delay_ms = 1\nmax_queue = 32\nlatency_budget_ms = 50\n\
+                    default_timeout_ms = 5000";
+    let (server, _dir) = wide_server(M, 4096, settings, BTreeMap::new()).await;
+    let mut c = server.client().await;
+    // Capacity from the server's own latency model: full 16-row batches.
+    let metrics = server.metrics_text().await;
+    let term = |t: &str| -> f64 {
+        let key = format!("kiln_latency_model_seconds{{model=\"{M}\",version=\"1\",term=\"{t}\"}} ");
+        let line = metrics.lines().find(|l| l.starts_with(&key)).expect("latency model exported");
+        line[key.len()..].parse().expect("number")
+    };
+    let rows_per_request = 4;
+    let capacity = 16.0 / (term("fixed") + 16.0 * term("per_unit")) / rows_per_request as f64;
+    let rate = (3.0 * capacity).min(3000.0);
+    let sent = (rate * 2.0) as usize; // about two seconds
+    let timeout_us = 40_000;
+
+    let rss_before = common::resident_bytes();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(sent);
+    for i in 0..sent {
+        tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let mut client = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = wide_request(M, rows_per_request);
+            r.parameters.insert("timeout".into(), param(ParameterChoice::Int64Param(timeout_us)));
+            let sent_at = Instant::now();
+            let result = client.raw.model_infer(r).await;
+            (result.map(|r| r.into_inner()), sent_at.elapsed())
+        }));
+    }
+    let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
+    for task in tasks {
+        let (result, _elapsed) = task.await.expect("join");
+        let code = match &result {
+            Ok(r) => {
+                let served_us = client::int_parameter(r, "queue_us").unwrap_or(0)
+                    + client::int_parameter(r, "compute_us").unwrap_or(0);
+                assert!(served_us <= timeout_us, "answered OK after its deadline: {served_us} µs");
+                "OK".to_string()
+            }
+            Err(s) => format!("{:?}", s.code()),
+        };
+        *by_code.entry(code).or_default() += 1;
+    }
+    let answered: usize = by_code.values().sum();
+    assert_eq!(answered, sent, "answers by code {by_code:?}");
+    assert!(by_code.get("OK").copied().unwrap_or(0) > 0, "nothing served: {by_code:?}");
+    assert!(
+        by_code.keys().all(|k| ["OK", "ResourceExhausted", "DeadlineExceeded"].contains(&k.as_str())),
+        "{by_code:?}"
+    );
+    assert!(by_code.len() > 1, "at 3x capacity some requests must be shed: {by_code:?}");
+    let growth = common::resident_bytes().saturating_sub(rss_before);
+    assert!(growth < 256 << 20, "resident memory grew by {} MiB", growth >> 20);
+    // The server counted each answer exactly once.
+    let s = statistics(&mut c, M).await;
+    let i = s.inference_stats.expect("stats");
+    let counted = i.success.map_or(0, |d| d.count) + i.fail.map_or(0, |d| d.count);
+    assert_eq!(counted as usize, sent);
+}
