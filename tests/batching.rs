@@ -352,3 +352,28 @@ async fn open_loop_overload_answers_every_request_once_never_ok_late_and_bounds_
     let counted = i.success.map_or(0, |d| d.count) + i.fail.map_or(0, |d| d.count);
     assert_eq!(counted as usize, sent);
 }
+
+#[tokio::test]
+async fn graceful_stop_answers_every_admitted_request() {
+    let _turn = SERIAL.lock().await;
+    const M: &str = "shutdown";
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let slow = occupy_executor(&server, M).await;
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        let mut c = server.client().await;
+        queued.push(tokio::spawn(async move { c.raw.model_infer(wide_request(M, 2)).await }));
+    }
+    let three = format!("kiln_queue_depth{{model=\"{M}\",version=\"1\",priority=\"1\"}} 3");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.metrics_text().await.contains(&three) {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    server.stop().await.expect("clean stop");
+    slow.await.expect("join").expect("the running request is answered");
+    for q in queued {
+        let answer = q.await.expect("join").expect("queued requests are computed, not dropped");
+        assert_eq!(client::output_fp32(answer.get_ref(), 0).map(|v| v.len()), Some(4));
+    }
+}

@@ -1,0 +1,99 @@
+//! The batcher's own cost per request: submit → queue → batch → executor →
+//! split → answer, with a model that does no work, so that only Kiln's
+//! machinery is timed. One batch of N one-row requests per iteration.
+//!
+//!   cargo bench --bench batcher_overhead
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kiln::batcher::BatcherSettings;
+use kiln::batcher::policy::BatchPolicy;
+use kiln::model::{DataType, Model, ModelError, ModelSpec, Tensor, TensorData, TensorSpec};
+use kiln::monitor::metrics::VersionMetrics;
+use kiln::request::InferRequest;
+
+/// Answers zeros of the right shape without computing anything.
+struct NoWork;
+
+impl Model for NoWork {
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+        let rows = inputs[0].rows();
+        Ok(vec![Tensor { shape: vec![rows, 1], data: TensorData::Fp32(vec![0.0; rows]) }])
+    }
+}
+
+fn spec() -> Arc<ModelSpec> {
+    let tensor = |name: &str, width: i64| TensorSpec {
+        name: name.into(),
+        datatype: DataType::Fp32,
+        shape: vec![-1, width],
+        features: vec![],
+    };
+    Arc::new(ModelSpec {
+        name: "nowork".into(),
+        version: 1,
+        platform: "bench".into(),
+        description: String::new(),
+        inputs: vec![tensor("x", 30)],
+        outputs: vec![tensor("y", 1)],
+        weights_sha256: String::new(),
+        device: "cpu".into(),
+    })
+}
+
+fn request() -> InferRequest {
+    let now = Instant::now();
+    InferRequest {
+        id: String::new(),
+        inputs: vec![Tensor { shape: vec![1, 30], data: TensorData::Fp32(vec![0.5; 30]) }],
+        rows: 1,
+        outputs: vec![0],
+        received: now,
+        priority: 1,
+        deadline: now + Duration::from_secs(60),
+    }
+}
+
+fn overhead(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let mut group = c.benchmark_group("batcher_round_trip");
+    for batch in [1usize, 8, 64] {
+        // Batches leave only when full, so each iteration is one batch of N.
+        let settings = BatcherSettings {
+            policy: BatchPolicy {
+                max_batch_units: batch,
+                max_queue_delay: Duration::from_secs(10),
+                latency_budget: Duration::from_secs(10),
+            },
+            max_queue: 4096,
+            instances: 1,
+            priority_levels: 1,
+        };
+        let handle = kiln::batcher::scheduler::spawn(
+            Arc::new(NoWork),
+            spec(),
+            settings,
+            Arc::default(),
+            Arc::default(),
+            VersionMetrics::new("nowork", 1, 1, batch),
+        )
+        .expect("batcher starts");
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let tickets: Vec<_> = (0..batch).map(|_| handle.submit(request()).expect("admitted")).collect();
+                    for mut t in tickets {
+                        t.answer().await.expect("answered");
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, overhead);
+criterion_main!(benches);
