@@ -165,11 +165,7 @@ async fn metadata_config_and_index_describe_the_model() {
 async fn health_service_reports_serving_then_not_serving_on_shutdown() {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let server = TestServer::built_in().await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let mut health = HealthClient::new(channel);
     for service in ["", "risk", "inference.GRPCInferenceService"] {
         let status = health.check(HealthCheckRequest { service: service.into() }).await.expect("check").into_inner();
@@ -215,11 +211,7 @@ async fn reflection_lists_the_inference_and_health_services() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let server = TestServer::built_in().await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = server.channel().await;
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),

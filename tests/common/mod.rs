@@ -196,3 +196,49 @@ pub fn resident_bytes() -> u64 {
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }
+
+impl TestServer {
+    /// A raw channel, for services other than V2 inference.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// Waits (bounded) until the metrics text contains `series`, e.g.
+    /// `kiln_queue_depth{model="m",version="1",priority="1"} 2`.
+    pub async fn wait_for_metric(&self, series: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.metrics_text().await.contains(series) {
+            assert!(std::time::Instant::now() < deadline, "metric never appeared: {series}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// `request` with one more parameter.
+pub fn with_param(
+    mut request: kiln::api::pb::ModelInferRequest,
+    name: &str,
+    choice: kiln::client::ParameterChoice,
+) -> kiln::api::pb::ModelInferRequest {
+    request.parameters.insert(name.into(), param(choice));
+    request
+}
+
+/// Sends `request`, expects `code`, and checks the message names each of
+/// `needles`.
+pub async fn expect_refusal(
+    client: &mut kiln::client::Client,
+    request: kiln::api::pb::ModelInferRequest,
+    code: tonic::Code,
+    needles: &[&str],
+) {
+    let status = client.raw.model_infer(request).await.expect_err("expected a refusal");
+    assert_eq!(status.code(), code, "{}", status.message());
+    for needle in needles {
+        assert!(status.message().contains(needle), "message {:?} lacks {needle:?}", status.message());
+    }
+}
