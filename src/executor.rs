@@ -123,34 +123,23 @@ impl Worker {
         self.metrics.batch_units.record(rows as f64);
         self.metrics.batch_fill_ratio.record(rows as f64 / self.metrics.max_batch_units as f64);
 
-        let inputs = match self.stack_inputs(&batch.requests) {
+        let inputs = match guarded(|| self.stack_inputs(&batch.requests)) {
             Ok(inputs) => inputs,
-            Err(reason) => return fail_all(batch.requests, &self.spec, reason),
+            Err(reason) => return self.fail(batch.requests, reason),
         };
         let stacked = Instant::now();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.compute(&inputs, rows)));
+        let outcome = guarded(|| self.compute(&inputs, rows));
         let computed = Instant::now();
         let compute = computed - stacked;
         self.stats.record_batch(rows as u64, compute);
-        if matches!(outcome, Ok(Ok(_))) {
-            self.latency.observe(rows, size, compute);
-            self.metrics.publish_latency(&self.latency.estimate());
-        }
         self.metrics.compute_duration.record(compute.as_secs_f64());
-
         let outputs = match outcome {
-            Ok(Ok(outputs)) => outputs,
-            Ok(Err(reason)) => return fail_all(batch.requests, &self.spec, reason),
-            Err(panic) => {
-                let reason = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".into());
-                tracing::error!(model = %self.spec.name, version = self.spec.version, %reason, "model panicked; failing this batch only");
-                return fail_all(batch.requests, &self.spec, format!("model panicked: {reason}"));
-            }
+            Ok(outputs) => outputs,
+            Err(reason) => return self.fail(batch.requests, reason),
         };
+        self.latency.observe(rows, size, compute);
+        self.metrics.publish_latency(&self.latency.estimate());
+
         let mut offset = 0;
         let mut replies = Vec::with_capacity(size);
         for p in batch.requests {
@@ -178,6 +167,11 @@ impl Worker {
         }
     }
 
+    fn fail(&self, requests: Vec<Pending>, reason: String) {
+        tracing::error!(model = %self.spec.name, version = self.spec.version, %reason, "batch failed; the server serves on");
+        fail_all(requests, &self.spec, reason);
+    }
+
     /// Stacks each declared input across the batch's requests.
     fn stack_inputs(&self, requests: &[Pending]) -> Result<Vec<Tensor>, String> {
         (0..self.spec.inputs.len())
@@ -201,6 +195,22 @@ impl Worker {
             return Err(format!("output `{}` came back with shape {:?} for {rows} rows", spec.name, out.shape));
         }
         Ok(outputs)
+    }
+}
+
+/// Runs `work`, turning a panic into an error so that only this batch
+/// fails and the executor thread lives on.
+fn guarded<T>(work: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(work)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("model panicked: {reason}"))
+        }
     }
 }
 
