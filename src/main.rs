@@ -73,6 +73,8 @@ struct InferArgs {
     /// A JSON object of named features (or an array of them, one per row),
     /// a JSON array of numbers, or CSV rows of numbers in feature order.
     /// Read from standard input when absent or `-`.
+    // A CSV row may start with a negative number; it is not a flag.
+    #[arg(allow_hyphen_values = true)]
     input: Option<String>,
 }
 

@@ -167,3 +167,26 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
     let answer = c.raw.model_infer(good()).await.expect("still serving").into_inner();
     assert_eq!(client::output_fp32(&answer, 0).map(|v| v.len()), Some(1));
 }
+
+#[tokio::test]
+async fn messages_beyond_tonics_4_mib_default_reach_validation_and_the_configured_bound_holds() {
+    // Default bound (64 MiB): a 5 MiB request passes the transport and is
+    // judged by validation, which names what is wrong with it.
+    let server = TestServer::built_in().await;
+    let mut c = server.client().await;
+    let rows = vec![common::wdbc().0[0].clone(); 45_000];
+    let big = client::fp32_request("risk", "features", &rows);
+    assert!(big.raw_input_contents[0].len() > 5 << 20);
+    let status = c.raw.model_infer(big).await.expect_err("too many rows");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("max_batch_size"), "{}", status.message());
+
+    // A small configured bound: the transport refuses, with OUT_OF_RANGE
+    // (tonic's code, documented in the README), and the server lives on.
+    let small = TestServer::start(kiln::config::ServeConfig { max_message_bytes: 1024, ..Default::default() }).await;
+    let mut c = small.client().await;
+    let status =
+        c.raw.model_infer(client::fp32_request("risk", "features", &rows[..20])).await.expect_err("over 1 KiB");
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    c.raw.model_infer(good()).await.expect("a small request is still served");
+}

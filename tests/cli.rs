@@ -1,0 +1,59 @@
+//! The `kiln` binary as a user runs it: `kiln infer` against a live server,
+//! by feature name (JSON) and as a CSV row, and its errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestServer;
+
+fn kiln_infer(server: &TestServer, input: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["infer", "--url", &server.addr.to_string(), "--model", "risk", input])
+        .output()
+        .expect("kiln runs")
+}
+
+fn probability(output: &std::process::Output) -> f64 {
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    assert_eq!(report["model"], "risk");
+    report["outputs"]["probability"][0][0].as_f64().expect("a probability")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infer_by_feature_name_and_by_csv_row_agree_with_the_model() {
+    let server = TestServer::built_in().await;
+    let (rows, _) = common::wdbc();
+    let expected = common::risk_in_process(&rows[..1])[0] as f64;
+    let names: Vec<String> = {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/wdbc.csv")).expect("data");
+        text.lines().next().expect("header").split(',').take(30).map(str::to_string).collect()
+    };
+    let object: serde_json::Map<String, serde_json::Value> =
+        names.iter().zip(&rows[0]).map(|(n, v)| (n.clone(), serde_json::json!(v))).collect();
+    let csv: Vec<String> = rows[0].iter().map(|v| v.to_string()).collect();
+    let args = [serde_json::Value::Object(object).to_string(), csv.join(",")];
+    for input in &args {
+        // The binary runs its own client; keep the runtime free meanwhile.
+        let output = tokio::task::block_in_place(|| kiln_infer(&server, input));
+        assert!((probability(&output) - expected).abs() < 1e-6);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infer_names_what_is_wrong_and_fails() {
+    let server = TestServer::built_in().await;
+    let missing = tokio::task::block_in_place(|| kiln_infer(&server, r#"{"radius_mean": 1.0}"#));
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("missing features: texture_mean"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "a user error is not a crash: {stderr}");
+
+    let negative = tokio::task::block_in_place(|| kiln_infer(&server, &["-1"; 30].join(",")));
+    let stderr = String::from_utf8_lossy(&negative.stderr);
+    assert!(
+        !negative.status.success() && stderr.contains("InvalidArgument") && stderr.contains("valid_range"),
+        "{stderr}"
+    );
+}
