@@ -113,6 +113,50 @@ impl ServerFile {
 pub enum ModelKind {
     /// Feed-forward network from `model.safetensors`.
     Mlp,
+    /// BERT-family text encoder: `config.json`, `tokenizer.json`,
+    /// `model.safetensors` (Hugging Face layout).
+    Bert,
+}
+
+impl ModelKind {
+    /// The files each version folder must hold.
+    pub fn version_files(self) -> &'static [&'static str] {
+        match self {
+            Self::Mlp => &["model.safetensors"],
+            Self::Bert => &["model.safetensors", "config.json", "tokenizer.json"],
+        }
+    }
+}
+
+/// How a sentence embedding is pooled from the token states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean over the real (unpadded) tokens, as sentence-transformers.
+    #[default]
+    Mean,
+    /// The first token's state.
+    Cls,
+}
+
+/// `[bert]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertSection {
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// L2-normalise each embedding (cosine similarity becomes a dot product).
+    #[serde(default = "defaults::normalize")]
+    pub normalize: bool,
+    /// Longest sequence in tokens; longer inputs are truncated to it.
+    #[serde(default = "defaults::max_tokens")]
+    pub max_tokens: usize,
+}
+
+impl Default for BertSection {
+    fn default() -> Self {
+        Self { pooling: Pooling::Mean, normalize: true, max_tokens: defaults::max_tokens() }
+    }
 }
 
 /// Activation functions an MLP may use.
@@ -206,6 +250,8 @@ pub struct ModelToml {
     pub outputs: Vec<TensorToml>,
     #[serde(default)]
     pub mlp: Option<MlpSection>,
+    #[serde(default)]
+    pub bert: Option<BertSection>,
 }
 
 mod defaults {
@@ -232,6 +278,12 @@ mod defaults {
     }
     pub fn priority_levels() -> u32 {
         1
+    }
+    pub fn normalize() -> bool {
+        true
+    }
+    pub fn max_tokens() -> usize {
+        512
     }
 }
 

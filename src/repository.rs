@@ -11,12 +11,14 @@ use crate::batcher::latency::SharedLatency;
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{BatcherHandle, BatcherSettings};
 use crate::config::{ConfigError, ModelToml, RepositorySource};
-use crate::model::{self, DataType, Model, ModelError, ModelSpec, Tensor, TensorData};
+use crate::model::{self, DataType, Model, ModelError, ModelSpec, Tensor, TensorData, VersionFiles};
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
 
-/// The weights file every current kind reads from a version folder.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub use crate::model::WEIGHTS_FILE;
+
+/// Every file some kind reads from a version folder; others are ignored.
+const KNOWN_FILES: &[&str] = &["model.safetensors", "config.json", "tokenizer.json"];
 
 /// Why the repository could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +37,8 @@ struct ModelFiles {
     /// Shown in errors: the path of `model.toml`.
     config_file: String,
     config_text: String,
-    /// Version number, path shown in errors, weights bytes.
-    versions: Vec<(u64, String, Vec<u8>)>,
+    /// Version number and the folder's files.
+    versions: Vec<(u64, VersionFiles)>,
 }
 
 /// The repository compiled into the binary: the `risk` model.
@@ -47,8 +49,11 @@ fn built_in() -> Vec<ModelFiles> {
         config_text: include_str!("../models/risk/model.toml").into(),
         versions: vec![(
             1,
-            "<built-in>/risk/1/model.safetensors".into(),
-            include_bytes!("../models/risk/1/model.safetensors").to_vec(),
+            VersionFiles {
+                folder: "<built-in>/risk/1".into(),
+                files: [(WEIGHTS_FILE.to_string(), include_bytes!("../models/risk/1/model.safetensors").to_vec())]
+                    .into(),
+            },
         )],
     }]
 }
@@ -82,9 +87,14 @@ fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
             if !v.path().is_dir() {
                 continue;
             }
-            let weights = v.path().join(WEIGHTS_FILE);
-            let bytes = std::fs::read(&weights).map_err(io_err(&weights))?;
-            versions.push((number, weights.display().to_string(), bytes));
+            let mut files = VersionFiles { folder: v.path().display().to_string(), ..Default::default() };
+            for name in KNOWN_FILES {
+                let path = v.path().join(name);
+                if path.is_file() {
+                    files.files.insert(name.to_string(), std::fs::read(&path).map_err(io_err(&path))?);
+                }
+            }
+            versions.push((number, files));
         }
         let name = entry.file_name().to_string_lossy().into_owned();
         models.push(ModelFiles { name, config_file, config_text, versions });
@@ -168,8 +178,16 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
         .into());
     }
     let mut versions = BTreeMap::new();
-    for (number, path, weights) in &files.versions {
-        let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, weights)
+    for (number, version_files) in &files.versions {
+        let path = &version_files.folder;
+        for needed in config.kind.version_files() {
+            if !version_files.files.contains_key(*needed) {
+                let missing =
+                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("the {:?} kind needs it", config.kind));
+                return Err(RepositoryError::Io { path: format!("{path}/{needed}"), source: missing });
+            }
+        }
+        let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, version_files)
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
         let latency = warm_up(model.as_ref(), &spec, config.max_batch_size)
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;

@@ -276,6 +276,18 @@ fn from_typed(
 }
 
 fn check_values(declared: &TensorSpec, data: &TensorData) -> Result<(), InferError> {
+    // BYTES inputs are text for every kind Kiln has.
+    if let TensorData::Bytes(items) = data {
+        for (i, item) in items.iter().enumerate() {
+            if item.is_empty() {
+                return Err(invalid(format!("input '{}' element {i} is an empty string", declared.name)));
+            }
+            if let Err(e) = std::str::from_utf8(item) {
+                return Err(invalid(format!("input '{}' element {i} is not valid UTF-8 ({e})", declared.name)));
+            }
+        }
+        return Ok(());
+    }
     let values: Box<dyn Iterator<Item = f64> + '_> = match data {
         TensorData::Fp32(v) => Box::new(v.iter().map(|x| *x as f64)),
         TensorData::Fp64(v) => Box::new(v.iter().copied()),
@@ -433,6 +445,15 @@ mod tests {
             InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) },
         );
         assert!(decode(&req, &spec(), 8, Instant::now()).is_ok());
+    }
+
+    #[test]
+    fn text_must_be_non_empty_utf8() {
+        let declared = TensorSpec { name: "text".into(), datatype: DataType::Bytes, shape: vec![-1], features: vec![] };
+        let empty = check_values(&declared, &TensorData::Bytes(vec![b"ok".to_vec(), vec![]]));
+        assert!(matches!(empty, Err(InferError::InvalidArgument(m)) if m.contains("element 1 is an empty string")));
+        let bad = check_values(&declared, &TensorData::Bytes(vec![vec![0xff, 0xfe]]));
+        assert!(matches!(bad, Err(InferError::InvalidArgument(m)) if m.contains("not valid UTF-8")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The seam between serving and compute: what a model declares (its spec)
 //! and the trait that runs one batch. Models know nothing of gRPC.
 
+pub mod bert;
 pub mod mlp;
 pub mod tensor;
 
@@ -78,6 +79,27 @@ impl From<candle_core::Error> for ModelError {
     }
 }
 
+/// The file holding a version's weights; its sha256 identifies the version.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The files of one version folder, by name.
+#[derive(Debug, Default)]
+pub struct VersionFiles {
+    /// Shown in errors: the version folder.
+    pub folder: String,
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl VersionFiles {
+    /// A file the kind needs; the repository checked it is there.
+    pub fn get(&self, name: &str) -> Result<&[u8], ModelError> {
+        self.files
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| ModelError::Weights(format!("{}/{name} is missing", self.folder)))
+    }
+}
+
 /// A loaded model: runs one batch of inputs (in declared order, rows
 /// stacked) and returns every declared output with the same rows.
 pub trait Model: Send + Sync {
@@ -129,8 +151,9 @@ pub fn load(
     version: u64,
     file: &str,
     config: &ModelToml,
-    weights: &[u8],
+    files: &VersionFiles,
 ) -> Result<(ModelSpec, Box<dyn Model>), ModelError> {
+    let weights = files.get(WEIGHTS_FILE)?;
     let choice = config.device_choice().map_err(|m| ConfigError::new(file, m))?;
     let device = select_device(choice, file)?;
     let inputs: Vec<TensorSpec> = config.inputs.iter().map(TensorSpec::from_toml).collect();
@@ -144,12 +167,21 @@ pub fn load(
             weights,
             &device,
         )?),
+        ModelKind::Bert => Box::new(bert::Bert::load(
+            file,
+            &inputs,
+            &outputs,
+            &config.bert.clone().unwrap_or_default(),
+            files,
+            &device,
+        )?),
     };
     let spec = ModelSpec {
         name: name.to_string(),
         version,
         platform: match config.kind {
             ModelKind::Mlp => "kiln_mlp".into(),
+            ModelKind::Bert => "kiln_bert".into(),
         },
         description: config.description.clone(),
         inputs,
