@@ -53,6 +53,7 @@ fn request() -> InferRequest {
         received: now,
         priority: 1,
         deadline: now + Duration::from_secs(60),
+        size: kiln::model::Prepared::rows(1),
     }
 }
 
@@ -63,6 +64,7 @@ fn overhead(c: &mut Criterion) {
         // Batches leave only when full, so each iteration is one batch of N.
         let settings = BatcherSettings {
             policy: BatchPolicy {
+                max_batch_rows: batch,
                 max_batch_units: batch,
                 max_queue_delay: Duration::from_secs(10),
                 latency_budget: Duration::from_secs(10),

@@ -127,20 +127,28 @@ impl Admission {
         let from_param = params.timeout_us.and_then(|us| received.checked_add(Duration::from_micros(us)));
         request.deadline = [Some(default), from_param, grpc_deadline].into_iter().flatten().min().unwrap_or(default);
 
+        let units = request.padded_units();
+        let max_units = config.max_batch_units();
+        if request.size.longest > 1 && units > max_units {
+            return Err(InferError::InvalidArgument(format!(
+                "model '{}': {} texts padded to {} tokens make {units} tokens, more than max_batch_tokens \
+                 {max_units}; send fewer texts per request",
+                version.model, request.rows, request.size.longest
+            )));
+        }
         let now = Instant::now();
-        let alone = version.estimate.predict(request.rows);
+        let alone = version.estimate.predict(units);
         if now + alone > request.deadline {
             return Err(InferError::DeadlineUnmeetable(format!(
-                "model '{}': deadline cannot be met: {} µs left, but computing {} rows takes about {} µs even if \
-                 run now",
+                "model '{}': deadline cannot be met: {} µs left, but computing {} takes about {} µs even if run now",
                 version.model,
                 request.deadline.saturating_duration_since(now).as_micros(),
-                request.rows,
+                describe_size(request),
                 alone.as_micros()
             )));
         }
 
-        let estimate_us = version.estimate.cost_estimate(request.rows).as_micros() as u64;
+        let estimate_us = version.estimate.cost_estimate(units).as_micros() as u64;
         let caps = [(params.max_cost_us, "request's"), (config.max_cost_us, "model's")];
         if let Some((cap_us, source_of_cap)) =
             caps.into_iter().filter_map(|(cap, source)| cap.map(|c| (c, source))).min_by_key(|(c, _)| *c)
@@ -172,6 +180,14 @@ impl Admission {
             let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
             bucket.adjust(admitted.estimate_us as f64 - actual as f64, Instant::now());
         }
+    }
+}
+
+/// "3 rows", or "3 texts of up to 40 tokens".
+fn describe_size(request: &InferRequest) -> String {
+    match request.size.longest {
+        1 => format!("{} rows", request.rows),
+        longest => format!("{} texts of up to {longest} tokens", request.rows),
     }
 }
 

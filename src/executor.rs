@@ -110,7 +110,8 @@ struct Worker {
 
 impl Worker {
     fn run(&self, batch: Batch) {
-        let rows = batch.rows();
+        let shape = batch.shape();
+        let (rows, units) = (shape.rows, shape.padded());
         let size = batch.requests.len();
         // Queue time ends when the batch starts, staged or not.
         let started = Instant::now();
@@ -120,8 +121,9 @@ impl Worker {
             self.metrics.queue_duration.record(waited.as_secs_f64());
         }
         self.metrics.batch_size.record(size as f64);
-        self.metrics.batch_units.record(rows as f64);
-        self.metrics.batch_fill_ratio.record(rows as f64 / self.metrics.max_batch_units as f64);
+        self.metrics.batch_units.record(units as f64);
+        self.metrics.batch_fill_ratio.record(units as f64 / self.metrics.max_batch_units as f64);
+        self.metrics.padding_ratio.record(1.0 - shape.fill());
 
         let inputs = match guarded(|| self.stack_inputs(&batch.requests)) {
             Ok(inputs) => inputs,
@@ -137,7 +139,7 @@ impl Worker {
             Ok(outputs) => outputs,
             Err(reason) => return self.fail(batch.requests, reason),
         };
-        self.latency.observe(rows, size, compute);
+        self.latency.observe(units, size, compute);
         self.metrics.publish_latency(&self.latency.estimate());
 
         let mut offset = 0;
@@ -149,7 +151,9 @@ impl Worker {
                     queue_us: started.saturating_duration_since(p.enqueued).as_micros() as u64,
                     compute_us: compute.as_micros() as u64,
                     batch_size: size as u64,
-                    cost_us: (compute.as_micros() as u64 * p.request.rows as u64) / rows.max(1) as u64,
+                    // Its real units' share: padding is charged to whoever
+                    // needed the longest row, pro rata.
+                    cost_us: (compute.as_micros() as u64 * p.request.size.units as u64) / shape.units.max(1) as u64,
                 },
             };
             offset += p.request.rows;
@@ -203,15 +207,17 @@ impl Worker {
 fn guarded<T>(work: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match std::panic::catch_unwind(AssertUnwindSafe(work)) {
         Ok(result) => result,
-        Err(panic) => {
-            let reason = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(format!("model panicked: {reason}"))
-        }
+        Err(panic) => Err(format!("model panicked: {}", panic_message(panic.as_ref()))),
     }
+}
+
+/// The message a panic carried, if it was a string.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn fail_all(requests: Vec<Pending>, spec: &ModelSpec, reason: String) {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod executor;
 pub mod model;
 pub mod monitor;
+pub mod prepare;
 pub mod repository;
 pub mod request;
 pub mod router;

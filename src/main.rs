@@ -57,6 +57,11 @@ struct ServeArgs {
     /// more, but every admitted message is held in memory.
     #[arg(long, env = "KILN_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
+    /// Threads that tokenize text requests before they queue. Tokenizing
+    /// a sentence takes tens of microseconds against milliseconds of model
+    /// compute, so one is enough on a small machine.
+    #[arg(long, env = "KILN_PREPARE_THREADS", default_value_t = 1)]
+    prepare_threads: usize,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +130,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         repository: args.repo.map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         tenants: file.tenants,
+        prepare_threads: args.prepare_threads.max(1),
         ..ServeConfig::default()
     };
     let grpc =

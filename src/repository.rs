@@ -116,12 +116,19 @@ pub struct LoadedVersion {
 /// Rounds of warm-up at each of the two batch sizes.
 const WARM_UP_ROUNDS: usize = 3;
 
-/// Runs the model a few times at one row and at a full batch, so that the
-/// first requests find warm caches and the latency model has a slope.
-fn warm_up(model: &dyn Model, spec: &ModelSpec, max_units: usize) -> Result<SharedLatency, ModelError> {
+/// Runs the model a few times on one short row and on a full batch of
+/// longer rows, prepared as requests are, so that the first requests find
+/// warm caches and the latency model has a slope in units.
+fn warm_up(
+    model: &dyn Model,
+    spec: &ModelSpec,
+    max_rows: usize,
+    max_units: usize,
+) -> Result<SharedLatency, ModelError> {
     let latency = SharedLatency::default();
-    let sample = |rows: usize| -> Vec<Tensor> {
-        spec.inputs
+    let sample = |rows: usize, words: usize| -> Result<(Vec<Tensor>, usize), ModelError> {
+        let mut inputs: Vec<Tensor> = spec
+            .inputs
             .iter()
             .map(|input| {
                 let count = rows * input.row_len();
@@ -130,22 +137,26 @@ fn warm_up(model: &dyn Model, spec: &ModelSpec, max_units: usize) -> Result<Shar
                     DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
                     DataType::Int32 => TensorData::Int32(vec![0; count]),
                     DataType::Int64 => TensorData::Int64(vec![0; count]),
-                    DataType::Bytes => TensorData::Bytes(vec![b"warm up".to_vec(); count]),
+                    DataType::Bytes => TensorData::Bytes(vec![vec!["warm"; words].join(" ").into_bytes(); count]),
                 };
                 let mut shape = vec![rows];
                 shape.extend(input.shape[1..].iter().map(|d| *d as usize));
                 Tensor { shape, data }
             })
-            .collect()
+            .collect();
+        let size = model.prepare(&mut inputs, &model::PrepareOptions { max_tokens: None, truncate: Some(true) })?;
+        Ok((inputs, rows * size.longest))
     };
     // The very first run pays one-off costs (allocation, page faults).
-    model.run(&sample(1))?;
+    model.run(&sample(1, 1)?.0)?;
+    let (_, long_units) = sample(1, 24)?;
+    let full_rows = max_rows.min(max_units / long_units.max(1)).max(1);
     for _ in 0..WARM_UP_ROUNDS {
-        for rows in [1, max_units] {
-            let inputs = sample(rows);
+        for (rows, words) in [(1, 1), (full_rows, 24)] {
+            let (inputs, units) = sample(rows, words)?;
             let started = std::time::Instant::now();
             model.run(&inputs)?;
-            latency.observe(rows, 1, started.elapsed());
+            latency.observe(units, 1, started.elapsed());
         }
     }
     Ok(latency)
@@ -189,7 +200,7 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
         }
         let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, version_files)
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
-        let latency = warm_up(model.as_ref(), &spec, config.max_batch_size)
+        let latency = warm_up(model.as_ref(), &spec, config.max_batch_size, config.max_batch_units())
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
         let estimate = latency.estimate();
         tracing::info!(
@@ -228,6 +239,8 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
 pub struct ServedVersion {
     pub spec: Arc<ModelSpec>,
     pub latency: Arc<SharedLatency>,
+    /// For preparing (tokenizing) requests before they queue.
+    pub model: Arc<dyn Model>,
     pub config: Arc<ModelToml>,
     pub batcher: BatcherHandle,
     pub stats: Arc<VersionStats>,
@@ -255,7 +268,8 @@ impl Repository {
             let config = Arc::new(m.config);
             let settings = BatcherSettings {
                 policy: BatchPolicy {
-                    max_batch_units: config.max_batch_size,
+                    max_batch_rows: config.max_batch_size,
+                    max_batch_units: config.max_batch_units(),
                     max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1000.0),
                     latency_budget: Duration::from_secs_f64(config.latency_budget_ms / 1000.0),
                 },
@@ -266,10 +280,10 @@ impl Repository {
             let mut versions = BTreeMap::new();
             for (number, v) in m.versions {
                 let stats = Arc::new(VersionStats::default());
-                let metrics = VersionMetrics::new(&m.name, number, config.priority_levels, config.max_batch_size);
+                let metrics = VersionMetrics::new(&m.name, number, config.priority_levels, config.max_batch_units());
                 metrics.publish_latency(&v.latency.estimate());
                 let batcher = crate::batcher::scheduler::spawn(
-                    v.model,
+                    v.model.clone(),
                     v.spec.clone(),
                     settings,
                     v.latency.clone(),
@@ -282,6 +296,7 @@ impl Repository {
                     number,
                     Arc::new(ServedVersion {
                         spec: v.spec,
+                        model: v.model,
                         latency: v.latency,
                         config: config.clone(),
                         batcher,

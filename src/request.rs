@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::model::Tensor;
+use crate::model::{Prepared, Tensor};
 
 /// A validated inference request for one model version.
 #[derive(Debug)]
@@ -22,6 +22,16 @@ pub struct InferRequest {
     pub priority: u32,
     /// When its answer is due at the latest (set at admission).
     pub deadline: Instant,
+    /// Its size as the batcher plans with it (tokens for text), set when
+    /// its inputs are prepared.
+    pub size: Prepared,
+}
+
+impl InferRequest {
+    /// Units it costs computed alone: its rows, padded to its longest row.
+    pub fn padded_units(&self) -> usize {
+        self.rows * self.size.longest
+    }
 }
 
 /// Where a request's time went, returned as response parameters.
@@ -33,8 +43,8 @@ pub struct Timing {
     pub compute_us: u64,
     /// Requests in the batch that computed this answer.
     pub batch_size: u64,
-    /// This request's share of the batch's compute time (its units over the
-    /// batch's units).
+    /// This request's share of the batch's compute time (its real units
+    /// over the batch's real units).
     pub cost_us: u64,
 }
 

@@ -26,6 +26,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("loading models: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("starting threads: {0}")]
+    Threads(#[from] std::io::Error),
 }
 
 /// Serves `config` on already-bound listeners until `shutdown` completes,
@@ -56,9 +58,11 @@ pub async fn serve(
 
     let ready = Arc::new(AtomicBool::new(true));
     let admission = Arc::new(crate::admission::Admission::new(&config.tenants));
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), admission, ready.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let prepare = Arc::new(crate::prepare::PreparePool::new(config.prepare_threads)?);
+    let inference =
+        GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), admission, prepare, ready.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = {

@@ -18,6 +18,8 @@ pub struct KilnParams {
     pub priority: Option<u64>,
     pub max_cost_us: Option<u64>,
     pub tenant: Option<String>,
+    /// Text models: the request's own token limit and what to do above it.
+    pub text: crate::model::PrepareOptions,
 }
 
 fn invalid(msg: impl Into<String>) -> InferError {
@@ -52,6 +54,14 @@ pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<KilnParams
             "timeout" => out.timeout_us = Some(unsigned_param(name, p)?),
             "priority" => out.priority = Some(unsigned_param(name, p)?),
             "max_cost_us" => out.max_cost_us = Some(unsigned_param(name, p)?),
+            "max_tokens" => match unsigned_param(name, p)? {
+                0 => return Err(invalid("parameter 'max_tokens': must be at least 1")),
+                n => out.text.max_tokens = Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            },
+            "truncate" => match p.parameter_choice {
+                Some(ParameterChoice::BoolParam(b)) => out.text.truncate = Some(b),
+                _ => return Err(invalid(format!("parameter 'truncate': expected a bool, got {}", describe(p)))),
+            },
             "tenant" => match &p.parameter_choice {
                 Some(ParameterChoice::StringParam(s)) => out.tenant = Some(s.clone()),
                 _ => {
@@ -135,9 +145,11 @@ pub fn decode(
         })?);
     }
     let outputs = requested_outputs(req, spec)?;
+    let rows = rows.map(|(r, _)| r).unwrap_or(0);
     let request = InferRequest {
         id: req.id.clone(),
-        rows: rows.map(|(r, _)| r).unwrap_or(0),
+        rows,
+        size: crate::model::Prepared::rows(rows),
         inputs,
         outputs,
         received,

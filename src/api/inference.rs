@@ -13,8 +13,11 @@ use super::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use super::{decode, encode, status};
 use crate::admission::{Admission, VersionLimits};
 use crate::error::InferError;
+use crate::model::{ModelError, PrepareOptions};
 use crate::monitor::stats::{DurationStat, VersionStats};
+use crate::prepare::PreparePool;
 use crate::repository::{Repository, ServedVersion};
+use crate::request::InferRequest;
 use crate::router;
 
 /// Metadata naming the tenant when the request parameter does not.
@@ -24,6 +27,7 @@ const TENANT_HEADER: &str = "x-kiln-tenant";
 pub struct InferenceService {
     repo: Arc<Repository>,
     admission: Arc<Admission>,
+    prepare: Arc<PreparePool>,
     ready: Arc<AtomicBool>,
 }
 
@@ -37,8 +41,53 @@ struct CallContext {
 impl InferenceService {
     /// `ready` turns false when shutdown starts, so health checks see it
     /// before the listener closes.
-    pub fn new(repo: Arc<Repository>, admission: Arc<Admission>, ready: Arc<AtomicBool>) -> Self {
-        Self { repo, admission, ready }
+    pub fn new(
+        repo: Arc<Repository>,
+        admission: Arc<Admission>,
+        prepare: Arc<PreparePool>,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Self { repo, admission, prepare, ready }
+    }
+
+    /// Prepares the inputs (tokenizes text) on the pool and records the
+    /// request's size for the batcher.
+    async fn prepare(
+        &self,
+        request: &mut InferRequest,
+        options: PrepareOptions,
+        version: &ServedVersion,
+    ) -> Result<(), InferError> {
+        if !version.model.prepares() {
+            if options != PrepareOptions::default() {
+                return Err(InferError::InvalidArgument(format!(
+                    "parameters 'max_tokens' and 'truncate' apply to text models; model '{}' takes {}",
+                    version.spec.name, version.spec.platform
+                )));
+            }
+            return Ok(());
+        }
+        let model = version.model.clone();
+        let mut inputs = std::mem::take(&mut request.inputs);
+        let failed = |reason: String| InferError::ModelFailed {
+            model: version.spec.name.clone(),
+            version: version.spec.version,
+            reason,
+        };
+        let (inputs, prepared) = self
+            .prepare
+            .run(move || {
+                let prepared = model.prepare(&mut inputs, &options);
+                (inputs, prepared)
+            })
+            .await
+            .map_err(failed)?;
+        request.inputs = inputs;
+        request.size = prepared.map_err(|e| match e {
+            ModelError::Input(message) => InferError::InvalidArgument(message),
+            other => failed(other.to_string()),
+        })?;
+        Ok(())
     }
 
     fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
@@ -61,6 +110,7 @@ impl InferenceService {
             }
         };
         let (mut request, params) = decode::decode(req, &version.spec, version.config.max_batch_size, call.received)?;
+        self.prepare(&mut request, params.text, version).await?;
         let tenant = params.tenant.clone().or_else(|| call.tenant.clone());
         let limits =
             VersionLimits { model: &version.spec.name, config: &version.config, estimate: version.latency.estimate() };

@@ -9,7 +9,10 @@ use super::latency::LatencyEstimate;
 /// The knobs that shape batches.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchPolicy {
-    /// Most units (rows, or tokens for text) in one batch.
+    /// Most rows in one batch (`max_batch_size`).
+    pub max_batch_rows: usize,
+    /// Most padded units in one batch: rows for row models, longest row ×
+    /// rows for text (`max_batch_tokens`).
     pub max_batch_units: usize,
     /// Longest the oldest request waits for company, whatever its slack.
     pub max_queue_delay: Duration,
@@ -17,12 +20,54 @@ pub struct BatchPolicy {
     pub latency_budget: Duration,
 }
 
+/// Below this share of real units in a batch, padding wastes enough
+/// compute that a request of a different length waits for a batch of its
+/// own length, if its budget allows. Row models never pad.
+pub const MIN_FILL: f64 = 0.75;
+
 /// What the policy needs to know of one queued request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueuedView {
     pub arrival: Instant,
     pub deadline: Instant,
+    pub rows: usize,
+    /// Length of its longest row (tokens for text, 1 for row models).
+    pub longest: usize,
+    /// Its real, unpadded units.
     pub units: usize,
+}
+
+impl QueuedView {
+    /// The request as a batch on its own.
+    pub fn alone(&self) -> BatchShape {
+        BatchShape { rows: self.rows, longest: self.longest, units: self.units }
+    }
+}
+
+/// The size of a (candidate) batch: it computes `rows × longest` padded
+/// units, of which `units` are real.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchShape {
+    pub rows: usize,
+    pub longest: usize,
+    pub units: usize,
+}
+
+impl BatchShape {
+    /// Units the model computes, padding included.
+    pub fn padded(&self) -> usize {
+        self.rows * self.longest
+    }
+
+    /// This batch with `q` added.
+    pub fn with(&self, q: &QueuedView) -> Self {
+        Self { rows: self.rows + q.rows, longest: self.longest.max(q.longest), units: self.units + q.units }
+    }
+
+    /// Share of the computed units that are real (1: no padding).
+    pub fn fill(&self) -> f64 {
+        if self.padded() == 0 { 1.0 } else { self.units as f64 / self.padded() as f64 }
+    }
 }
 
 /// Why a batch leaves now.
@@ -43,7 +88,7 @@ pub enum DispatchReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Idle,
-    /// Dispatch these queue positions (a prefix of the live requests).
+    /// Dispatch these queue positions (live requests, in service order).
     Dispatch {
         members: Vec<usize>,
         reason: DispatchReason,
@@ -72,7 +117,7 @@ impl BatchPolicy {
         let mut live = Vec::with_capacity(queue.len());
         let mut next_expiry: Option<Instant> = None;
         for (i, q) in queue.iter().enumerate() {
-            let alone = latency.predict(q.units);
+            let alone = latency.predict(q.alone().padded());
             match q.deadline.checked_sub(alone) {
                 Some(last_start) if last_start >= now => {
                     live.push(i);
@@ -96,18 +141,44 @@ impl BatchPolicy {
         if live.is_empty() {
             return Action::Idle;
         }
-        let mut members = Vec::new();
-        let mut units = 0;
-        for &i in live {
-            // The first request always fits: admission refuses anything
-            // larger than a batch.
-            if !members.is_empty() && units + queue[i].units > self.max_batch_units {
-                break;
+        // The most urgent request always goes: admission refuses anything
+        // larger than a batch. Then, in service order, whoever fits without
+        // padding the batch below MIN_FILL.
+        let head = live[0];
+        let mut members = vec![head];
+        let mut shape = queue[head].alone();
+        let mut full = false;
+        let mut skipped = Vec::new();
+        for &i in &live[1..] {
+            let grown = shape.with(&queue[i]);
+            if grown.rows > self.max_batch_rows || grown.padded() > self.max_batch_units {
+                full = true;
+            } else if grown.fill() < MIN_FILL {
+                skipped.push(i);
+            } else {
+                members.push(i);
+                shape = grown;
             }
-            units += queue[i].units;
-            members.push(i);
         }
-        let full = members.len() < live.len() || units >= self.max_batch_units;
+        // A request left for a batch of its own length must be able to
+        // wait for this one to finish; if it cannot, it comes along.
+        let done = now + latency.predict(shape.padded());
+        for i in skipped {
+            let q = &queue[i];
+            let target = q.deadline.min(q.arrival + self.latency_budget);
+            let grown = shape.with(q);
+            if done + latency.predict(q.alone().padded()) > target {
+                if grown.rows > self.max_batch_rows || grown.padded() > self.max_batch_units {
+                    full = true;
+                } else {
+                    members.push(i);
+                    shape = grown;
+                }
+            }
+        }
+        members.sort_unstable();
+        let units = shape.padded();
+        let full = full || shape.rows >= self.max_batch_rows || units >= self.max_batch_units;
         let compute = latency.predict(units);
         let mut latest_start: Option<Instant> = None;
         let mut oldest = now;
@@ -143,9 +214,10 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    const US: Duration = Duration::from_micros(1);
 
     fn policy() -> BatchPolicy {
-        BatchPolicy { max_batch_units: 8, max_queue_delay: 10 * MS, latency_budget: 20 * MS }
+        BatchPolicy { max_batch_rows: 8, max_batch_units: 8, max_queue_delay: 10 * MS, latency_budget: 20 * MS }
     }
 
     /// 1 ms per batch plus 0.5 ms per unit.
@@ -154,7 +226,27 @@ mod tests {
     }
 
     fn req(t0: Instant, arrival_ms: u64, deadline_ms: u64, units: usize) -> QueuedView {
-        QueuedView { arrival: t0 + MS * arrival_ms as u32, deadline: t0 + MS * deadline_ms as u32, units }
+        QueuedView {
+            arrival: t0 + MS * arrival_ms as u32,
+            deadline: t0 + MS * deadline_ms as u32,
+            rows: units,
+            longest: 1,
+            units,
+        }
+    }
+
+    /// One text of `tokens` tokens.
+    fn text(t0: Instant, deadline_ms: u64, tokens: usize) -> QueuedView {
+        QueuedView { arrival: t0, deadline: t0 + MS * deadline_ms as u32, rows: 1, longest: tokens, units: tokens }
+    }
+
+    /// 1 ms per batch plus 10 µs per padded token; 32 rows or 1000 tokens.
+    fn text_policy() -> BatchPolicy {
+        BatchPolicy { max_batch_rows: 32, max_batch_units: 1000, max_queue_delay: 10 * MS, latency_budget: 100 * MS }
+    }
+
+    fn text_latency() -> LatencyEstimate {
+        LatencyEstimate { fixed_s: 1e-3, per_unit_s: 10e-6, requests_per_batch: 1.0 }
     }
 
     #[test]
@@ -211,7 +303,7 @@ mod tests {
     #[test]
     fn a_larger_batch_leaves_earlier_because_it_computes_longer() {
         let t0 = Instant::now();
-        let p = BatchPolicy { max_batch_units: 64, ..policy() };
+        let p = BatchPolicy { max_batch_rows: 64, max_batch_units: 64, ..policy() };
         let one = [req(t0, 0, 12, 1)];
         let many = [req(t0, 0, 12, 1), req(t0, 0, 12, 10)];
         // 1 unit: 1.5 ms compute, start by 10.5 ms; 11 units: 6.5 ms, by 5.5 ms.
@@ -238,5 +330,48 @@ mod tests {
             policy().plan(&queue, t0, &latency(), true).action,
             Action::Dispatch { members: vec![0], reason: DispatchReason::Draining }
         );
+    }
+
+    #[test]
+    fn texts_of_similar_length_are_grouped() {
+        let t0 = Instant::now();
+        let queue = [text(t0, 1000, 10), text(t0, 1000, 40), text(t0, 1000, 12), text(t0, 1000, 38)];
+        let plan = text_policy().plan(&queue, t0 + 10 * MS, &text_latency(), false);
+        // The short ones leave together; the long ones wait for their own batch.
+        assert_eq!(plan.action, Action::Dispatch { members: vec![0, 2], reason: DispatchReason::MaxDelay });
+        let rest = [queue[1], queue[3]];
+        let plan = text_policy().plan(&rest, t0 + 10 * MS, &text_latency(), false);
+        assert_eq!(plan.action, Action::Dispatch { members: vec![0, 1], reason: DispatchReason::MaxDelay });
+    }
+
+    #[test]
+    fn a_text_that_cannot_wait_for_its_own_batch_comes_along() {
+        let t0 = Instant::now();
+        // The short batch computes 1.1 ms; the long text alone 1.4 ms: if it
+        // waited it would finish at 2.5 ms, after its 2 ms deadline.
+        let queue = [text(t0, 1000, 10), text(t0, 2, 40)];
+        let p = text_policy();
+        // Together: 80 padded tokens, 1.8 ms, so they must start by 0.2 ms.
+        assert_eq!(p.plan(&queue, t0, &text_latency(), false).action, Action::WaitUntil(t0 + 200 * US));
+        assert_eq!(
+            p.plan(&queue, t0 + 200 * US, &text_latency(), false).action,
+            Action::Dispatch { members: vec![0, 1], reason: DispatchReason::Slack }
+        );
+    }
+
+    #[test]
+    fn padded_tokens_bound_the_batch() {
+        let t0 = Instant::now();
+        // 300-token texts: three make 900 padded tokens, a fourth would be 1200.
+        let queue = [text(t0, 1000, 300), text(t0, 1000, 300), text(t0, 1000, 290), text(t0, 1000, 300)];
+        let plan = text_policy().plan(&queue, t0, &text_latency(), false);
+        assert_eq!(plan.action, Action::Dispatch { members: vec![0, 1, 2], reason: DispatchReason::Full });
+    }
+
+    #[test]
+    fn padding_counts_the_longest_row() {
+        let shape = BatchShape { rows: 3, longest: 20, units: 45 };
+        assert_eq!(shape.padded(), 60);
+        assert!((shape.fill() - 0.75).abs() < 1e-12);
     }
 }

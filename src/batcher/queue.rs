@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::policy::QueuedView;
+use super::policy::{BatchShape, QueuedView};
 use crate::error::InferError;
 use crate::request::{InferRequest, InferResponse};
 
@@ -28,7 +28,13 @@ impl Pending {
     }
 
     fn view(&self) -> QueuedView {
-        QueuedView { arrival: self.enqueued, deadline: self.request.deadline, units: self.request.rows }
+        QueuedView {
+            arrival: self.enqueued,
+            deadline: self.request.deadline,
+            rows: self.request.rows,
+            longest: self.request.size.longest,
+            units: self.request.size.units,
+        }
     }
 }
 
@@ -39,9 +45,9 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Rows across all requests.
-    pub fn rows(&self) -> usize {
-        self.requests.iter().map(|p| p.request.rows).sum()
+    /// Rows, longest row and real units across all requests.
+    pub fn shape(&self) -> BatchShape {
+        self.requests.iter().fold(BatchShape::default(), |s, p| s.with(&p.view()))
     }
 }
 
@@ -137,6 +143,7 @@ mod tests {
                 received: Instant::now(),
                 priority,
                 deadline,
+                size: crate::model::Prepared::rows(1),
             },
             reply,
             enqueued: Instant::now(),

@@ -203,7 +203,7 @@ impl Scheduler {
             match message {
                 Ok(Message::Submit(p)) => {
                     // Its own expiry may come before anything queued.
-                    let alone = self.latency.estimate().predict(p.request.rows);
+                    let alone = self.latency.estimate().predict(p.request.padded_units());
                     let last_start = p.request.deadline.checked_sub(alone).unwrap_or(p.enqueued);
                     self.next_expiry = Some(self.next_expiry.map_or(last_start, |n| n.min(last_start)));
                     self.queue.push(p);
@@ -290,7 +290,7 @@ impl Scheduler {
             self.spec.version,
             waited.as_micros(),
             left.as_micros(),
-            estimate.predict(pending.request.rows).as_micros()
+            estimate.predict(pending.request.padded_units()).as_micros()
         ))));
     }
 
@@ -378,6 +378,7 @@ mod tests {
             received: now,
             priority: 1,
             deadline: now + Duration::from_secs(60),
+            size: crate::model::Prepared::rows(1),
         }
     }
 
@@ -390,6 +391,7 @@ mod tests {
             Arc::new(GatedDoubler { gate: Mutex::new(gate), batches: AtomicUsize::new(0), rows: AtomicUsize::new(0) });
         let settings = BatcherSettings {
             policy: BatchPolicy {
+                max_batch_rows: max_batch_size,
                 max_batch_units: max_batch_size,
                 max_queue_delay: Duration::ZERO,
                 latency_budget: Duration::from_secs(1),

@@ -81,6 +81,34 @@ pub fn fp32_request(model: &str, input: &str, rows: &[Vec<f32>]) -> ModelInferRe
     }
 }
 
+/// A `ModelInferRequest` carrying `texts` as one BYTES input `[n]` in raw
+/// form (each element a 4-byte little-endian length and its bytes).
+pub fn bytes_request(model: &str, input: &str, texts: &[&[u8]]) -> ModelInferRequest {
+    let mut raw = Vec::new();
+    for t in texts {
+        raw.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        raw.extend_from_slice(t);
+    }
+    ModelInferRequest {
+        model_name: model.to_string(),
+        inputs: vec![InferInputTensor {
+            name: input.to_string(),
+            datatype: "BYTES".into(),
+            shape: vec![texts.len() as i64],
+            contents: None,
+            parameters: HashMap::new(),
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
+}
+
+/// [`bytes_request`] for UTF-8 strings.
+pub fn text_request(model: &str, input: &str, texts: &[&str]) -> ModelInferRequest {
+    let bytes: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+    bytes_request(model, input, &bytes)
+}
+
 /// The same request with typed `contents` instead of raw bytes.
 pub fn fp32_request_typed(model: &str, input: &str, rows: &[Vec<f32>]) -> ModelInferRequest {
     let mut request = fp32_request(model, input, rows);

@@ -6,9 +6,9 @@
 use candle_core::{DType, Device, Tensor as CTensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::Tokenizer;
+use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
 
-use super::{DataType, ModelError, Tensor, TensorData, TensorSpec};
+use super::{DataType, ModelError, PrepareOptions, Prepared, Tensor, TensorData, TensorSpec};
 use crate::config::{BertSection, ConfigError, Pooling};
 
 /// A loaded BERT encoder with its tokenizer.
@@ -18,6 +18,15 @@ pub struct Bert {
     pooling: Pooling,
     normalize: bool,
     hidden: usize,
+    /// The model's own token limit per text, special tokens included.
+    max_tokens: usize,
+    /// Whether a text over the limit is cut (else refused) by default.
+    truncate: bool,
+    /// Special tokens the post-processor adds to one text ([CLS], [SEP]).
+    added: usize,
+    unknown_id: Option<u32>,
+    /// The input's declared name, for messages.
+    input: String,
     device: Device,
 }
 
@@ -51,18 +60,31 @@ impl Bert {
                 output.datatype, output.shape
             )));
         }
-        let mut tokenizer = Tokenizer::from_bytes(files.get("tokenizer.json")?)
-            .map_err(|e| ModelError::Weights(format!("tokenizer.json: {e}")))?;
+        if section.max_tokens > config.max_position_embeddings {
+            return Err(config_err(format!(
+                "field `bert.max_tokens`: {} is more than the model's {} positions",
+                section.max_tokens, config.max_position_embeddings
+            )));
+        }
+        let tokenizer_json = files.get("tokenizer.json")?;
+        let mut tokenizer =
+            Tokenizer::from_bytes(tokenizer_json).map_err(|e| ModelError::Weights(format!("tokenizer.json: {e}")))?;
         // Packaged tokenizers often pad every input to a fixed length (128
         // for MiniLM), which multiplies the cost of short sentences; Kiln
-        // pads per batch to the longest instead.
+        // pads per batch to the longest instead. Truncation is Kiln's too:
+        // per request, and refusable.
         tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: section.max_tokens,
-                ..Default::default()
-            }))
-            .map_err(|e| ModelError::Weights(format!("tokenizer.json: truncation: {e}")))?;
+        tokenizer.with_truncation(None).map_err(|e| ModelError::Weights(format!("tokenizer.json: truncation: {e}")))?;
+        let added = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        if section.max_tokens <= added {
+            return Err(config_err(format!(
+                "field `bert.max_tokens`: {} leaves no room for text after {added} special tokens",
+                section.max_tokens
+            )));
+        }
+        let unknown_id = serde_json::from_slice::<serde_json::Value>(tokenizer_json)
+            .ok()
+            .and_then(|v| v["model"]["unk_token"].as_str().and_then(|t| tokenizer.token_to_id(t)));
         let weights = files.get(super::WEIGHTS_FILE)?.to_vec();
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)
             .map_err(|e| ModelError::Weights(format!("{}: {e}", super::WEIGHTS_FILE)))?;
@@ -73,25 +95,64 @@ impl Bert {
             pooling: section.pooling,
             normalize: section.normalize,
             hidden,
+            max_tokens: section.max_tokens,
+            truncate: section.truncate,
+            added,
+            unknown_id,
+            input: input.name.clone(),
             device: device.clone(),
         })
     }
 
-    /// Embeds `texts`, padding the batch to its longest sequence.
-    pub fn embed(&self, texts: &[&str]) -> Result<Vec<f32>, ModelError> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| ModelError::Compute(format!("tokenizing: {e}")))?;
-        let n = encodings.len();
-        let longest = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
+    /// Tokenizes `texts` under `options`, with special tokens, unpadded.
+    pub fn tokenize(&self, texts: &[&str], options: &PrepareOptions) -> Result<(Vec<Vec<u32>>, Prepared), ModelError> {
+        let limit = options.max_tokens.map_or(self.max_tokens, |m| m.min(self.max_tokens));
+        let truncate = options.truncate.unwrap_or(self.truncate);
+        if limit <= self.added {
+            return Err(ModelError::Input(format!(
+                "parameter 'max_tokens': {limit} leaves no room for text: the model adds {} special tokens to each",
+                self.added
+            )));
+        }
+        let mut rows = Vec::with_capacity(texts.len());
+        let mut found = Prepared { longest: 1, units: 0, truncated: 0, unknown: 0 };
+        for (row, text) in texts.iter().enumerate() {
+            let mut encoding = self.tokenizer.encode(*text, false).map_err(|e| {
+                ModelError::Input(format!("input '{}' element {row}: cannot tokenize: {e}", self.input))
+            })?;
+            let count = encoding.len() + self.added;
+            if count > limit {
+                if !truncate {
+                    return Err(ModelError::Input(format!(
+                        "input '{}' element {row}: {count} tokens, more than max_tokens {limit}; send \
+                         truncate=true to cut it to {limit}, or shorten the text",
+                        self.input
+                    )));
+                }
+                encoding.truncate(limit - self.added, 0, TruncationDirection::Right);
+                found.truncated += 1;
+            }
+            let encoding = self.tokenizer.post_process(encoding, None, true).map_err(|e| {
+                ModelError::Input(format!("input '{}' element {row}: cannot tokenize: {e}", self.input))
+            })?;
+            let ids = encoding.get_ids().to_vec();
+            found.longest = found.longest.max(ids.len());
+            found.units += ids.len();
+            found.unknown += self.unknown_id.map_or(0, |u| ids.iter().filter(|id| **id == u).count());
+            rows.push(ids);
+        }
+        Ok((rows, found))
+    }
+
+    /// Embeds tokenized rows, padding the batch to its longest row.
+    pub fn embed(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>, ModelError> {
+        let n = rows.len();
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let mut ids = vec![0u32; n * longest];
         let mut mask = vec![0u32; n * longest];
-        for (row, e) in encodings.iter().enumerate() {
-            for (j, id) in e.get_ids().iter().enumerate() {
-                ids[row * longest + j] = *id;
-                mask[row * longest + j] = 1;
-            }
+        for (row, tokens) in rows.iter().enumerate() {
+            ids[row * longest..row * longest + tokens.len()].copy_from_slice(tokens);
+            mask[row * longest..row * longest + tokens.len()].fill(1);
         }
         let ids = CTensor::from_vec(ids, (n, longest), &self.device)?;
         let mask = CTensor::from_vec(mask, (n, longest), &self.device)?;
@@ -116,17 +177,42 @@ impl Bert {
     }
 }
 
+/// The texts of a BYTES tensor; validation admitted only UTF-8.
+fn texts(items: &[Vec<u8>]) -> Result<Vec<&str>, ModelError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, b)| std::str::from_utf8(b).map_err(|e| ModelError::Input(format!("element {i} is not UTF-8: {e}"))))
+        .collect()
+}
+
 impl super::Model for Bert {
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
         let [input] = inputs else {
             return Err(ModelError::Compute(format!("expected one input tensor, got {}", inputs.len())));
         };
-        let TensorData::Bytes(items) = &input.data else {
-            return Err(ModelError::Compute("input is not BYTES".into()));
+        let values = match &input.data {
+            TensorData::Tokens(rows) => self.embed(rows)?,
+            // In-process callers may pass text; the server prepares it first.
+            TensorData::Bytes(items) => self.embed(&self.tokenize(&texts(items)?, &PrepareOptions::default())?.0)?,
+            _ => return Err(ModelError::Compute("input is neither text nor tokens".into())),
         };
-        // Validation admitted only valid UTF-8.
-        let texts: Vec<&str> = items.iter().map(|b| std::str::from_utf8(b).unwrap_or_default()).collect();
-        let values = self.embed(&texts)?;
-        Ok(vec![Tensor { shape: vec![texts.len(), self.hidden], data: TensorData::Fp32(values) }])
+        Ok(vec![Tensor { shape: vec![input.rows(), self.hidden], data: TensorData::Fp32(values) }])
+    }
+
+    fn prepares(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, inputs: &mut [Tensor], options: &PrepareOptions) -> Result<Prepared, ModelError> {
+        let [input] = inputs else {
+            return Err(ModelError::Compute(format!("expected one input tensor, got {}", inputs.len())));
+        };
+        let TensorData::Bytes(items) = &input.data else {
+            return Err(ModelError::Compute("input is not BYTES text".into()));
+        };
+        let (rows, found) = self.tokenize(&texts(items)?, options)?;
+        input.data = TensorData::Tokens(rows);
+        Ok(found)
     }
 }

@@ -71,6 +71,10 @@ pub enum ModelError {
     Weights(String),
     #[error("model computation failed: {0}")]
     Compute(String),
+    /// The client's input cannot be prepared (a text over its token
+    /// limit); the message names the input, row and counts.
+    #[error("{0}")]
+    Input(String),
 }
 
 impl From<candle_core::Error> for ModelError {
@@ -100,10 +104,52 @@ impl VersionFiles {
     }
 }
 
+/// A request's own limits on preparing its inputs (request parameters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrepareOptions {
+    /// Most tokens per text, below the model's own limit.
+    pub max_tokens: Option<usize>,
+    /// Cut longer texts to the limit (true) or refuse them (false); `None`
+    /// takes the model's default.
+    pub truncate: Option<bool>,
+}
+
+/// What preparing one request found: the size the batcher plans with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared {
+    /// Length of its longest row: tokens for text, 1 for everything else.
+    pub longest: usize,
+    /// Real (unpadded) units across its rows: tokens for text, else rows.
+    pub units: usize,
+    /// Rows that were cut to the token limit.
+    pub truncated: usize,
+    /// Tokens the vocabulary did not know.
+    pub unknown: usize,
+}
+
+impl Prepared {
+    /// Row models: every row is one unit.
+    pub fn rows(rows: usize) -> Self {
+        Self { longest: 1, units: rows, truncated: 0, unknown: 0 }
+    }
+}
+
 /// A loaded model: runs one batch of inputs (in declared order, rows
 /// stacked) and returns every declared output with the same rows.
 pub trait Model: Send + Sync {
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError>;
+
+    /// True when `prepare` does real work (tokenizing), which then runs on
+    /// the preparation pool rather than inline.
+    fn prepares(&self) -> bool {
+        false
+    }
+
+    /// Turns one request's validated inputs into the form `run` takes,
+    /// before it is queued, so the executor thread only computes.
+    fn prepare(&self, inputs: &mut [Tensor], _options: &PrepareOptions) -> Result<Prepared, ModelError> {
+        Ok(Prepared::rows(inputs.first().map_or(0, Tensor::rows)))
+    }
 }
 
 /// Picks the candle device for a `device` setting. `file` names the config

@@ -60,6 +60,10 @@ pub enum TensorData {
     Int32(Vec<i32>),
     Int64(Vec<i64>),
     Bytes(Vec<Vec<u8>>),
+    /// A BYTES text input after tokenization: one row of token ids per
+    /// string, unpadded (the batch pads to its longest row). Only models
+    /// that prepare their inputs see it; it never goes on the wire.
+    Tokens(Vec<Vec<u32>>),
 }
 
 impl TensorData {
@@ -71,6 +75,7 @@ impl TensorData {
             Self::Int32(v) => v.len(),
             Self::Int64(v) => v.len(),
             Self::Bytes(v) => v.len(),
+            Self::Tokens(v) => v.len(),
         }
     }
 
@@ -86,18 +91,19 @@ impl TensorData {
             Self::Fp64(_) => DataType::Fp64,
             Self::Int32(_) => DataType::Int32,
             Self::Int64(_) => DataType::Int64,
-            Self::Bytes(_) => DataType::Bytes,
+            Self::Bytes(_) | Self::Tokens(_) => DataType::Bytes,
         }
     }
 
-    /// An empty buffer of the given type with room for `capacity` elements.
-    pub fn with_capacity(datatype: DataType, capacity: usize) -> Self {
-        match datatype {
-            DataType::Fp32 => Self::Fp32(Vec::with_capacity(capacity)),
-            DataType::Fp64 => Self::Fp64(Vec::with_capacity(capacity)),
-            DataType::Int32 => Self::Int32(Vec::with_capacity(capacity)),
-            DataType::Int64 => Self::Int64(Vec::with_capacity(capacity)),
-            DataType::Bytes => Self::Bytes(Vec::with_capacity(capacity)),
+    /// An empty buffer of the same kind with room for `capacity` elements.
+    pub fn empty_like(&self, capacity: usize) -> Self {
+        match self {
+            Self::Fp32(_) => Self::Fp32(Vec::with_capacity(capacity)),
+            Self::Fp64(_) => Self::Fp64(Vec::with_capacity(capacity)),
+            Self::Int32(_) => Self::Int32(Vec::with_capacity(capacity)),
+            Self::Int64(_) => Self::Int64(Vec::with_capacity(capacity)),
+            Self::Bytes(_) => Self::Bytes(Vec::with_capacity(capacity)),
+            Self::Tokens(_) => Self::Tokens(Vec::with_capacity(capacity)),
         }
     }
 
@@ -109,6 +115,7 @@ impl TensorData {
             (Self::Int32(a), Self::Int32(b)) => a.extend_from_slice(b),
             (Self::Int64(a), Self::Int64(b)) => a.extend_from_slice(b),
             (Self::Bytes(a), Self::Bytes(b)) => a.extend(b.iter().cloned()),
+            (Self::Tokens(a), Self::Tokens(b)) => a.extend(b.iter().cloned()),
             _ => return false,
         }
         true
@@ -122,6 +129,7 @@ impl TensorData {
             Self::Int32(v) => Self::Int32(v[range].to_vec()),
             Self::Int64(v) => Self::Int64(v[range].to_vec()),
             Self::Bytes(v) => Self::Bytes(v[range].to_vec()),
+            Self::Tokens(v) => Self::Tokens(v[range].to_vec()),
         }
     }
 
@@ -142,6 +150,16 @@ impl TensorData {
                     // A single element over 4 GiB cannot pass the message limit.
                     out.extend_from_slice(&(item.len() as u32).to_le_bytes());
                     out.extend_from_slice(item);
+                }
+                out
+            }
+            // Ids as length-prefixed little-endian u32 rows, for completeness:
+            // tokens are an internal form and are not sent to clients.
+            Self::Tokens(v) => {
+                let mut out = Vec::new();
+                for row in v {
+                    out.extend_from_slice(&(row.len() as u32).to_le_bytes());
+                    out.extend(row.iter().flat_map(|id| id.to_le_bytes()));
                 }
                 out
             }
@@ -173,7 +191,7 @@ impl Tensor {
     pub fn concat_rows(parts: &[&Tensor]) -> Option<Tensor> {
         let first = parts.first()?;
         let rows = parts.iter().map(|t| t.rows()).sum();
-        let mut data = TensorData::with_capacity(first.data.datatype(), rows * first.row_len());
+        let mut data = first.data.empty_like(rows * first.row_len());
         for part in parts {
             if part.shape[1..] != first.shape[1..] || !data.extend_from(&part.data) {
                 return None;

@@ -26,8 +26,10 @@ pub const BATCH_UNITS: &str = "kiln_batch_units";
 pub const QUEUE_DEPTH: &str = "kiln_queue_depth";
 /// Requests refused or dropped, by reason (`queue_full`, `cancelled`, ...).
 pub const REJECTED_TOTAL: &str = "kiln_rejected_total";
-/// Rows over the batch limit, per batch: how full batches run.
+/// Units over the batch limit, per batch: how full batches run.
 pub const BATCH_FILL_RATIO: &str = "kiln_batch_fill_ratio";
+/// Share of a batch's computed units that are padding (0 for row models).
+pub const PADDING_RATIO: &str = "kiln_padding_ratio";
 /// The latency model's terms, by `term` (`fixed`, `per_unit`).
 pub const LATENCY_MODEL: &str = "kiln_latency_model_seconds";
 /// Compute-seconds spent, by tenant (configured tenants, else `other`).
@@ -66,6 +68,7 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &size_buckets()))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_UNITS.into()), &size_buckets()))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_FILL_RATIO.into()), &ratio_buckets()))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PADDING_RATIO.into()), &ratio_buckets()))
                 .expect("bucket lists are non-empty constants");
             let handle = builder.install_recorder().expect("the recorder is installed once, guarded by OnceLock");
             describe();
@@ -82,10 +85,11 @@ fn describe() {
     describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time a request waited in the queue before its batch ran.");
     describe_histogram!(COMPUTE_DURATION, Unit::Seconds, "Model compute time per batch.");
     describe_histogram!(BATCH_SIZE, "Requests per formed batch.");
-    describe_histogram!(BATCH_UNITS, "Rows per formed batch.");
+    describe_histogram!(BATCH_UNITS, "Units per formed batch: rows, or padded tokens for text.");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting in the queue.");
     describe_counter!(REJECTED_TOTAL, "Requests refused or dropped before compute, by reason.");
-    describe_histogram!(BATCH_FILL_RATIO, "Rows per batch over the batch limit.");
+    describe_histogram!(BATCH_FILL_RATIO, "Units per batch over the batch limit.");
+    describe_histogram!(PADDING_RATIO, "Share of a batch's computed tokens that are padding.");
     describe_gauge!(LATENCY_MODEL, Unit::Seconds, "The latency model t = fixed + per_unit * units, by term.");
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
     describe_gauge!(BUILD_INFO, "Kiln build information.");
@@ -103,6 +107,7 @@ pub struct VersionMetrics {
     pub batch_size: Histogram,
     pub batch_units: Histogram,
     pub batch_fill_ratio: Histogram,
+    pub padding_ratio: Histogram,
     /// One gauge per priority level (index 0 = level 1).
     pub queue_depth: Vec<Gauge>,
     pub ready: Gauge,
@@ -117,6 +122,7 @@ impl VersionMetrics {
         let (m, v) = (model.to_string(), version.to_string());
         Self {
             batch_fill_ratio: metrics::histogram!(BATCH_FILL_RATIO, "model" => m.clone(), "version" => v.clone()),
+            padding_ratio: metrics::histogram!(PADDING_RATIO, "model" => m.clone(), "version" => v.clone()),
             latency_fixed: metrics::gauge!(LATENCY_MODEL, "model" => m.clone(), "version" => v.clone(), "term" => "fixed"),
             latency_per_unit: metrics::gauge!(LATENCY_MODEL, "model" => m.clone(), "version" => v.clone(), "term" => "per_unit"),
             max_batch_units: max_batch_units.max(1),

@@ -1,0 +1,180 @@
+//! The real all-MiniLM-L6-v2 served over gRPC, checked against embeddings
+//! from an independent float64 implementation (scripts/minilm-reference.py,
+//! committed as tests/fixtures/minilm_reference.json). The model comes from
+//! scripts/fetch-minilm.sh; without it these tests fail, never skip.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{TestServer, expect_refusal, with_param};
+use kiln::client::{ParameterChoice, bytes_request, output_fp32, text_request};
+use kiln::config::{RepositorySource, ServeConfig};
+use tonic::Code;
+
+const MODEL: &str = "minilm";
+const TOLERANCE: f64 = 1e-4;
+
+fn repo() -> PathBuf {
+    let models = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models"));
+    let weights = models.join("minilm/1/model.safetensors");
+    assert!(weights.exists(), "{} is missing: run scripts/fetch-minilm.sh first", weights.display());
+    models
+}
+
+async fn server() -> TestServer {
+    TestServer::start(ServeConfig { repository: RepositorySource::Dir(repo()), ..Default::default() }).await
+}
+
+struct Reference {
+    text: String,
+    tokens: usize,
+    embedding: Vec<f64>,
+}
+
+fn reference() -> Vec<Reference> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json"))
+        .expect("fixture");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["sentences"]
+        .as_array()
+        .expect("sentences")
+        .iter()
+        .map(|s| Reference {
+            text: s["text"].as_str().expect("text").to_string(),
+            tokens: s["tokens"].as_u64().expect("tokens") as usize,
+            embedding: s["embedding"].as_array().expect("embedding").iter().map(|x| x.as_f64().expect("f64")).collect(),
+        })
+        .collect()
+}
+
+fn cosine_distance(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "embedding width");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    1.0 - dot / (na * nb)
+}
+
+async fn embed(client: &mut kiln::client::Client, texts: &[&str]) -> Vec<Vec<f32>> {
+    let response = client.raw.model_infer(text_request(MODEL, "text", texts)).await.expect("embedding").into_inner();
+    assert_eq!(response.outputs[0].shape, vec![texts.len() as i64, 384]);
+    output_fp32(&response, 0).expect("fp32").chunks(384).map(<[f32]>::to_vec).collect()
+}
+
+#[tokio::test]
+async fn embeddings_match_the_independent_reference_alone_and_in_mixed_length_batches() {
+    let server = server().await;
+    let mut client = server.client().await;
+    let reference = reference();
+    let lengths: Vec<usize> = reference.iter().map(|r| r.tokens).collect();
+    assert!(lengths.iter().max() > lengths.iter().min(), "the fixture mixes lengths: {lengths:?}");
+    let texts: Vec<&str> = reference.iter().map(|r| r.text.as_str()).collect();
+
+    // All in one request: every row padded to the longest.
+    let together = embed(&mut client, &texts).await;
+    // Each alone: no padding at all.
+    let mut alone = Vec::new();
+    for t in &texts {
+        alone.push(embed(&mut client, &[t]).await.remove(0));
+    }
+    // Concurrent single requests: the batcher groups them as it likes.
+    let mut tasks = Vec::new();
+    for t in texts.iter().cycle().take(4 * texts.len()) {
+        let (mut c, t) = (client.clone(), t.to_string());
+        tasks.push(tokio::spawn(async move { embed(&mut c, &[&t]).await.remove(0) }));
+    }
+    let mut concurrent = Vec::new();
+    for task in tasks {
+        concurrent.push(task.await.expect("task"));
+    }
+    for (i, r) in reference.iter().enumerate() {
+        for (how, got) in [("alone", &alone[i]), ("together", &together[i]), ("concurrent", &concurrent[i])] {
+            let d = cosine_distance(got, &r.embedding);
+            assert!(d < TOLERANCE, "{how}: {:?}: cosine distance {d:e} from the reference", r.text);
+        }
+        for again in concurrent.iter().skip(i).step_by(texts.len()) {
+            let d = cosine_distance(again, &alone[i].iter().map(|x| *x as f64).collect::<Vec<_>>());
+            assert!(d < TOLERANCE, "{:?}: batching moved the answer by {d:e}", r.text);
+        }
+    }
+    // The model is right, not merely consistent: related sentences are closer.
+    let similarity = |a: usize, b: usize| 1.0 - cosine_distance(&alone[a], &reference[b].embedding);
+    assert!(similarity(0, 1) > similarity(0, 2), "cat~feline should beat cat~unrelated");
+    server.wait_for_metric("kiln_padding_ratio_count{model=\"minilm\",version=\"1\"}").await;
+}
+
+#[tokio::test]
+async fn text_input_is_validated_and_token_limits_are_enforced() {
+    let server = server().await;
+    let mut client = server.client().await;
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(8);
+
+    expect_refusal(
+        &mut client,
+        text_request(MODEL, "text", &["fine", ""]),
+        Code::InvalidArgument,
+        &["element 1", "empty"],
+    )
+    .await;
+    let bad_utf8 = bytes_request(MODEL, "text", &[b"ok", &[0xff, 0xfe, 0x41]]);
+    expect_refusal(&mut client, bad_utf8, Code::InvalidArgument, &["element 1", "UTF-8"]).await;
+
+    // 9 words × 8 + [CLS] + [SEP] = 74 tokens.
+    let refuse = with_param(
+        with_param(text_request(MODEL, "text", &["short", &long]), "max_tokens", ParameterChoice::Int64Param(16)),
+        "truncate",
+        ParameterChoice::BoolParam(false),
+    );
+    expect_refusal(
+        &mut client,
+        refuse,
+        Code::InvalidArgument,
+        &["element 1", "74 tokens", "max_tokens 16", "truncate"],
+    )
+    .await;
+
+    let cut = with_param(text_request(MODEL, "text", &[&long]), "max_tokens", ParameterChoice::Int64Param(16));
+    let cut = client.raw.model_infer(cut).await.expect("truncated by default").into_inner();
+    let full = embed(&mut client, &[&long]).await.remove(0);
+    let truncated = output_fp32(&cut, 0).expect("fp32");
+    let as_f64: Vec<f64> = full.iter().map(|x| *x as f64).collect();
+    let d = cosine_distance(&truncated, &as_f64);
+    assert!(d > TOLERANCE, "16 tokens embed differently from 74 (distance {d:e})");
+    // The truncated text is exactly its first 14 word pieces.
+    let first_14 = long.split_whitespace().take(14).collect::<Vec<_>>().join(" ");
+    let expected = embed(&mut client, &[&first_14]).await.remove(0);
+    let d = cosine_distance(&truncated, &expected.iter().map(|x| *x as f64).collect::<Vec<_>>());
+    assert!(d < TOLERANCE, "truncation kept something other than the first tokens ({d:e})");
+
+    let zero = with_param(text_request(MODEL, "text", &["x"]), "max_tokens", ParameterChoice::Int64Param(0));
+    expect_refusal(&mut client, zero, Code::InvalidArgument, &["max_tokens", "at least 1"]).await;
+    let not_bool =
+        with_param(text_request(MODEL, "text", &["x"]), "truncate", ParameterChoice::StringParam("y".into()));
+    expect_refusal(&mut client, not_bool, Code::InvalidArgument, &["truncate", "bool"]).await;
+    let rows_model = with_param(
+        kiln::client::fp32_request("risk", "features", &common::wdbc().0[..1]),
+        "max_tokens",
+        ParameterChoice::Int64Param(8),
+    );
+    expect_refusal(&mut client, rows_model, Code::InvalidArgument, &["max_tokens", "text models"]).await;
+
+    // The server is still up and right.
+    let again = embed(&mut client, &["still serving"]).await;
+    assert_eq!(again[0].len(), 384);
+}
+
+#[tokio::test]
+async fn metadata_describes_the_text_interface() {
+    let server = server().await;
+    let mut client = server.client().await;
+    let m = client
+        .raw
+        .model_metadata(kiln::api::pb::ModelMetadataRequest { name: MODEL.into(), version: String::new() })
+        .await
+        .expect("metadata")
+        .into_inner();
+    assert_eq!(m.platform, "kiln_bert");
+    assert_eq!((m.inputs[0].datatype.as_str(), m.inputs[0].shape.clone()), ("BYTES", vec![-1]));
+    assert_eq!((m.outputs[0].datatype.as_str(), m.outputs[0].shape.clone()), ("FP32", vec![-1, 384]));
+}
