@@ -25,6 +25,59 @@ enum Command {
     Serve(ServeArgs),
     /// Send one request and print the outputs.
     Infer(InferArgs),
+    /// Load-test a running server: closed loop (--concurrency) and open
+    /// loop (--rate, Poisson arrivals); prints a table per step.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Server address, host:port.
+    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001")]
+    url: String,
+    /// Model name.
+    #[arg(long, env = "KILN_MODEL")]
+    model: String,
+    /// Model version; the model's default when absent.
+    #[arg(long, default_value = "")]
+    version: String,
+    /// Closed-loop steps: clients each sending its next request when the
+    /// last is answered, e.g. 1,8,32.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Open-loop steps: Poisson arrivals at these requests per second, e.g.
+    /// 500,1000,2000. Latency counts from the intended send time.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Most requests per step (the step also ends at --duration).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// HTTP/2 connections the load is spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Rows (or texts) per request.
+    #[arg(long, default_value_t = 1)]
+    rows: usize,
+    /// Inputs to send instead of generated ones: CSV rows of numbers, or
+    /// one text per line for text models.
+    #[arg(long)]
+    input_file: Option<PathBuf>,
+    /// Open loop: most requests outstanding; arrivals beyond it are counted
+    /// as CLIENT_OVERLOADED instead of queueing in the client.
+    #[arg(long, default_value_t = 10_000)]
+    max_in_flight: usize,
+    /// Also write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write one CSV line per step.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Draw throughput against p99 and the latency percentiles (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -118,7 +171,51 @@ fn run() -> Result<()> {
         Command::Infer(args) => {
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(infer(args))
         }
+        Command::Bench(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench(args)),
     }
+}
+
+async fn bench(args: BenchArgs) -> Result<()> {
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if let Some(r) = args.rate.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
+        bail!("--rate {r}: rates must be positive requests per second");
+    }
+    let mut steps: Vec<kiln::bench::Load> =
+        args.concurrency.iter().map(|n| kiln::bench::Load::Concurrency(*n)).collect();
+    steps.extend(args.rate.iter().map(|r| kiln::bench::Load::Rate(*r)));
+    if steps.is_empty() {
+        steps.push(kiln::bench::Load::Concurrency(1));
+    }
+    let options = kiln::bench::BenchOptions {
+        url: args.url,
+        model: args.model,
+        version: args.version,
+        steps,
+        duration: std::time::Duration::from_secs_f64(args.duration),
+        max_requests: args.requests,
+        connections: args.connections.max(1),
+        rows: args.rows.max(1),
+        input_file: args.input_file,
+        max_in_flight: args.max_in_flight.max(1),
+        progress: true,
+    };
+    let report = kiln::bench::run(&options).await?;
+    print!("{}", report.table());
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    };
+    if let Some(path) = &args.json {
+        write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    if let Some(path) = &args.csv {
+        write(path, report.csv())?;
+    }
+    if let Some(path) = &args.plot {
+        write(path, report.svg())?;
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

@@ -57,3 +57,40 @@ async fn infer_names_what_is_wrong_and_fails() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_accounts_for_every_request_in_closed_and_open_loop() {
+    let server = TestServer::built_in().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let output = tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["bench", "--url", &server.addr.to_string(), "--model", "risk"])
+            .args(["--concurrency", "1,4", "--rate", "200", "--duration", "1.5", "--requests", "2000"])
+            .args(["--json".as_ref(), json.as_os_str()])
+            .output()
+            .expect("kiln runs")
+    });
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("p99 ms") && table.contains("c=4") && table.contains("200/s"), "{table}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("json");
+    let steps = report["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 3);
+    for step in steps {
+        let sent = step["sent"].as_u64().expect("sent");
+        let answered: u64 = step["answered"].as_object().expect("codes").values().map(|v| v.as_u64().expect("n")).sum();
+        assert_eq!(sent, answered, "every request accounted for: {step}");
+        assert!(step["answered"]["OK"].as_u64().unwrap_or(0) > 0, "{step}");
+        let l = &step["latency_ms"];
+        let p = |k: &str| l[k].as_f64().expect("percentile");
+        assert!(p("p50") > 0.0 && p("p50") <= p("p90") && p("p90") <= p("p99") && p("p99") <= p("p999"), "{l}");
+        assert!(step["throughput"].as_f64().expect("throughput") > 0.0);
+        assert!(step["server"]["batch_size"].as_f64().expect("batch size") >= 1.0, "{step}");
+    }
+    assert_eq!(steps[0]["mode"], "concurrency");
+    assert_eq!(steps[2]["mode"], "rate");
+    // About 200/s for 1.5 s: Poisson, so only loosely.
+    let open = steps[2]["sent"].as_u64().expect("sent");
+    assert!((150..=450).contains(&open), "open loop sent {open}");
+}

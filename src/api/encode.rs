@@ -68,10 +68,21 @@ pub fn model_metadata(model: &ServedModel, spec: &ModelSpec) -> ModelMetadataRes
         platform: spec.platform.clone(),
         inputs: spec.inputs.iter().map(tensor_metadata).collect(),
         outputs: spec.outputs.iter().map(tensor_metadata).collect(),
-        kiln_parameters: HashMap::from([
-            ("model_version".to_string(), string_param(&spec.version.to_string())),
-            ("weights_sha256".to_string(), string_param(&spec.weights_sha256)),
-        ]),
+        kiln_parameters: {
+            let mut p = HashMap::from([
+                ("model_version".to_string(), string_param(&spec.version.to_string())),
+                ("weights_sha256".to_string(), string_param(&spec.weights_sha256)),
+            ]);
+            // Each feature's hard limits, so clients (kiln bench) can make
+            // inputs the model accepts.
+            for input in spec.inputs.iter().filter(|i| !i.features.is_empty()) {
+                let ranges: Vec<Option<[f64; 2]>> =
+                    input.features.iter().map(|f| f.valid_range.map(|(lo, hi)| [lo, hi])).collect();
+                let json = serde_json::to_string(&ranges).unwrap_or_default();
+                p.insert(format!("{}.valid_ranges", input.name), string_param(&json));
+            }
+            p
+        },
     }
 }
 
