@@ -15,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod model;
 pub mod monitor;
+pub mod plan;
 pub mod prepare;
 pub mod repository;
 pub mod request;

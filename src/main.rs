@@ -28,6 +28,37 @@ enum Command {
     /// Load-test a running server: closed loop (--concurrency) and open
     /// loop (--rate, Poisson arrivals); prints a table per step.
     Bench(BenchArgs),
+    /// Recommend max_batch_size, max_queue_delay_ms and instances for a p99
+    /// budget, from measurements and a simulation of the batch policy.
+    Plan(PlanArgs),
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Model repository folder; the built-in repository without it.
+    #[arg(long, env = "KILN_REPO")]
+    repo: Option<PathBuf>,
+    /// Model name.
+    #[arg(long, env = "KILN_MODEL")]
+    model: String,
+    /// p99 latency target in milliseconds.
+    #[arg(long)]
+    budget_ms: f64,
+    /// Total requests per second to size replicas for.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Requests per simulation run (more: steadier p99, slower plan).
+    #[arg(long, default_value_t = 20_000)]
+    sim_requests: usize,
+    /// CPU threads for the model, as `kiln serve --model-threads`.
+    #[arg(long, env = "KILN_MODEL_THREADS", default_value_t = 1)]
+    model_threads: usize,
+    /// Also write the plan as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw predicted p99 against offered rate (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -172,7 +203,38 @@ fn run() -> Result<()> {
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(infer(args))
         }
         Command::Bench(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench(args)),
+        Command::Plan(args) => {
+            // SAFETY: no other thread exists yet (see Serve).
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", args.model_threads.max(1).to_string()) };
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(plan(args))
+        }
     }
+}
+
+async fn plan(args: PlanArgs) -> Result<()> {
+    if !(args.budget_ms.is_finite() && args.budget_ms > 0.0) {
+        bail!("--budget-ms must be a positive number of milliseconds");
+    }
+    if let Some(r) = args.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        bail!("--rate {r}: must be positive requests per second");
+    }
+    let options = kiln::plan::PlanOptions {
+        repository: args.repo.map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn),
+        model: args.model,
+        budget: std::time::Duration::from_secs_f64(args.budget_ms / 1000.0),
+        rate: args.rate,
+        sim_requests: args.sim_requests.max(1000),
+    };
+    let plan = kiln::plan::plan(&options).await?;
+    print!("{}", plan.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&plan)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plan.svg()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn bench(args: BenchArgs) -> Result<()> {

@@ -281,3 +281,35 @@ fn axes(
         top + 4.0,
     );
 }
+
+/// A single-series line chart with an optional horizontal line (a budget).
+pub fn line_chart(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64)], hline: Option<f64>) -> String {
+    let (w, h, pad, top) = (640.0, 400.0, 70.0, 40.0);
+    let (right, bottom) = (w - 20.0, h - 50.0);
+    let x_max = points.iter().map(|p| p.0).fold(1e-9, f64::max) * 1.05;
+    let y_max = points.iter().map(|p| p.1).chain(hline).fold(1e-9, f64::max) * 1.1;
+    let x_of = |x: f64| pad + x / x_max * (right - pad);
+    let y_of = |y: f64| bottom - y.min(y_max) / y_max * (bottom - top);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" \
+         font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad}\" y=\"20\" font-size=\"14\">{title}</text>\n"
+    );
+    axes(&mut svg, pad, top, right - pad, bottom, x_label, y_label, x_max, y_max);
+    if let Some(y) = hline {
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{pad}\" y1=\"{0:.1}\" x2=\"{right}\" y2=\"{0:.1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/>",
+            y_of(y)
+        );
+    }
+    let pts: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", x_of(*x), y_of(*y))).collect();
+    let _ =
+        writeln!(svg, "<polyline fill=\"none\" stroke=\"#2980b9\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
+    for p in &pts {
+        let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+        let _ = writeln!(svg, "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"#2980b9\"/>");
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

@@ -1,0 +1,395 @@
+//! `kiln plan`: recommends batching settings for a latency budget without a
+//! brute-force sweep. It measures the model's batch-time curve in-process,
+//! the per-request serving overhead and ceiling through a real server on
+//! 127.0.0.1, then simulates the server's own batch policy (see `sim`)
+//! under Poisson arrivals for each candidate configuration.
+
+pub mod sim;
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::batcher::policy::BatchPolicy;
+use crate::bench::{BenchOptions, Load};
+use crate::config::{RepositorySource, ServeConfig};
+use crate::model::{DataType, Model, ModelSpec, PrepareOptions, Tensor, TensorData};
+use sim::{BatchCurve, SimResult, SimSetup, simulate};
+
+/// The highest share of a measured capacity the planner will load.
+const HEADROOM: f64 = 0.95;
+
+const SENTENCES: &str = include_str!("../../data/sentences.txt");
+
+/// What to plan for.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub repository: RepositorySource,
+    pub model: String,
+    /// p99 target for queue + compute + serving overhead.
+    pub budget: Duration,
+    /// Total rate to size replicas for.
+    pub rate: Option<f64>,
+    /// Requests per simulation run.
+    pub sim_requests: usize,
+}
+
+/// Why planning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Repository(#[from] crate::repository::RepositoryError),
+    #[error("no model '{0}' in the repository")]
+    NoModel(String),
+    #[error("measuring the model: {0}")]
+    Model(#[from] crate::model::ModelError),
+    #[error("measuring through a server: {0}")]
+    Serve(String),
+}
+
+/// The measurements the simulation runs on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurements {
+    /// (batch size, seconds) measured in-process.
+    pub curve: Vec<(usize, f64)>,
+    /// Mean time a request spends outside queue and compute, at one client.
+    pub overhead_ms: f64,
+    /// Answers per second a real server gave with 32 clients: beyond it the
+    /// serving path (gRPC, decode, encode, the client) saturates first.
+    pub serving_ceiling: f64,
+}
+
+/// One candidate configuration and its predicted capacity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub max_batch_size: usize,
+    pub max_queue_delay_ms: f64,
+    pub instances: usize,
+    /// Highest Poisson rate whose predicted p99 meets the budget.
+    pub max_rate: f64,
+    /// Predicted at `max_rate`.
+    pub p99_ms: f64,
+    pub mean_batch: f64,
+    /// Limited by the serving path rather than the batch policy.
+    pub serving_bound: bool,
+}
+
+/// Predicted p99 at one offered rate, for the plot.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    pub rate: f64,
+    pub p99_ms: f64,
+    pub mean_batch: f64,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub model: String,
+    pub budget_ms: f64,
+    pub measured: Measurements,
+    pub recommended: Candidate,
+    pub candidates: Vec<Candidate>,
+    /// Replicas needed for `--rate`, at the recommended settings.
+    pub replicas: Option<u64>,
+    pub rate: Option<f64>,
+    pub p99_by_rate: Vec<CurvePoint>,
+    pub seconds_taken: f64,
+}
+
+fn sample(spec: &ModelSpec, rows: usize) -> Vec<Tensor> {
+    let sentences: Vec<&str> = SENTENCES.lines().filter(|l| !l.is_empty()).collect();
+    spec.inputs
+        .iter()
+        .map(|input| {
+            let count = rows * input.row_len();
+            let data = match input.datatype {
+                DataType::Bytes => {
+                    TensorData::Bytes((0..count).map(|i| sentences[i % sentences.len()].as_bytes().to_vec()).collect())
+                }
+                DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
+                DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
+                DataType::Int32 => TensorData::Int32(vec![0; count]),
+                DataType::Int64 => TensorData::Int64(vec![0; count]),
+            };
+            let mut shape = vec![rows];
+            shape.extend(input.shape[1..].iter().map(|d| *d as usize));
+            Tensor { shape, data }
+        })
+        .collect()
+}
+
+/// Median seconds per batch at 1, 2, 4, ... `max_rows` rows.
+pub fn measure_curve(model: &dyn Model, spec: &ModelSpec, max_rows: usize) -> Result<BatchCurve, PlanError> {
+    let mut points = Vec::new();
+    let mut rows = 1;
+    while rows <= max_rows {
+        let mut inputs = sample(spec, rows);
+        model.prepare(&mut inputs, &PrepareOptions::default())?;
+        model.run(&inputs)?;
+        // Enough runs for a stable median, bounded to about a second.
+        let mut times = Vec::new();
+        let started = Instant::now();
+        while times.len() < 5 || (times.len() < 200 && started.elapsed() < Duration::from_millis(300)) {
+            let t = Instant::now();
+            model.run(&inputs)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        points.push((rows, times[times.len() / 2]));
+        rows *= 2;
+    }
+    Ok(BatchCurve { points })
+}
+
+/// Serving overhead and ceiling, through a real server on 127.0.0.1.
+async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64), PlanError> {
+    let err = |e: &dyn std::fmt::Display| PlanError::Serve(e.to_string());
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| err(&e))?;
+    let addr = grpc.local_addr().map_err(|e| err(&e))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = ServeConfig { repository: options.repository.clone(), ..Default::default() };
+    let server = tokio::spawn(crate::serve(config, grpc, None, async move {
+        let _ = stopped.await;
+    }));
+    let mut bench = BenchOptions {
+        url: addr.to_string(),
+        model: options.model.clone(),
+        version: String::new(),
+        steps: vec![Load::Concurrency(1)],
+        duration: Duration::from_millis(1500),
+        max_requests: None,
+        connections: 4,
+        rows: 1,
+        input_file: None,
+        max_in_flight: 10_000,
+        progress: false,
+    };
+    // The server loads and warms up before it answers.
+    let mut report = None;
+    for _ in 0..600 {
+        match crate::bench::run(&bench).await {
+            Ok(r) => {
+                report = Some(r);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let one = report.ok_or_else(|| PlanError::Serve("the server did not start".into()))?;
+    bench.steps = vec![Load::Concurrency(32)];
+    bench.duration = Duration::from_secs(2);
+    let many = crate::bench::run(&bench).await.map_err(|e| err(&e))?;
+    let _ = stop.send(());
+    let _ = server.await;
+    let s = &one.steps[0];
+    let overhead_ms = (s.latency_ms.mean - s.server.queue_ms - s.server.compute_ms).max(0.0);
+    Ok((overhead_ms, many.steps[0].throughput))
+}
+
+/// Largest rate (to 2 %) whose predicted p99 meets `budget`, and the
+/// prediction there.
+fn max_rate(base: &SimSetup, budget: f64, ceiling: f64) -> (f64, SimResult) {
+    let at = |rate: f64| simulate(&SimSetup { rate, ..base.clone() });
+    let ok = |r: &SimResult| r.p99_s <= budget && r.expired < 0.001;
+    let mut lo = 0.0;
+    let mut best = SimResult::default();
+    let mut hi = ceiling.max(1.0);
+    let top = at(hi);
+    if ok(&top) {
+        return (hi, top);
+    }
+    while hi - lo > 0.02 * hi.max(1.0) {
+        let mid = (lo + hi) / 2.0;
+        let r = at(mid.max(0.1));
+        if ok(&r) {
+            lo = mid;
+            best = r;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo, best)
+}
+
+/// Measures, simulates every candidate and recommends one.
+pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
+    let started = Instant::now();
+    let source = options.repository.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::repository::load(&source))
+        .await
+        .map_err(|e| PlanError::Serve(e.to_string()))??;
+    let m = loaded.into_iter().find(|m| m.name == options.model).ok_or(PlanError::NoModel(options.model.clone()))?;
+    let version = m.versions.get(&m.default_version).ok_or(PlanError::NoModel(options.model.clone()))?;
+    let (model, spec) = (version.model.clone(), version.spec.clone());
+    let on_gpu = spec.device != "cpu";
+    let max_queue = m.config.max_queue;
+    let curve = tokio::task::spawn_blocking(move || measure_curve(model.as_ref(), &spec, 64))
+        .await
+        .map_err(|e| PlanError::Serve(e.to_string()))??;
+    drop(m);
+    let (overhead_ms, serving_ceiling) = measure_serving(options).await?;
+    let budget = options.budget.as_secs_f64();
+    let mut candidates = Vec::new();
+    // On a CPU, instances share the cores the curve was measured on; only
+    // a GPU gains from a second one.
+    let instance_choices: &[usize] = if on_gpu { &[1, 2] } else { &[1] };
+    for &instances in instance_choices {
+        for max_batch in [1usize, 2, 4, 8, 16, 32, 64] {
+            if curve.seconds(max_batch) + overhead_ms / 1e3 > budget {
+                continue;
+            }
+            for delay_ms in [0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0] {
+                if delay_ms / 1e3 >= budget {
+                    continue;
+                }
+                let base = SimSetup {
+                    policy: BatchPolicy {
+                        max_batch_rows: max_batch,
+                        max_batch_units: max_batch,
+                        max_queue_delay: Duration::from_secs_f64(delay_ms / 1e3),
+                        latency_budget: options.budget,
+                    },
+                    instances,
+                    curve: curve.clone(),
+                    overhead: Duration::from_secs_f64(overhead_ms / 1e3),
+                    serving_capacity: serving_ceiling,
+                    rate: 1.0,
+                    requests: options.sim_requests,
+                    timeout: options.budget * 10,
+                    max_queue,
+                    seed: 11,
+                };
+                // A queue at its capacity has no steady state: search below it.
+                let compute_bound = instances as f64 * max_batch as f64 / curve.seconds(max_batch).max(1e-9);
+                let ceiling = HEADROOM * compute_bound.min(serving_ceiling);
+                let (rate, at) = max_rate(&base, budget, ceiling);
+                candidates.push(Candidate {
+                    max_batch_size: max_batch,
+                    max_queue_delay_ms: delay_ms,
+                    instances,
+                    max_rate: rate,
+                    p99_ms: at.p99_s * 1e3,
+                    mean_batch: at.mean_batch,
+                    serving_bound: rate >= 0.98 * HEADROOM * serving_ceiling,
+                });
+            }
+        }
+    }
+    // Highest rate; among near-equals (within 2 %), the lowest p99.
+    candidates.sort_by(|a, b| b.max_rate.total_cmp(&a.max_rate));
+    let top = candidates.first().map_or(0.0, |c| c.max_rate);
+    let recommended = candidates
+        .iter()
+        .filter(|c| c.max_rate >= 0.98 * top)
+        .min_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))
+        .cloned()
+        .ok_or_else(|| {
+            PlanError::Serve(format!(
+                "no configuration meets a {} ms p99: one request alone takes {:.2} ms",
+                budget * 1e3,
+                (curve.seconds(1) * 1e3) + overhead_ms
+            ))
+        })?;
+    let p99_by_rate = (1..=12)
+        .map(|i| {
+            let rate = recommended.max_rate.max(1.0) * i as f64 / 10.0;
+            let r = simulate(&SimSetup {
+                policy: BatchPolicy {
+                    max_batch_rows: recommended.max_batch_size,
+                    max_batch_units: recommended.max_batch_size,
+                    max_queue_delay: Duration::from_secs_f64(recommended.max_queue_delay_ms / 1e3),
+                    latency_budget: options.budget,
+                },
+                instances: recommended.instances,
+                curve: curve.clone(),
+                overhead: Duration::from_secs_f64(overhead_ms / 1e3),
+                serving_capacity: serving_ceiling,
+                rate,
+                requests: options.sim_requests,
+                timeout: options.budget * 10,
+                max_queue,
+                seed: 11,
+            });
+            CurvePoint { rate, p99_ms: r.p99_s * 1e3, mean_batch: r.mean_batch }
+        })
+        .collect();
+    let replicas = options.rate.map(|r| (r / recommended.max_rate.max(1e-9)).ceil().max(1.0) as u64);
+    Ok(Plan {
+        model: options.model.clone(),
+        budget_ms: budget * 1e3,
+        measured: Measurements { curve: curve.points.clone(), overhead_ms, serving_ceiling },
+        recommended,
+        candidates,
+        replicas,
+        rate: options.rate,
+        p99_by_rate,
+        seconds_taken: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl Plan {
+    /// The human report.
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!(
+            "kiln plan: model {} with a p99 budget of {} ms\n\nmeasured in-process (batch: ms): ",
+            self.model, self.budget_ms
+        );
+        let curve: Vec<String> = self.measured.curve.iter().map(|(b, s)| format!("{b}: {:.3}", s * 1e3)).collect();
+        let _ = writeln!(out, "{}", curve.join(", "));
+        let _ = writeln!(
+            out,
+            "measured through a server on 127.0.0.1: {:.3} ms per request outside queue and compute; {:.0} answers/s at 32 clients\n",
+            self.measured.overhead_ms, self.measured.serving_ceiling
+        );
+        let _ = writeln!(
+            out,
+            "{:>10} {:>9} {:>9} {:>12} {:>9} {:>7}",
+            "max_batch", "delay ms", "instances", "max rate/s", "p99 ms", "batch"
+        );
+        for c in self.candidates.iter().take(10) {
+            let _ = writeln!(
+                out,
+                "{:>10} {:>9} {:>9} {:>12.0} {:>9.2} {:>7.1}{}",
+                c.max_batch_size,
+                c.max_queue_delay_ms,
+                c.instances,
+                c.max_rate,
+                c.p99_ms,
+                c.mean_batch,
+                if c.serving_bound { "  (serving-bound)" } else { "" }
+            );
+        }
+        let r = &self.recommended;
+        let _ = writeln!(
+            out,
+            "\nrecommended: max_batch_size = {}, max_queue_delay_ms = {}, instances = {}, latency_budget_ms = {}\n\
+             maximum sustainable rate per replica: {:.0} requests/s (predicted p99 {:.2} ms){}",
+            r.max_batch_size,
+            r.max_queue_delay_ms,
+            r.instances,
+            self.budget_ms,
+            r.max_rate,
+            r.p99_ms,
+            if r.serving_bound { "; the serving path, not the model, sets it" } else { "" }
+        );
+        if let (Some(rate), Some(n)) = (self.rate, self.replicas) {
+            let _ = writeln!(out, "replicas for {rate} requests/s: {n}");
+        }
+        let _ = writeln!(out, "({} configurations simulated in {:.1} s)", self.candidates.len(), self.seconds_taken);
+        out
+    }
+
+    /// Predicted p99 against offered rate at the recommended settings.
+    pub fn svg(&self) -> String {
+        let points: Vec<(f64, f64)> = self.p99_by_rate.iter().map(|p| (p.rate, p.p99_ms)).collect();
+        crate::bench::report::line_chart(
+            &format!("kiln plan: {} (predicted p99, budget {} ms)", self.model, self.budget_ms),
+            "offered rate (requests/s)",
+            "predicted p99 (ms)",
+            &points,
+            Some(self.budget_ms),
+        )
+    }
+}
