@@ -213,19 +213,32 @@ async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: 
             }
         }
         Load::Rate(rate) => {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-            let in_flight = Arc::new(AtomicU64::new(0));
-            let mut intended = started;
-            let mut n = 0usize;
-            loop {
-                // Exponential gaps: a Poisson process at `rate`.
-                let gap = -(1.0 - rng.random::<f64>()).ln() / rate.max(1e-9);
-                intended += Duration::from_secs_f64(gap);
-                if intended >= end {
-                    break;
+            // Pacing on an OS thread: tokio's timer rounds sleeps up to whole
+            // milliseconds, which would send up to 1 ms late and charge the
+            // lateness to the server.
+            let (due, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+            let pacer_stop = stop.clone();
+            let take = take.clone();
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+                let mut intended = started;
+                loop {
+                    // Exponential gaps: a Poisson process at `rate`.
+                    let gap = -(1.0 - rng.random::<f64>()).ln() / rate.max(1e-9);
+                    intended += Duration::from_secs_f64(gap);
+                    if intended >= end || pacer_stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Some(i) = take() else { break };
+                    std::thread::sleep(intended.saturating_duration_since(Instant::now()));
+                    if due.send((i, intended)).is_err() {
+                        break;
+                    }
                 }
-                let Some(i) = take() else { break };
-                tokio::time::sleep_until(intended.into()).await;
+            });
+            let in_flight = Arc::new(AtomicU64::new(0));
+            let mut n = 0usize;
+            while let Some((i, at)) = arrivals.recv().await {
                 if in_flight.load(Ordering::Acquire) >= options.max_in_flight as u64 {
                     let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
                     r.sent += 1;
@@ -236,7 +249,6 @@ async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: 
                 let mut client = clients[n % clients.len()].clone();
                 n += 1;
                 let (pool, recorder, in_flight) = (pool.clone(), recorder.clone(), in_flight.clone());
-                let at = intended;
                 tasks.spawn(async move {
                     let request = pool.get(i as usize);
                     let outcome = client.raw.model_infer(request).await.map(|r| r.into_inner());

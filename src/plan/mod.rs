@@ -89,6 +89,10 @@ pub struct Plan {
     pub budget_ms: f64,
     pub measured: Measurements,
     pub recommended: Candidate,
+    /// The model's own `model.toml` settings, predicted the same way, to
+    /// compare with `kiln bench` against a server running them.
+    pub current: Candidate,
+    pub current_p99_by_rate: Vec<CurvePoint>,
     pub candidates: Vec<Candidate>,
     /// Replicas needed for `--rate`, at the recommended settings.
     pub replicas: Option<u64>,
@@ -223,13 +227,56 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
     let version = m.versions.get(&m.default_version).ok_or(PlanError::NoModel(options.model.clone()))?;
     let (model, spec) = (version.model.clone(), version.spec.clone());
     let on_gpu = spec.device != "cpu";
-    let max_queue = m.config.max_queue;
+    let config = m.config.clone();
+    let max_queue = config.max_queue;
     let curve = tokio::task::spawn_blocking(move || measure_curve(model.as_ref(), &spec, 64))
         .await
         .map_err(|e| PlanError::Serve(e.to_string()))??;
     drop(m);
     let (overhead_ms, serving_ceiling) = measure_serving(options).await?;
     let budget = options.budget.as_secs_f64();
+    let setup = |max_batch: usize, delay_ms: f64, instances: usize, rate: f64| SimSetup {
+        policy: BatchPolicy {
+            max_batch_rows: max_batch,
+            max_batch_units: max_batch,
+            max_queue_delay: Duration::from_secs_f64(delay_ms / 1e3),
+            latency_budget: options.budget,
+        },
+        instances,
+        curve: curve.clone(),
+        overhead: Duration::from_secs_f64(overhead_ms / 1e3),
+        serving_capacity: serving_ceiling,
+        rate,
+        requests: options.sim_requests,
+        timeout: options.budget * 10,
+        max_queue,
+        seed: 11,
+    };
+    let candidate = |max_batch: usize, delay_ms: f64, instances: usize| {
+        // A queue at its capacity has no steady state: search below it.
+        let compute_bound = instances as f64 * max_batch as f64 / curve.seconds(max_batch).max(1e-9);
+        let ceiling = HEADROOM * compute_bound.min(serving_ceiling);
+        let (rate, at) = max_rate(&setup(max_batch, delay_ms, instances, 1.0), budget, ceiling);
+        Candidate {
+            max_batch_size: max_batch,
+            max_queue_delay_ms: delay_ms,
+            instances,
+            max_rate: rate,
+            p99_ms: at.p99_s * 1e3,
+            mean_batch: at.mean_batch,
+            serving_bound: rate >= 0.98 * HEADROOM * serving_ceiling,
+        }
+    };
+    let p99_by_rate = |c: &Candidate| -> Vec<CurvePoint> {
+        (1..=12)
+            .map(|i| {
+                let rate = c.max_rate.max(1.0) * i as f64 / 10.0;
+                let r = simulate(&setup(c.max_batch_size, c.max_queue_delay_ms, c.instances, rate));
+                CurvePoint { rate, p99_ms: r.p99_s * 1e3, mean_batch: r.mean_batch }
+            })
+            .collect()
+    };
+    let current = candidate(config.max_batch_size, config.max_queue_delay_ms, config.instances);
     let mut candidates = Vec::new();
     // On a CPU, instances share the cores the curve was measured on; only
     // a GPU gains from a second one.
@@ -243,36 +290,7 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
                 if delay_ms / 1e3 >= budget {
                     continue;
                 }
-                let base = SimSetup {
-                    policy: BatchPolicy {
-                        max_batch_rows: max_batch,
-                        max_batch_units: max_batch,
-                        max_queue_delay: Duration::from_secs_f64(delay_ms / 1e3),
-                        latency_budget: options.budget,
-                    },
-                    instances,
-                    curve: curve.clone(),
-                    overhead: Duration::from_secs_f64(overhead_ms / 1e3),
-                    serving_capacity: serving_ceiling,
-                    rate: 1.0,
-                    requests: options.sim_requests,
-                    timeout: options.budget * 10,
-                    max_queue,
-                    seed: 11,
-                };
-                // A queue at its capacity has no steady state: search below it.
-                let compute_bound = instances as f64 * max_batch as f64 / curve.seconds(max_batch).max(1e-9);
-                let ceiling = HEADROOM * compute_bound.min(serving_ceiling);
-                let (rate, at) = max_rate(&base, budget, ceiling);
-                candidates.push(Candidate {
-                    max_batch_size: max_batch,
-                    max_queue_delay_ms: delay_ms,
-                    instances,
-                    max_rate: rate,
-                    p99_ms: at.p99_s * 1e3,
-                    mean_batch: at.mean_batch,
-                    serving_bound: rate >= 0.98 * HEADROOM * serving_ceiling,
-                });
+                candidates.push(candidate(max_batch, delay_ms, instances));
             }
         }
     }
@@ -291,35 +309,16 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
                 (curve.seconds(1) * 1e3) + overhead_ms
             ))
         })?;
-    let p99_by_rate = (1..=12)
-        .map(|i| {
-            let rate = recommended.max_rate.max(1.0) * i as f64 / 10.0;
-            let r = simulate(&SimSetup {
-                policy: BatchPolicy {
-                    max_batch_rows: recommended.max_batch_size,
-                    max_batch_units: recommended.max_batch_size,
-                    max_queue_delay: Duration::from_secs_f64(recommended.max_queue_delay_ms / 1e3),
-                    latency_budget: options.budget,
-                },
-                instances: recommended.instances,
-                curve: curve.clone(),
-                overhead: Duration::from_secs_f64(overhead_ms / 1e3),
-                serving_capacity: serving_ceiling,
-                rate,
-                requests: options.sim_requests,
-                timeout: options.budget * 10,
-                max_queue,
-                seed: 11,
-            });
-            CurvePoint { rate, p99_ms: r.p99_s * 1e3, mean_batch: r.mean_batch }
-        })
-        .collect();
+    let current_p99_by_rate = p99_by_rate(&current);
+    let p99_by_rate = p99_by_rate(&recommended);
     let replicas = options.rate.map(|r| (r / recommended.max_rate.max(1e-9)).ceil().max(1.0) as u64);
     Ok(Plan {
         model: options.model.clone(),
         budget_ms: budget * 1e3,
         measured: Measurements { curve: curve.points.clone(), overhead_ms, serving_ceiling },
         recommended,
+        current,
+        current_p99_by_rate,
         candidates,
         replicas,
         rate: options.rate,
@@ -373,6 +372,13 @@ impl Plan {
             r.max_rate,
             r.p99_ms,
             if r.serving_bound { "; the serving path, not the model, sets it" } else { "" }
+        );
+        let c = &self.current;
+        let _ = writeln!(
+            out,
+            "model.toml now (max_batch_size = {}, max_queue_delay_ms = {}, instances = {}): {:.0} requests/s at \
+             predicted p99 {:.2} ms",
+            c.max_batch_size, c.max_queue_delay_ms, c.instances, c.max_rate, c.p99_ms
         );
         if let (Some(rate), Some(n)) = (self.rate, self.replicas) {
             let _ = writeln!(out, "replicas for {rate} requests/s: {n}");
