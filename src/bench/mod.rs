@@ -71,6 +71,9 @@ pub enum BenchError {
 /// What one step observed, shared by its request tasks.
 struct Recorder {
     pub(crate) latency_us: Histogram<u64>,
+    /// Of OK answers: latency minus the server's queue and compute time,
+    /// i.e. the network, gRPC, decoding, encoding and the client.
+    pub(crate) outside_us: Histogram<u64>,
     pub(crate) codes: BTreeMap<String, u64>,
     pub(crate) sent: u64,
     pub(crate) queue_us: u64,
@@ -85,6 +88,7 @@ impl Recorder {
         Self {
             // 1 µs to 10 min at 3 significant digits; larger values saturate.
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid"),
+            outside_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid"),
             codes: BTreeMap::new(),
             sent: 0,
             queue_us: 0,
@@ -103,6 +107,8 @@ impl Recorder {
                     int_parameter(response, "compute_us"),
                     int_parameter(response, "batch_size"),
                 ) {
+                    let inside = (q.max(0) + c.max(0)) as u64;
+                    self.outside_us.saturating_record((latency.as_micros() as u64).saturating_sub(inside).max(1));
                     self.queue_us += q.max(0) as u64;
                     self.compute_us += c.max(0) as u64;
                     self.batch_size += b.max(0) as u64;

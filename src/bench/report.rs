@@ -55,6 +55,9 @@ pub struct StepReport {
     /// OK answers per second.
     pub throughput: f64,
     pub latency_ms: Percentiles,
+    /// OK answers' time outside the server's queue and compute (network,
+    /// gRPC, decoding, encoding, the client itself).
+    pub outside_ms: Percentiles,
     pub server: ServerSplit,
 }
 
@@ -62,19 +65,22 @@ impl StepReport {
     pub(super) fn from_recorder(load: Load, elapsed: Duration, r: &Recorder) -> Self {
         let ok = r.codes.get("OK").copied().unwrap_or(0);
         let ms = |us: u64| us as f64 / 1000.0;
-        let h = &r.latency_us;
-        let latency_ms = if h.is_empty() {
-            Percentiles::default()
-        } else {
-            Percentiles {
-                p50: ms(h.value_at_quantile(0.50)),
-                p90: ms(h.value_at_quantile(0.90)),
-                p99: ms(h.value_at_quantile(0.99)),
-                p999: ms(h.value_at_quantile(0.999)),
-                max: ms(h.max()),
-                mean: h.mean() / 1000.0,
+        let percentiles = |h: &hdrhistogram::Histogram<u64>| {
+            if h.is_empty() {
+                Percentiles::default()
+            } else {
+                Percentiles {
+                    p50: ms(h.value_at_quantile(0.50)),
+                    p90: ms(h.value_at_quantile(0.90)),
+                    p99: ms(h.value_at_quantile(0.99)),
+                    p999: ms(h.value_at_quantile(0.999)),
+                    max: ms(h.max()),
+                    mean: h.mean() / 1000.0,
+                }
             }
         };
+        let latency_ms = percentiles(&r.latency_us);
+        let outside_ms = percentiles(&r.outside_us);
         let per = |total: u64| if r.timed == 0 { 0.0 } else { total as f64 / r.timed as f64 };
         let (mode, level) = match load {
             Load::Concurrency(n) => ("concurrency", n as f64),
@@ -88,6 +94,7 @@ impl StepReport {
             answered: r.codes.clone(),
             throughput: ok as f64 / elapsed.as_secs_f64().max(1e-9),
             latency_ms,
+            outside_ms,
             server: ServerSplit {
                 queue_ms: per(r.queue_us) / 1000.0,
                 compute_ms: per(r.compute_us) / 1000.0,

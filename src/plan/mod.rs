@@ -19,6 +19,10 @@ use sim::{BatchCurve, SimResult, SimSetup, simulate};
 /// The highest share of a measured capacity the planner will load.
 const HEADROOM: f64 = 0.95;
 
+/// Loads, as fractions of the measured ceiling, at which the serving path's
+/// latency distribution is measured.
+const TAIL_LOADS: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+
 const SENTENCES: &str = include_str!("../../data/sentences.txt");
 
 /// What to plan for.
@@ -57,6 +61,44 @@ pub struct Measurements {
     /// Answers per second a real server gave with 32 clients: beyond it the
     /// serving path (gRPC, decode, encode, the client) saturates first.
     pub serving_ceiling: f64,
+    /// Time outside queue and compute under open-loop load at fractions of
+    /// the ceiling: on a small machine its tail, not the model, sets p99.
+    pub serving_tail: Vec<ServingPoint>,
+}
+
+/// The serving path's own latency at one offered rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServingPoint {
+    pub rate: f64,
+    pub outside_ms: crate::bench::report::Percentiles,
+}
+
+impl ServingPoint {
+    /// (quantile, seconds) points for the simulator.
+    fn quantiles(&self) -> Vec<(f64, f64)> {
+        let o = &self.outside_ms;
+        [(0.5, o.p50), (0.9, o.p90), (0.99, o.p99), (0.999, o.p999), (1.0, o.max)]
+            .iter()
+            .map(|(q, ms)| (*q, ms / 1e3))
+            .collect()
+    }
+}
+
+/// The measured outside-time distribution at `rate`, linear between the
+/// measured rates (and the nearest beyond them).
+fn outside_at(tail: &[ServingPoint], rate: f64) -> Option<Vec<(f64, f64)>> {
+    let first = tail.first()?;
+    let last = tail.last()?;
+    if rate <= first.rate {
+        return Some(first.quantiles());
+    }
+    if rate >= last.rate {
+        return Some(last.quantiles());
+    }
+    let i = tail.iter().position(|p| p.rate >= rate)?.max(1);
+    let (a, b) = (&tail[i - 1], &tail[i]);
+    let t = (rate - a.rate) / (b.rate - a.rate).max(1e-9);
+    Some(a.quantiles().iter().zip(b.quantiles()).map(|((q, x), (_, y))| (*q, x + (y - x) * t)).collect())
 }
 
 /// One candidate configuration and its predicted capacity.
@@ -147,15 +189,30 @@ pub fn measure_curve(model: &dyn Model, spec: &ModelSpec, max_rows: usize) -> Re
 }
 
 /// Serving overhead and ceiling, through a real server on 127.0.0.1.
-async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64), PlanError> {
+async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64, Vec<ServingPoint>), PlanError> {
     let err = |e: &dyn std::fmt::Display| PlanError::Serve(e.to_string());
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| err(&e))?;
-    let addr = grpc.local_addr().map_err(|e| err(&e))?;
+    // The server gets its own runtime, as a separate `kiln serve` process
+    // would, so the client's tasks do not share its worker threads.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| err(&e))?;
+    let addr = listener.local_addr().map_err(|e| err(&e))?;
+    listener.set_nonblocking(true).map_err(|e| err(&e))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = ServeConfig { repository: options.repository.clone(), ..Default::default() };
-    let server = tokio::spawn(crate::serve(config, grpc, None, async move {
-        let _ = stopped.await;
-    }));
+    let server = std::thread::Builder::new()
+        .name("kiln-plan-server".into())
+        .spawn(move || -> Result<(), String> {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+            runtime.block_on(async move {
+                let grpc = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                crate::serve(config, grpc, None, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+            })
+        })
+        .map_err(|e| err(&e))?;
     let mut bench = BenchOptions {
         url: addr.to_string(),
         model: options.model.clone(),
@@ -184,17 +241,22 @@ async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64), PlanError>
     bench.steps = vec![Load::Concurrency(32)];
     bench.duration = Duration::from_secs(2);
     let many = crate::bench::run(&bench).await.map_err(|e| err(&e))?;
+    let ceiling = many.steps[0].throughput;
+    bench.steps = TAIL_LOADS.iter().map(|f| Load::Rate((f * ceiling).max(1.0))).collect();
+    bench.duration = Duration::from_millis(1500);
+    let loaded = crate::bench::run(&bench).await.map_err(|e| err(&e))?;
+    let tail = loaded.steps.iter().map(|s| ServingPoint { rate: s.level, outside_ms: s.outside_ms }).collect();
     let _ = stop.send(());
-    let _ = server.await;
+    let _ = tokio::task::spawn_blocking(move || server.join()).await;
     let s = &one.steps[0];
     let overhead_ms = (s.latency_ms.mean - s.server.queue_ms - s.server.compute_ms).max(0.0);
-    Ok((overhead_ms, many.steps[0].throughput))
+    Ok((overhead_ms, ceiling, tail))
 }
 
 /// Largest rate (to 2 %) whose predicted p99 meets `budget`, and the
 /// prediction there.
-fn max_rate(base: &SimSetup, budget: f64, ceiling: f64) -> (f64, SimResult) {
-    let at = |rate: f64| simulate(&SimSetup { rate, ..base.clone() });
+fn max_rate(setup_at: impl Fn(f64) -> SimSetup, budget: f64, ceiling: f64) -> (f64, SimResult) {
+    let at = |rate: f64| simulate(&setup_at(rate));
     let ok = |r: &SimResult| r.p99_s <= budget && r.expired < 0.001;
     let mut lo = 0.0;
     let mut best = SimResult::default();
@@ -233,7 +295,7 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
         .await
         .map_err(|e| PlanError::Serve(e.to_string()))??;
     drop(m);
-    let (overhead_ms, serving_ceiling) = measure_serving(options).await?;
+    let (overhead_ms, serving_ceiling, serving_tail) = measure_serving(options).await?;
     let budget = options.budget.as_secs_f64();
     let setup = |max_batch: usize, delay_ms: f64, instances: usize, rate: f64| SimSetup {
         policy: BatchPolicy {
@@ -245,7 +307,9 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
         instances,
         curve: curve.clone(),
         overhead: Duration::from_secs_f64(overhead_ms / 1e3),
-        serving_capacity: serving_ceiling,
+        // The measured distribution already holds the path's own queueing.
+        overhead_quantiles: outside_at(&serving_tail, rate),
+        serving_capacity: f64::INFINITY,
         rate,
         requests: options.sim_requests,
         timeout: options.budget * 10,
@@ -255,8 +319,10 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
     let candidate = |max_batch: usize, delay_ms: f64, instances: usize| {
         // A queue at its capacity has no steady state: search below it.
         let compute_bound = instances as f64 * max_batch as f64 / curve.seconds(max_batch).max(1e-9);
-        let ceiling = HEADROOM * compute_bound.min(serving_ceiling);
-        let (rate, at) = max_rate(&setup(max_batch, delay_ms, instances, 1.0), budget, ceiling);
+        // Nor past the highest load the serving path was measured at.
+        let measured_top = serving_tail.last().map_or(serving_ceiling, |p| p.rate);
+        let ceiling = (HEADROOM * compute_bound).min(measured_top);
+        let (rate, at) = max_rate(|rate| setup(max_batch, delay_ms, instances, rate), budget, ceiling);
         Candidate {
             max_batch_size: max_batch,
             max_queue_delay_ms: delay_ms,
@@ -264,7 +330,7 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
             max_rate: rate,
             p99_ms: at.p99_s * 1e3,
             mean_batch: at.mean_batch,
-            serving_bound: rate >= 0.98 * HEADROOM * serving_ceiling,
+            serving_bound: rate >= 0.98 * measured_top,
         }
     };
     let p99_by_rate = |c: &Candidate| -> Vec<CurvePoint> {
@@ -315,7 +381,7 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
     Ok(Plan {
         model: options.model.clone(),
         budget_ms: budget * 1e3,
-        measured: Measurements { curve: curve.points.clone(), overhead_ms, serving_ceiling },
+        measured: Measurements { curve: curve.points.clone(), overhead_ms, serving_ceiling, serving_tail },
         recommended,
         current,
         current_p99_by_rate,
@@ -339,9 +405,13 @@ impl Plan {
         let _ = writeln!(out, "{}", curve.join(", "));
         let _ = writeln!(
             out,
-            "measured through a server on 127.0.0.1: {:.3} ms per request outside queue and compute; {:.0} answers/s at 32 clients\n",
+            "measured through a server on 127.0.0.1: {:.3} ms per request outside queue and compute; {:.0} answers/s at 32 clients",
             self.measured.overhead_ms, self.measured.serving_ceiling
         );
+        let tail: Vec<String> =
+            self.measured.serving_tail.iter().map(|p| format!("{:.0}/s: {:.2}", p.rate, p.outside_ms.p99)).collect();
+        let _ =
+            writeln!(out, "serving path p99 outside queue and compute (ms), by offered rate: {}\n", tail.join(", "));
         let _ = writeln!(
             out,
             "{:>10} {:>9} {:>9} {:>12} {:>9} {:>7}",

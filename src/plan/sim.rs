@@ -64,6 +64,10 @@ pub struct SimSetup {
     /// Added to every request's latency outside the batcher (network,
     /// decode, encode), measured through a real server at one client.
     pub overhead: Duration,
+    /// When measured: the distribution of time outside queue and compute
+    /// at this load, as (quantile, seconds) points ascending; each request
+    /// draws its own from it instead of `overhead`.
+    pub overhead_quantiles: Option<Vec<(f64, f64)>>,
     /// Requests per second the serving path (runtime, gRPC, client) can
     /// carry, measured through a real server. Requests pass it first, one
     /// at a time, so near it the wait grows as in any queue; `INFINITY`
@@ -233,6 +237,22 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
     summarize(setup, &sent, &started, &finished, &expired, batches, batched)
 }
 
+/// The value at quantile `u` of a distribution given by (quantile, value)
+/// points, linear between them.
+pub fn quantile(points: &[(f64, f64)], u: f64) -> f64 {
+    let Some(first) = points.first() else { return 0.0 };
+    if u <= first.0 {
+        return first.1;
+    }
+    for w in points.windows(2) {
+        let ((q0, v0), (q1, v1)) = (w[0], w[1]);
+        if u <= q1 {
+            return v0 + (v1 - v0) * (u - q0) / (q1 - q0).max(1e-12);
+        }
+    }
+    points[points.len() - 1].1
+}
+
 fn summarize(
     setup: &SimSetup,
     arrivals: &[Instant],
@@ -246,6 +266,11 @@ fn summarize(
     // The overhead measured at one client includes the path's own service.
     let per_request = if setup.serving_capacity.is_finite() { 1.0 / setup.serving_capacity.max(1e-9) } else { 0.0 };
     let fixed = (setup.overhead.as_secs_f64() - per_request).max(0.0);
+    let mut draw = rand::rngs::StdRng::seed_from_u64(setup.seed ^ 0x5eed);
+    let mut outside = || match &setup.overhead_quantiles {
+        Some(q) => quantile(q, draw.random::<f64>()),
+        None => fixed,
+    };
     let mut latencies = Vec::new();
     let mut waits = 0.0;
     let mut dropped = 0usize;
@@ -255,7 +280,7 @@ fn summarize(
             continue;
         }
         if let (Some(s), Some(f)) = (started[r], finished[r]) {
-            latencies.push((f - arrivals[r]).as_secs_f64() + fixed);
+            latencies.push((f - arrivals[r]).as_secs_f64() + outside());
             waits += (s - arrivals[r]).as_secs_f64();
         }
     }
@@ -292,6 +317,7 @@ mod tests {
             instances: 1,
             curve,
             overhead: Duration::ZERO,
+            overhead_quantiles: None,
             serving_capacity: f64::INFINITY,
             rate,
             requests: 200_000,
@@ -354,5 +380,16 @@ mod tests {
         let r = simulate(&s);
         let expected = 2e-3 + 1e-3;
         assert!((r.mean_s - expected).abs() / expected < 0.05, "mean {} vs {expected}", r.mean_s);
+    }
+
+    #[test]
+    fn measured_overhead_quantiles_shape_the_tail() {
+        assert_eq!(quantile(&[(0.0, 1.0), (0.5, 2.0), (1.0, 4.0)], 0.75), 3.0);
+        let curve = BatchCurve { points: vec![(1, 0.0)] };
+        let mut s = setup(100.0, 8, 0.0, curve);
+        // 1 ms typically, 10 ms for the slowest 2 %.
+        s.overhead_quantiles = Some(vec![(0.0, 1e-3), (0.98, 1e-3), (0.981, 10e-3), (1.0, 10e-3)]);
+        let r = simulate(&s);
+        assert!((r.p50_s - 1e-3).abs() < 1e-4 && (r.p99_s - 10e-3).abs() < 1e-4, "{r:?}");
     }
 }
