@@ -94,3 +94,32 @@ async fn bench_accounts_for_every_request_in_closed_and_open_loop() {
     let open = steps[2]["sent"].as_u64().expect("sent");
     assert!((150..=450).contains(&open), "open loop sent {open}");
 }
+
+#[test]
+fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("plan.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plan", "--model", "risk", "--budget-ms", "20", "--rate", "1000000", "--sim-requests", "2000"])
+        .args(["--json".as_ref(), json.as_os_str()])
+        .output()
+        .expect("kiln runs");
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("recommended: max_batch_size = "), "{table}");
+    let plan: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("json");
+    let curve = plan["measured"]["curve"].as_array().expect("curve");
+    assert_eq!(curve.len(), 7, "batch sizes 1..64: {curve:?}");
+    assert_eq!(plan["measured"]["serving_tail"].as_array().expect("tail").len(), 5);
+    assert!(plan["measured"]["serving_ceiling"].as_f64().expect("ceiling") > 0.0);
+    let best = &plan["recommended"];
+    let rate = best["max_rate"].as_f64().expect("rate");
+    assert!(rate > 0.0);
+    assert!(best["p99_ms"].as_f64().expect("p99") <= 20.0, "{best}");
+    let replicas = plan["replicas"].as_u64().expect("replicas");
+    assert_eq!(replicas, (1e6 / rate).ceil() as u64);
+    let candidates = plan["candidates"].as_array().expect("candidates");
+    // The best rate, or within 2 % of it with a lower p99.
+    let top = candidates.iter().map(|c| c["max_rate"].as_f64().expect("rate")).fold(0.0, f64::max);
+    assert!(rate >= 0.98 * top, "recommended {rate}/s, best {top}/s");
+}
