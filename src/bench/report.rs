@@ -294,9 +294,13 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64
     let (w, h, pad, top) = (640.0, 400.0, 70.0, 40.0);
     let (right, bottom) = (w - 20.0, h - 50.0);
     let x_max = points.iter().map(|p| p.0).fold(1e-9, f64::max) * 1.05;
-    let y_max = points.iter().map(|p| p.1).chain(hline).fold(1e-9, f64::max) * 1.1;
+    // An overloaded point (infinite p99) is drawn at the top edge.
+    let y_max = points.iter().map(|p| p.1).filter(|y| y.is_finite()).chain(hline).fold(1e-9, f64::max) * 1.1;
     let x_of = |x: f64| pad + x / x_max * (right - pad);
-    let y_of = |y: f64| bottom - y.min(y_max) / y_max * (bottom - top);
+    let y_of = |y: f64| {
+        let shown = if y.is_finite() { y.min(y_max) } else { y_max };
+        bottom - shown / y_max * (bottom - top)
+    };
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" \
          font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -319,4 +323,13 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_overloaded_point_does_not_break_the_chart() {
+        let svg = super::line_chart("t", "x", "y", &[(1.0, 2.0), (2.0, f64::INFINITY)], Some(3.0));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+    }
 }
