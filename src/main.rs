@@ -61,8 +61,9 @@ struct PlanArgs {
     plot: Option<PathBuf>,
 }
 
+/// Which server and model a client command talks to.
 #[derive(clap::Args)]
-struct BenchArgs {
+struct Target {
     /// Server address, host:port.
     #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001")]
     url: String,
@@ -72,6 +73,12 @@ struct BenchArgs {
     /// Model version; the model's default when absent.
     #[arg(long, default_value = "")]
     version: String,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    target: Target,
     /// Closed-loop steps: clients each sending its next request when the
     /// last is answered, e.g. 1,8,32.
     #[arg(long, value_delimiter = ',')]
@@ -150,15 +157,8 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct InferArgs {
-    /// Server address, host:port.
-    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001")]
-    url: String,
-    /// Model name.
-    #[arg(long, env = "KILN_MODEL")]
-    model: String,
-    /// Model version; the model's default when absent.
-    #[arg(long, default_value = "")]
-    version: String,
+    #[command(flatten)]
+    target: Target,
     /// A JSON object of named features (or an array of them, one per row),
     /// a JSON array of numbers, or CSV rows of numbers in feature order.
     /// Read from standard input when absent or `-`.
@@ -251,9 +251,9 @@ async fn bench(args: BenchArgs) -> Result<()> {
         steps.push(kiln::bench::Load::Concurrency(1));
     }
     let options = kiln::bench::BenchOptions {
-        url: args.url,
-        model: args.model,
-        version: args.version,
+        url: args.target.url,
+        model: args.target.model,
+        version: args.target.version,
         steps,
         duration: std::time::Duration::from_secs_f64(args.duration),
         max_requests: args.requests,
@@ -325,10 +325,11 @@ async fn infer(args: InferArgs) -> Result<()> {
         None | Some("-") => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
         Some(t) => t.to_string(),
     };
-    let mut client = Client::connect(&args.url).await?;
+    let target = &args.target;
+    let mut client = Client::connect(&target.url).await?;
     let config = client
         .raw
-        .model_config(pb::ModelConfigRequest { name: args.model.clone(), version: args.version.clone() })
+        .model_config(pb::ModelConfigRequest { name: target.model.clone(), version: target.version.clone() })
         .await
         .map_err(status_error)?
         .into_inner()
@@ -340,8 +341,8 @@ async fn infer(args: InferArgs) -> Result<()> {
         .get(&format!("{}.feature_names", input.name))
         .and_then(|p| serde_json::from_str(&p.string_value).ok());
     let rows = parse_rows(&text, names.as_deref())?;
-    let mut request = client::fp32_request(&args.model, &input.name, &rows);
-    request.model_version = args.version;
+    let mut request = client::fp32_request(&target.model, &input.name, &rows);
+    request.model_version = target.version.clone();
     let response = client.raw.model_infer(request).await.map_err(status_error)?.into_inner();
     let mut outputs = serde_json::Map::new();
     for (i, out) in response.outputs.iter().enumerate() {
