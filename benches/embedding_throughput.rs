@@ -12,7 +12,7 @@ use kiln::config::RepositorySource;
 use kiln::model::{PrepareOptions, Tensor, TensorData};
 
 fn sentences() -> Vec<Vec<u8>> {
-    include_str!("../data/sentences.txt").lines().filter(|l| !l.is_empty()).map(|l| l.as_bytes().to_vec()).collect()
+    kiln::bench::inputs::sentences().map(|l| l.as_bytes().to_vec()).collect()
 }
 
 fn minilm_batches(c: &mut Criterion) {

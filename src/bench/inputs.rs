@@ -8,8 +8,10 @@ use rand::{Rng, SeedableRng};
 
 use crate::api::pb::{self, ModelInferRequest, model_infer_request::InferInputTensor};
 
-/// Sentences of about 14 tokens, for text models.
-const SENTENCES: &str = include_str!("../../data/sentences.txt");
+/// Sentences of about 14 tokens (data/sentences.txt), for text models.
+pub fn sentences() -> impl Iterator<Item = &'static str> {
+    include_str!("../../data/sentences.txt").lines().map(str::trim).filter(|l| !l.is_empty())
+}
 
 /// Why inputs could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +67,10 @@ impl RequestPool {
         let (datatype, shape, raw_rows): (&str, Vec<i64>, Vec<Vec<u8>>) =
             match (input.datatype.as_str(), &input.shape[..]) {
                 ("BYTES", [-1]) => {
-                    let lines: Vec<&str> =
-                        text.as_deref().unwrap_or(SENTENCES).lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                    let lines: Vec<&str> = match text.as_deref() {
+                        Some(t) => t.lines().map(str::trim).filter(|l| !l.is_empty()).collect(),
+                        None => sentences().collect(),
+                    };
                     if lines.is_empty() {
                         return Err(InputError::File { path, message: "no text lines".into() });
                     }

@@ -23,8 +23,6 @@ const HEADROOM: f64 = 0.95;
 /// latency distribution is measured.
 const TAIL_LOADS: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
 
-const SENTENCES: &str = include_str!("../../data/sentences.txt");
-
 /// What to plan for.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
@@ -145,7 +143,7 @@ pub struct Plan {
 }
 
 fn sample(spec: &ModelSpec, rows: usize) -> Vec<Tensor> {
-    let sentences: Vec<&str> = SENTENCES.lines().filter(|l| !l.is_empty()).collect();
+    let sentences: Vec<&str> = crate::bench::inputs::sentences().collect();
     spec.inputs
         .iter()
         .map(|input| {
