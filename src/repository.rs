@@ -11,7 +11,7 @@ use crate::batcher::latency::SharedLatency;
 use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{BatcherHandle, BatcherSettings};
 use crate::config::{ConfigError, ModelToml, RepositorySource};
-use crate::model::{self, DataType, Model, ModelError, ModelSpec, Tensor, TensorData, VersionFiles};
+use crate::model::{self, Model, ModelError, ModelSpec, Tensor, VersionFiles};
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
 
@@ -127,23 +127,7 @@ fn warm_up(
 ) -> Result<SharedLatency, ModelError> {
     let latency = SharedLatency::default();
     let sample = |rows: usize, words: usize| -> Result<(Vec<Tensor>, usize), ModelError> {
-        let mut inputs: Vec<Tensor> = spec
-            .inputs
-            .iter()
-            .map(|input| {
-                let count = rows * input.row_len();
-                let data = match input.datatype {
-                    DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
-                    DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
-                    DataType::Int32 => TensorData::Int32(vec![0; count]),
-                    DataType::Int64 => TensorData::Int64(vec![0; count]),
-                    DataType::Bytes => TensorData::Bytes(vec![vec!["warm"; words].join(" ").into_bytes(); count]),
-                };
-                let mut shape = vec![rows];
-                shape.extend(input.shape[1..].iter().map(|d| *d as usize));
-                Tensor { shape, data }
-            })
-            .collect();
+        let mut inputs = model::sample_inputs(spec, rows, &|_| vec!["warm"; words].join(" ").into_bytes());
         let size = model.prepare(&mut inputs, &model::PrepareOptions { max_tokens: None, truncate: Some(true) })?;
         Ok((inputs, rows * size.longest))
     };

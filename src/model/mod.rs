@@ -152,6 +152,27 @@ pub trait Model: Send + Sync {
     }
 }
 
+/// Inputs of `rows` rows for `spec`, for warm-up and measurement: zeros for
+/// numbers, `text(i)` for the i-th BYTES element.
+pub fn sample_inputs(spec: &ModelSpec, rows: usize, text: &dyn Fn(usize) -> Vec<u8>) -> Vec<Tensor> {
+    spec.inputs
+        .iter()
+        .map(|input| {
+            let count = rows * input.row_len();
+            let data = match input.datatype {
+                DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
+                DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
+                DataType::Int32 => TensorData::Int32(vec![0; count]),
+                DataType::Int64 => TensorData::Int64(vec![0; count]),
+                DataType::Bytes => TensorData::Bytes((0..count).map(text).collect()),
+            };
+            let mut shape = vec![rows];
+            shape.extend(input.shape[1..].iter().map(|d| *d as usize));
+            Tensor { shape, data }
+        })
+        .collect()
+}
+
 /// Picks the candle device for a `device` setting. `file` names the config
 /// in errors; `auto` falls back to the CPU with a log line.
 pub fn select_device(choice: DeviceChoice, file: &str) -> Result<candle_core::Device, ConfigError> {

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::batcher::policy::BatchPolicy;
 use crate::bench::{BenchOptions, Load};
 use crate::config::{RepositorySource, ServeConfig};
-use crate::model::{DataType, Model, ModelSpec, PrepareOptions, Tensor, TensorData};
+use crate::model::{Model, ModelSpec, PrepareOptions, Tensor};
 use sim::{BatchCurve, SimResult, SimSetup, simulate};
 
 /// The highest share of a measured capacity the planner will load.
@@ -144,24 +144,7 @@ pub struct Plan {
 
 fn sample(spec: &ModelSpec, rows: usize) -> Vec<Tensor> {
     let sentences: Vec<&str> = crate::bench::inputs::sentences().collect();
-    spec.inputs
-        .iter()
-        .map(|input| {
-            let count = rows * input.row_len();
-            let data = match input.datatype {
-                DataType::Bytes => {
-                    TensorData::Bytes((0..count).map(|i| sentences[i % sentences.len()].as_bytes().to_vec()).collect())
-                }
-                DataType::Fp32 => TensorData::Fp32(vec![0.0; count]),
-                DataType::Fp64 => TensorData::Fp64(vec![0.0; count]),
-                DataType::Int32 => TensorData::Int32(vec![0; count]),
-                DataType::Int64 => TensorData::Int64(vec![0; count]),
-            };
-            let mut shape = vec![rows];
-            shape.extend(input.shape[1..].iter().map(|d| *d as usize));
-            Tensor { shape, data }
-        })
-        .collect()
+    crate::model::sample_inputs(spec, rows, &|i| sentences[i % sentences.len()].as_bytes().to_vec())
 }
 
 /// Median seconds per batch at 1, 2, 4, ... `max_rows` rows.
