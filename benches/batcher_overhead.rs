@@ -80,6 +80,7 @@ fn overhead(c: &mut Criterion) {
             Arc::default(),
             Arc::default(),
             VersionMetrics::new("nowork", 1, 1, batch),
+            Default::default(),
         )
         .expect("batcher starts");
         group.throughput(Throughput::Elements(batch as u64));

@@ -35,6 +35,7 @@ const WEIGHT_TOLERANCE: f32 = 1e-3;
 const MODEL_DIR: &str = "models/risk";
 const DATA: &str = "data/wdbc.csv";
 const SPLIT: &str = "data/wdbc-split.json";
+const TRAIN_CSV: &str = "data/wdbc-train.csv";
 
 struct Dataset {
     names: Vec<String>,
@@ -236,6 +237,16 @@ fn main() -> Result<()> {
     std::fs::write(Path::new(MODEL_DIR).join("model.toml"), toml)?;
     let split = serde_json::json!({ "seed": SEED, "heldout_rows": trained.heldout });
     std::fs::write(SPLIT, serde_json::to_string(&split)? + "\n")?;
+    // The training rows as CSV: `kiln profile` writes the drift reference
+    // from exactly what the model learned from.
+    let text = std::fs::read_to_string(DATA)?;
+    let mut lines = text.lines();
+    let mut train_csv = format!("{}\n", lines.next().context("empty csv")?);
+    for (_, line) in lines.enumerate().filter(|(i, _)| !trained.heldout.contains(i)) {
+        train_csv.push_str(line);
+        train_csv.push('\n');
+    }
+    std::fs::write(TRAIN_CSV, train_csv)?;
     println!("held-out accuracy {:.4} on {} rows; wrote {MODEL_DIR}", trained.accuracy, trained.heldout.len());
     Ok(())
 }

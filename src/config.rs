@@ -60,6 +60,72 @@ pub struct ServeConfig {
     pub shutdown_grace: std::time::Duration,
     /// Threads that tokenize text requests before they queue.
     pub prepare_threads: usize,
+    /// Bearer token the admin service requires; without one it is open
+    /// (it only reads, for now).
+    pub admin_token: Option<String>,
+    /// The sampled request log, when configured.
+    pub request_log: Option<RequestLogConfig>,
+}
+
+/// How a logged request's inputs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InputLogMode {
+    /// Not at all: keep only what is needed.
+    #[default]
+    None,
+    /// A keyed HMAC-SHA256 of each input: equal inputs link, values cannot
+    /// be recovered by hashing guesses without the key.
+    Hash,
+    /// The values themselves.
+    Full,
+}
+
+/// `[request_log]` section of the server config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestLogConfig {
+    /// JSON-lines file; rotated to `FILE.1`, `FILE.2`, ... past `max_bytes`.
+    pub path: PathBuf,
+    /// Share of answered requests logged, in [0, 1].
+    #[serde(default = "defaults::log_sample_rate")]
+    pub sample_rate: f64,
+    /// Size at which the file is rotated.
+    #[serde(default = "defaults::log_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept besides the live one.
+    #[serde(default = "defaults::log_keep_files")]
+    pub keep_files: usize,
+    #[serde(default)]
+    pub inputs: InputLogMode,
+    /// HMAC key for `inputs = "hash"`; the `KILN_REQUEST_LOG_KEY`
+    /// environment variable is read when absent, so it need not sit in a file.
+    pub hmac_key: Option<String>,
+}
+
+impl RequestLogConfig {
+    fn check(&mut self, file: &str) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            return Err(ConfigError::new(
+                file,
+                format!("field `request_log.sample_rate`: must be in [0, 1], got {}", self.sample_rate),
+            ));
+        }
+        if self.max_bytes == 0 {
+            return Err(ConfigError::new(file, "field `request_log.max_bytes`: must be at least 1"));
+        }
+        if self.hmac_key.is_none() {
+            self.hmac_key = std::env::var("KILN_REQUEST_LOG_KEY").ok().filter(|k| !k.is_empty());
+        }
+        if self.inputs == InputLogMode::Hash && self.hmac_key.is_none() {
+            return Err(ConfigError::new(
+                file,
+                "field `request_log.hmac_key`: `inputs = \"hash\"` needs a key (or KILN_REQUEST_LOG_KEY); an \
+                 unkeyed hash of a few numbers can be reversed by trying values",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServeConfig {
@@ -70,6 +136,8 @@ impl Default for ServeConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             shutdown_grace: std::time::Duration::from_secs(30),
             prepare_threads: 1,
+            admin_token: None,
+            request_log: None,
         }
     }
 }
@@ -83,6 +151,10 @@ pub struct ServerFile {
     /// `[tenants.NAME]` sections: `budget` and `burst` in compute-seconds.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// Bearer token for the admin service.
+    pub admin_token: Option<String>,
+    /// `[request_log]`: the sampled request log.
+    pub request_log: Option<RequestLogConfig>,
 }
 
 impl ServerFile {
@@ -90,7 +162,13 @@ impl ServerFile {
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, format!("cannot read: {e}")))?;
-        let parsed: Self = toml::from_str(&text).map_err(|e| ConfigError::new(&file, e.to_string()))?;
+        let mut parsed: Self = toml::from_str(&text).map_err(|e| ConfigError::new(&file, e.to_string()))?;
+        if let Some(log) = parsed.request_log.as_mut() {
+            log.check(&file)?;
+        }
+        if parsed.admin_token.as_deref() == Some("") {
+            return Err(ConfigError::new(file, "field `admin_token`: must not be empty"));
+        }
         if parsed.max_message_bytes == Some(0) {
             return Err(ConfigError::new(file, "field `max_message_bytes`: must be at least 1"));
         }
@@ -202,6 +280,9 @@ pub struct FeatureToml {
     pub name: String,
     /// Hard limits `[low, high]`; values outside are refused.
     pub valid_range: Option<[f64; 2]>,
+    /// The value the upstream sends for "not known" (often 0 or -1): drift
+    /// counts it as missing instead of as part of the distribution.
+    pub missing_value: Option<f64>,
 }
 
 /// An input or output tensor as `model.toml` declares it.
@@ -263,6 +344,108 @@ pub struct ModelToml {
     pub mlp: Option<MlpSection>,
     #[serde(default)]
     pub bert: Option<BertSection>,
+    /// Drift monitoring: reference, windows and thresholds.
+    #[serde(default)]
+    pub drift: DriftSection,
+}
+
+/// Where a version's drift reference comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceSource {
+    /// `reference.json` in the version folder; no drift monitoring without it.
+    #[default]
+    File,
+    /// Captured from the version's first `auto_samples` rows of traffic.
+    Auto,
+    /// No drift monitoring.
+    Off,
+}
+
+/// `[drift]` section: the live windows and when drift warns or alerts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSection {
+    #[serde(default)]
+    pub reference: ReferenceSource,
+    /// Rows captured when `reference = "auto"`.
+    #[serde(default = "defaults::auto_samples")]
+    pub auto_samples: usize,
+    /// How far back the live window reaches.
+    #[serde(default = "defaults::window_seconds")]
+    pub window_seconds: f64,
+    /// Intervals the window is kept in; statistics are recomputed once per
+    /// interval, and the oldest interval leaves as a new one starts.
+    #[serde(default = "defaults::window_intervals")]
+    pub window_intervals: usize,
+    /// Most rows the window holds; older intervals leave beyond it.
+    #[serde(default = "defaults::window_max_samples")]
+    pub window_max_samples: usize,
+    /// Rows the window needs before statistics are computed: fewer make PSI
+    /// noise look like drift.
+    #[serde(default = "defaults::min_samples")]
+    pub min_samples: usize,
+    /// PSI at which a feature warns.
+    #[serde(default = "defaults::psi_warn")]
+    pub psi_warn: f64,
+    /// PSI at which a feature alerts.
+    #[serde(default = "defaults::psi_alert")]
+    pub psi_alert: f64,
+    /// Consecutive evaluations a new status must hold before it is raised
+    /// or cleared, so one noisy window neither alerts nor clears.
+    #[serde(default = "defaults::hysteresis")]
+    pub hysteresis: u32,
+    /// Batches waiting for the drift task; beyond it samples are dropped
+    /// (and counted), never slowing inference.
+    #[serde(default = "defaults::channel_capacity")]
+    pub channel_capacity: usize,
+    /// A one-column score at or above it is the positive class.
+    #[serde(default = "defaults::class_threshold")]
+    pub class_threshold: f64,
+}
+
+impl Default for DriftSection {
+    fn default() -> Self {
+        toml::from_str("").expect("every [drift] field has a default")
+    }
+}
+
+impl DriftSection {
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("auto_samples", self.auto_samples as f64),
+            ("window_seconds", self.window_seconds),
+            ("window_intervals", self.window_intervals as f64),
+            ("window_max_samples", self.window_max_samples as f64),
+            ("min_samples", self.min_samples as f64),
+            ("psi_warn", self.psi_warn),
+            ("psi_alert", self.psi_alert),
+            ("hysteresis", self.hysteresis as f64),
+            ("channel_capacity", self.channel_capacity as f64),
+        ];
+        for (field, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("field `drift.{field}`: must be a positive number, got {value}"));
+            }
+        }
+        if self.psi_alert < self.psi_warn {
+            return Err(format!(
+                "field `drift.psi_alert`: {} is below `drift.psi_warn` {}; alert must be the higher level",
+                self.psi_alert, self.psi_warn
+            ));
+        }
+        if self.min_samples > self.window_max_samples {
+            return Err(format!(
+                "field `drift.min_samples`: {} is more than `drift.window_max_samples` {}, so the window could \
+                 never be judged",
+                self.min_samples, self.window_max_samples
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.class_threshold) {
+            return Err(format!("field `drift.class_threshold`: must be in [0, 1], got {}", self.class_threshold));
+        }
+        Ok(())
+    }
 }
 
 mod defaults {
@@ -302,6 +485,47 @@ mod defaults {
     /// Past 1-2k padded tokens per batch CPU throughput of a small BERT
     /// falls (measured with MiniLM on two cores).
     pub const MAX_BATCH_TOKENS: usize = 2048;
+    pub fn auto_samples() -> usize {
+        1000
+    }
+    pub fn window_seconds() -> f64 {
+        300.0
+    }
+    pub fn window_intervals() -> usize {
+        10
+    }
+    pub fn window_max_samples() -> usize {
+        20_000
+    }
+    pub fn min_samples() -> usize {
+        500
+    }
+    /// The usual PSI reading: under 0.1 no change, 0.1-0.25 some, above
+    /// 0.25 a shift worth acting on.
+    pub fn psi_warn() -> f64 {
+        0.1
+    }
+    pub fn psi_alert() -> f64 {
+        0.25
+    }
+    pub fn hysteresis() -> u32 {
+        3
+    }
+    pub fn channel_capacity() -> usize {
+        1024
+    }
+    pub fn class_threshold() -> f64 {
+        0.5
+    }
+    pub fn log_sample_rate() -> f64 {
+        0.01
+    }
+    pub fn log_max_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub fn log_keep_files() -> usize {
+        3
+    }
 }
 
 /// The device a model asks for.
@@ -370,6 +594,7 @@ impl ModelToml {
         {
             return Err(format!("field `default_priority`: {p} is not a level in 1..={}", self.priority_levels));
         }
+        self.drift.check()?;
         if self.inputs.is_empty() {
             return Err("field `inputs`: a model needs at least one input".into());
         }

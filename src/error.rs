@@ -10,6 +10,10 @@ pub enum InferError {
     /// The request does not match the model's declared interface.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A NaN or infinite value: refused, and counted by drift for the
+    /// feature (declared input `input`, column `column`).
+    #[error("{message}")]
+    NonFinite { message: String, input: usize, column: usize },
     /// The model's queue is at `max_queue`.
     #[error(
         "model '{model}' version {version}: queue full ({max_queue} requests waiting); retry later or add capacity"

@@ -4,6 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::batcher::latency::SharedLatency;
@@ -11,7 +12,9 @@ use crate::batcher::scheduler::Message;
 use crate::batcher::{Batch, Pending};
 use crate::error::InferError;
 use crate::model::{Model, ModelSpec, Tensor};
+use crate::monitor::BatchObservers;
 use crate::monitor::metrics::VersionMetrics;
+use crate::monitor::request_log::{Entry, RequestLog};
 use crate::monitor::stats::VersionStats;
 use crate::request::{InferResponse, Timing};
 
@@ -34,6 +37,7 @@ impl ExecutorPool {
         latency: Arc<SharedLatency>,
         stats: Arc<VersionStats>,
         metrics: VersionMetrics,
+        observers: BatchObservers,
         scheduler: std::sync::mpsc::Sender<Message>,
     ) -> std::io::Result<Self> {
         let mut senders = Vec::with_capacity(instances);
@@ -45,6 +49,7 @@ impl ExecutorPool {
                 latency: latency.clone(),
                 stats: stats.clone(),
                 metrics: metrics.clone(),
+                observers: observers.clone(),
             };
             let scheduler = scheduler.clone();
             std::thread::Builder::new().name(format!("kiln-exec-{}-{}-{instance}", spec.name, spec.version)).spawn(
@@ -106,7 +111,11 @@ struct Worker {
     latency: Arc<SharedLatency>,
     stats: Arc<VersionStats>,
     metrics: VersionMetrics,
+    observers: BatchObservers,
 }
+
+/// Batch ids for the request log, unique in the process.
+static NEXT_BATCH_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Worker {
     fn run(&self, batch: Batch) {
@@ -141,6 +150,12 @@ impl Worker {
         };
         self.latency.observe(units, size, compute);
         self.metrics.publish_latency(&self.latency.estimate());
+        if let Some(drift) = self.observers.drift.as_ref().filter(|d| d.enabled()) {
+            let request_units = batch.requests.iter().map(|p| p.request.size.units as u32).collect();
+            let unknown = batch.requests.iter().map(|p| p.request.size.unknown as u64).sum();
+            drift.offer(drift.layout().sample(&inputs, &outputs, request_units, unknown));
+        }
+        let batch_id = NEXT_BATCH_ID.fetch_add(1, Ordering::Relaxed);
 
         let mut offset = 0;
         let mut replies = Vec::with_capacity(size);
@@ -156,6 +171,9 @@ impl Worker {
                     cost_us: (compute.as_micros() as u64 * p.request.size.units as u64) / shape.units.max(1) as u64,
                 },
             };
+            if let Some(log) = self.observers.log.as_ref().filter(|l| l.sampled()) {
+                self.log_request(log, batch_id, &p, &response);
+            }
             offset += p.request.rows;
             replies.push((p.reply, response));
         }
@@ -165,10 +183,29 @@ impl Worker {
         self.stats.compute_input.add(n, stacked - started);
         self.stats.compute_infer.add(n, compute);
         self.stats.compute_output.add(n, computed.elapsed());
+        self.metrics.add_busy(started.elapsed());
         for (reply, response) in replies {
             // A caller that has gone simply does not read its answer.
             let _ = reply.send(Ok(response));
         }
+    }
+
+    fn log_request(&self, log: &RequestLog, batch_id: u64, p: &Pending, response: &InferResponse) {
+        log.write(Entry {
+            spec: &self.spec,
+            request_id: &p.request.id,
+            batch_id,
+            timing: response.timing,
+            server_us: p.request.received.elapsed().as_micros() as u64,
+            inputs: &p.request.inputs,
+            outputs: p
+                .request
+                .outputs
+                .iter()
+                .zip(&response.outputs)
+                .map(|(o, t)| (self.spec.outputs[*o].name.as_str(), t.clone()))
+                .collect(),
+        });
     }
 
     fn fail(&self, requests: Vec<Pending>, reason: String) {

@@ -12,13 +12,21 @@ use crate::batcher::policy::BatchPolicy;
 use crate::batcher::{BatcherHandle, BatcherSettings};
 use crate::config::{ConfigError, ModelToml, RepositorySource};
 use crate::model::{self, Model, ModelError, ModelSpec, Tensor, VersionFiles};
+use crate::monitor::BatchObservers;
+use crate::monitor::drift::DriftHandle;
+use crate::monitor::drift::layout::Layout;
+use crate::monitor::drift::reference::Reference;
 use crate::monitor::metrics::VersionMetrics;
+use crate::monitor::request_log::RequestLog;
 use crate::monitor::stats::VersionStats;
 
 pub use crate::model::WEIGHTS_FILE;
 
 /// Every file some kind reads from a version folder; others are ignored.
-const KNOWN_FILES: &[&str] = &["model.safetensors", "config.json", "tokenizer.json"];
+const KNOWN_FILES: &[&str] = &["model.safetensors", "config.json", "tokenizer.json", REFERENCE_FILE];
+
+/// A version's drift reference profile, written by `kiln profile`.
+pub const REFERENCE_FILE: &str = "reference.json";
 
 /// Why the repository could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +119,9 @@ pub struct LoadedVersion {
     pub model: Arc<dyn Model>,
     /// Seeded by the warm-up, so the first requests are judged sensibly.
     pub latency: Arc<SharedLatency>,
+    /// What drift watches, and the reference it compares with (if any).
+    pub drift_layout: Layout,
+    pub reference: Option<Reference>,
 }
 
 /// Rounds of warm-up at each of the two batch sizes.
@@ -144,6 +155,13 @@ fn warm_up(
         }
     }
     Ok(latency)
+}
+
+/// Parses and checks a `reference.json` against the model it belongs to.
+fn read_reference(bytes: &[u8], layout: &Layout, file: &str) -> Result<Reference, RepositoryError> {
+    let reference: Reference = serde_json::from_slice(bytes).map_err(|e| ConfigError::new(file, e.to_string()))?;
+    reference.check(layout).map_err(|m| ConfigError::new(file, m))?;
+    Ok(reference)
 }
 
 /// A model with its config and loaded versions, not yet serving.
@@ -196,9 +214,20 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
             per_unit_us = estimate.per_unit_s * 1e6,
             "loaded and warmed up"
         );
+        let drift_layout = Layout::of(&spec, model.prepares(), config.drift.class_threshold);
+        let reference = match version_files.files.get(REFERENCE_FILE) {
+            None => None,
+            Some(bytes) => Some(read_reference(bytes, &drift_layout, &format!("{path}/{REFERENCE_FILE}"))?),
+        };
         versions.insert(
             *number,
-            LoadedVersion { spec: Arc::new(spec), model: Arc::from(model), latency: Arc::new(latency) },
+            LoadedVersion {
+                spec: Arc::new(spec),
+                model: Arc::from(model),
+                latency: Arc::new(latency),
+                drift_layout,
+                reference,
+            },
         );
     }
     let highest = *versions.keys().next_back().expect("checked non-empty above");
@@ -229,6 +258,7 @@ pub struct ServedVersion {
     pub batcher: BatcherHandle,
     pub stats: Arc<VersionStats>,
     pub metrics: VersionMetrics,
+    pub drift: Arc<DriftHandle>,
 }
 
 /// A model and its serving versions.
@@ -246,7 +276,7 @@ pub struct Repository {
 
 impl Repository {
     /// Starts executors and a batcher thread for every loaded version.
-    pub fn start(loaded: Vec<LoadedModel>) -> Result<Self, RepositoryError> {
+    pub fn start(loaded: Vec<LoadedModel>, log: Option<Arc<RequestLog>>) -> Result<Self, RepositoryError> {
         let mut models = BTreeMap::new();
         for m in loaded {
             let config = Arc::new(m.config);
@@ -266,6 +296,10 @@ impl Repository {
                 let stats = Arc::new(VersionStats::default());
                 let metrics = VersionMetrics::new(&m.name, number, config.priority_levels, config.max_batch_units());
                 metrics.publish_latency(&v.latency.estimate());
+                let threads = |source| RepositoryError::Io { path: format!("{}/{number}", m.name), source };
+                let drift =
+                    Arc::new(DriftHandle::start(&m.name, number, v.drift_layout, &config.drift, v.reference).map_err(threads)?);
+                let observers = BatchObservers { drift: Some(drift.clone()), log: log.clone() };
                 let batcher = crate::batcher::scheduler::spawn(
                     v.model.clone(),
                     v.spec.clone(),
@@ -273,8 +307,9 @@ impl Repository {
                     v.latency.clone(),
                     stats.clone(),
                     metrics.clone(),
+                    observers,
                 )
-                .map_err(|source| RepositoryError::Io { path: format!("{}/{number}", m.name), source })?;
+                .map_err(threads)?;
                 metrics.ready.set(1.0);
                 versions.insert(
                     number,
@@ -286,6 +321,7 @@ impl Repository {
                         batcher,
                         stats,
                         metrics,
+                        drift,
                     }),
                 );
             }

@@ -1,6 +1,6 @@
 //! Wires the stages together and runs them until shutdown: loads the
 //! repository, starts batchers and executors, serves gRPC (V2 inference,
-//! health, reflection) and the Prometheus endpoint.
+//! admin, health, reflection) and the Prometheus endpoint.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,11 +10,14 @@ use tonic_health::ServingStatus;
 
 use std::time::Duration;
 
+use crate::api::admin::AdminService;
+use crate::api::admin_pb::admin_server::AdminServer;
 use crate::api::deadline;
 use crate::api::inference::InferenceService;
 use crate::api::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::config::ServeConfig;
 use crate::monitor;
+use crate::monitor::request_log::RequestLog;
 use crate::repository::{self, Repository, RepositoryError};
 
 /// Why the server could not start or stopped with an error.
@@ -44,7 +47,14 @@ pub async fn serve(
     let prometheus = monitor::metrics::install();
     let source = config.repository.clone();
     let loaded = tokio::task::spawn_blocking(move || repository::load(&source)).await??;
-    let repo = Arc::new(Repository::start(loaded)?);
+    let log = match &config.request_log {
+        Some(c) => Some(Arc::new(RequestLog::start(c).map_err(|source| RepositoryError::Io {
+            path: c.path.display().to_string(),
+            source,
+        })?)),
+        None => None,
+    };
+    let repo = Arc::new(Repository::start(loaded, log)?);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
@@ -86,14 +96,34 @@ pub async fn serve(
         }))
     });
 
-    let routes = tonic::service::Routes::new(inference).add_service(health_service).add_service(reflection).prepare();
+    let admin = AdminServer::new(AdminService::new(repo.clone(), config.admin_token.clone()));
+    let busy_task = tokio::spawn(publish_busy(repo.clone()));
+    let routes = tonic::service::Routes::new(inference)
+        .add_service(admin)
+        .add_service(health_service)
+        .add_service(reflection)
+        .prepare();
     let service = tower::ServiceBuilder::new().map_request(deadline::take_grpc_timeout).service(routes);
     accept_loop(grpc, service, signal, config.shutdown_grace).await;
+    busy_task.abort();
     repo.mark_stopped();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Publishes each version's executor busy ratio once a second.
+async fn publish_busy(repo: Arc<Repository>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for model in repo.models.values() {
+            for version in model.versions.values() {
+                version.metrics.publish_busy(version.config.instances);
+            }
+        }
+    }
 }
 
 /// Serves HTTP/2 connections until `signal` completes, then lets open calls

@@ -132,7 +132,11 @@ pub fn decode(
         } else {
             from_typed(declared, input.contents.as_ref(), count)?
         };
-        check_values(declared, &data)?;
+        check_values(declared, &data).map_err(|e| match e {
+            // Which declared input it was, so drift can count the feature.
+            InferError::NonFinite { message, column, .. } => InferError::NonFinite { message, input: slot, column },
+            other => other,
+        })?;
         slots[slot] = Some(Tensor { shape, data });
     }
     let mut inputs = Vec::with_capacity(slots.len());
@@ -314,7 +318,11 @@ fn check_values(declared: &TensorSpec, data: &TensorData) -> Result<(), InferErr
             None => format!("input '{}' element {i}", declared.name),
         };
         if !x.is_finite() {
-            return Err(invalid(format!("{label} is {x}: NaN and infinity are not accepted")));
+            return Err(InferError::NonFinite {
+                message: format!("{label} is {x}: NaN and infinity are not accepted"),
+                input: 0,
+                column: col,
+            });
         }
         if let Some((low, high)) = feature.and_then(|f| f.valid_range)
             && !(low..=high).contains(&x)
@@ -366,8 +374,8 @@ mod tests {
                 datatype: DataType::Fp32,
                 shape: vec![-1, 2],
                 features: vec![
-                    FeatureSpec { name: "a".into(), valid_range: Some((0.0, 10.0)) },
-                    FeatureSpec { name: "b".into(), valid_range: None },
+                    FeatureSpec { name: "a".into(), valid_range: Some((0.0, 10.0)), missing_value: None },
+                    FeatureSpec { name: "b".into(), valid_range: None, missing_value: None },
                 ],
             }],
             outputs: vec![TensorSpec {
@@ -398,6 +406,7 @@ mod tests {
     fn error(req: &ModelInferRequest) -> String {
         match decode(req, &spec(), 8, Instant::now()) {
             Err(InferError::InvalidArgument(m)) => m,
+            Err(InferError::NonFinite { message, .. }) => message,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
     }
@@ -424,6 +433,8 @@ mod tests {
     fn nan_is_refused() {
         let msg = error(&request(vec![1.0, f32::NAN], vec![1, 2]));
         assert!(msg.contains("feature 'b'") && msg.contains("NaN"), "{msg}");
+        let located = decode(&request(vec![1.0, f32::NAN], vec![1, 2]), &spec(), 8, Instant::now());
+        assert!(matches!(located, Err(InferError::NonFinite { input: 0, column: 1, .. })), "{located:?}");
     }
 
     #[test]

@@ -109,7 +109,12 @@ impl InferenceService {
                 return Err(InferError::InvalidArgument("metadata 'grpc-timeout': not a valid gRPC timeout".into()));
             }
         };
-        let (mut request, params) = decode::decode(req, &version.spec, version.config.max_batch_size, call.received)?;
+        let (mut request, params) = decode::decode(req, &version.spec, version.config.max_batch_size, call.received)
+            .inspect_err(|e| {
+                if let InferError::NonFinite { input, column, .. } = e {
+                    version.drift.refused_non_finite(*input, *column);
+                }
+            })?;
         self.prepare(&mut request, params.text, version).await?;
         let tenant = params.tenant.clone().or_else(|| call.tenant.clone());
         let limits =

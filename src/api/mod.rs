@@ -1,6 +1,8 @@
-//! The gRPC border: V2 inference service, health and reflection. Protocol
+//! The gRPC border: V2 inference service, Kiln's admin service, health and
+//! reflection. Protocol
 //! types live here and in `client/`; everything behind works on Kiln's own.
 
+pub mod admin;
 pub mod deadline;
 pub mod decode;
 pub mod encode;
@@ -13,4 +15,9 @@ pub mod pb {
 
     /// Encoded descriptors for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");
+}
+
+/// Types and stubs of Kiln's operator service (package `kiln.admin.v1`).
+pub mod admin_pb {
+    tonic::include_proto!("kiln.admin.v1");
 }

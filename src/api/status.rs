@@ -13,7 +13,7 @@ pub fn to_status(err: &InferError) -> Status {
 pub fn code(err: &InferError) -> Code {
     match err {
         InferError::NotFound(_) => Code::NotFound,
-        InferError::InvalidArgument(_) => Code::InvalidArgument,
+        InferError::InvalidArgument(_) | InferError::NonFinite { .. } => Code::InvalidArgument,
         InferError::QueueFull { .. } | InferError::CostCap { .. } | InferError::TenantBudget { .. } => {
             Code::ResourceExhausted
         }

@@ -20,6 +20,7 @@ use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::InferError;
 use crate::executor::ExecutorPool;
 use crate::model::{Model, ModelSpec};
+use crate::monitor::BatchObservers;
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
 use crate::request::{InferRequest, InferResponse};
@@ -140,6 +141,7 @@ pub fn spawn(
     latency: Arc<SharedLatency>,
     stats: Arc<VersionStats>,
     metrics: VersionMetrics,
+    observers: BatchObservers,
 ) -> std::io::Result<BatcherHandle> {
     let (submit, messages) = mpsc::channel();
     let executors = ExecutorPool::start(
@@ -149,6 +151,7 @@ pub fn spawn(
         latency.clone(),
         stats,
         metrics.clone(),
+        observers,
         submit.clone(),
     )?;
     let depth = Arc::new(AtomicUsize::new(0));

@@ -14,6 +14,8 @@ use crate::config::{ConfigError, DeviceChoice, ModelKind, ModelToml, TensorToml}
 pub struct FeatureSpec {
     pub name: String,
     pub valid_range: Option<(f64, f64)>,
+    /// The upstream's "not known" value, counted as missing by drift.
+    pub missing_value: Option<f64>,
 }
 
 /// An input or output as the model declares it.
@@ -40,7 +42,11 @@ impl TensorSpec {
             features: t
                 .features
                 .iter()
-                .map(|f| FeatureSpec { name: f.name.clone(), valid_range: f.valid_range.map(|[lo, hi]| (lo, hi)) })
+                .map(|f| FeatureSpec {
+                    name: f.name.clone(),
+                    valid_range: f.valid_range.map(|[lo, hi]| (lo, hi)),
+                    missing_value: f.missing_value,
+                })
                 .collect(),
         }
     }

@@ -2,8 +2,9 @@
 //! the hot path uses, and the `/metrics` HTTP endpoint.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -38,6 +39,27 @@ pub const COST_TOTAL: &str = "kiln_cost_seconds_total";
 pub const MODEL_READY: &str = "kiln_model_ready";
 /// Always 1; its `version` label is Kiln's version.
 pub const BUILD_INFO: &str = "kiln_build_info";
+/// Share of wall time the version's executors spent running batches.
+pub const EXECUTOR_BUSY: &str = "kiln_executor_busy_ratio";
+/// Population stability index of a watched feature, output or text
+/// statistic against the reference.
+pub const DRIFT_PSI: &str = "kiln_drift_psi";
+/// Drift status after hysteresis: 0 ok, 1 warn, 2 alert.
+pub const DRIFT_STATUS: &str = "kiln_drift_status";
+/// Rows whose drift sample was dropped because the drift task was behind.
+pub const DRIFT_DROPPED: &str = "kiln_drift_samples_dropped_total";
+/// Rows in the live drift window.
+pub const DRIFT_WINDOW_ROWS: &str = "kiln_drift_window_rows";
+/// Input value rates in the window, by `kind` (`out_of_range`, `missing`,
+/// `non_finite`, and `unknown_token` for text).
+pub const DRIFT_INPUT_RATE: &str = "kiln_drift_input_rate";
+/// Live share of rows predicted in each output class.
+pub const DRIFT_CLASS_RATE: &str = "kiln_drift_class_rate";
+/// Text models: cosine distance between the live and reference embedding
+/// centroids.
+pub const DRIFT_EMBEDDING_DISTANCE: &str = "kiln_drift_embedding_distance";
+/// Sampled request-log lines dropped because the writer was behind.
+pub const REQUEST_LOG_DROPPED: &str = "kiln_request_log_dropped_total";
 
 /// Geometric buckets from 10 µs to about 10 s: serving latencies here span
 /// microseconds (the risk model) to seconds (large text batches).
@@ -93,6 +115,15 @@ fn describe() {
     describe_gauge!(LATENCY_MODEL, Unit::Seconds, "The latency model t = fixed + per_unit * units, by term.");
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
     describe_gauge!(BUILD_INFO, "Kiln build information.");
+    describe_gauge!(EXECUTOR_BUSY, "Share of wall time the executors spent running batches (last second).");
+    describe_gauge!(DRIFT_PSI, "Population stability index of a watched statistic against the reference.");
+    describe_gauge!(DRIFT_STATUS, "Drift status after hysteresis: 0 ok, 1 warn, 2 alert.");
+    describe_counter!(DRIFT_DROPPED, "Rows whose drift sample was dropped because the drift task was behind.");
+    describe_gauge!(DRIFT_WINDOW_ROWS, "Rows in the live drift window.");
+    describe_gauge!(DRIFT_INPUT_RATE, "Share of window rows with out-of-range, missing, non-finite or unknown-token inputs.");
+    describe_gauge!(DRIFT_CLASS_RATE, "Live share of rows predicted in each output class.");
+    describe_gauge!(DRIFT_EMBEDDING_DISTANCE, "Cosine distance between live and reference embedding centroids.");
+    describe_counter!(REQUEST_LOG_DROPPED, "Sampled request-log lines dropped because the writer was behind.");
 }
 
 /// Pre-registered handles for one model version, so the hot path does no
@@ -115,6 +146,11 @@ pub struct VersionMetrics {
     latency_per_unit: Gauge,
     /// The batch limit the fill ratio is measured against.
     pub max_batch_units: usize,
+    /// Nanoseconds the executors spent on batches, and the last reading
+    /// the busy ratio was computed from.
+    busy_ns: Arc<AtomicU64>,
+    busy_last: Arc<Mutex<(Instant, u64)>>,
+    busy_ratio: Gauge,
 }
 
 impl VersionMetrics {
@@ -137,6 +173,9 @@ impl VersionMetrics {
                 })
                 .collect(),
             ready: metrics::gauge!(MODEL_READY, "model" => m.clone(), "version" => v.clone()),
+            busy_ns: Arc::new(AtomicU64::new(0)),
+            busy_last: Arc::new(Mutex::new((Instant::now(), 0))),
+            busy_ratio: metrics::gauge!(EXECUTOR_BUSY, "model" => m.clone(), "version" => v.clone()),
             model: m,
             version: v,
         }
@@ -162,6 +201,24 @@ impl VersionMetrics {
         );
     }
 
+    /// Adds one batch's executor time.
+    pub fn add_busy(&self, spent: Duration) {
+        self.busy_ns.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Publishes the busy ratio since the last call, over `instances`
+    /// executors.
+    pub fn publish_busy(&self, instances: usize) {
+        let now = Instant::now();
+        let busy = self.busy_ns.load(Ordering::Relaxed);
+        let mut last = self.busy_last.lock().unwrap_or_else(|p| p.into_inner());
+        let wall = now.duration_since(last.0).as_nanos() as f64 * instances.max(1) as f64;
+        if wall > 0.0 {
+            self.busy_ratio.set(((busy - last.1) as f64 / wall).min(1.0));
+        }
+        *last = (now, busy);
+    }
+
     /// The refusals counter for one reason.
     pub fn rejected(&self, reason: &'static str) -> Counter {
         metrics::counter!(REJECTED_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "reason" => reason)
@@ -181,9 +238,11 @@ fn add_float_counter<const N: usize>(name: &'static str, labels: [(&str, &str); 
     *counters.entry(name).or_default().entry(key).or_insert(0.0) += value;
 }
 
-/// The Prometheus text: the facade's metrics, then the float counters.
+/// The Prometheus text: the facade's metrics, the float counters, then
+/// the process's own (standard `process_*` names).
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut out = handle.render();
+    out.push_str(&super::process::render());
     let counters = FLOAT_COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
     for (name, series) in counters.iter() {
         if *name == COST_TOTAL {

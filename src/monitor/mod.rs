@@ -1,5 +1,19 @@
-//! What Kiln reports about itself: Prometheus metrics and the cumulative
-//! statistics behind the V2 `ModelStatistics` RPC.
+//! What Kiln reports about itself and its traffic: Prometheus metrics, the
+//! cumulative statistics behind the V2 `ModelStatistics` RPC, drift
+//! against a reference profile, the process's health and the sampled
+//! request log.
 
+pub mod drift;
 pub mod metrics;
+pub mod process;
+pub mod request_log;
 pub mod stats;
+
+use std::sync::Arc;
+
+/// What watches a version's batches after they ran, off the hot path.
+#[derive(Clone, Default)]
+pub struct BatchObservers {
+    pub drift: Option<Arc<drift::DriftHandle>>,
+    pub log: Option<Arc<request_log::RequestLog>>,
+}

@@ -1,0 +1,128 @@
+//! `kiln.admin.v1.Admin`: the operator service. It only reads for now (the
+//! drift report); when an admin token is configured, every call must carry
+//! it as `authorization: Bearer <token>`.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use tonic::{Request, Response, Status};
+
+use super::admin_pb::{self, admin_server::Admin};
+use super::status;
+use crate::monitor::drift::DriftState;
+use crate::repository::Repository;
+use crate::router;
+
+pub struct AdminService {
+    repo: Arc<Repository>,
+    token: Option<String>,
+}
+
+impl AdminService {
+    pub fn new(repo: Arc<Repository>, token: Option<String>) -> Self {
+        Self { repo, token }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.token else { return Ok(()) };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("admin calls need metadata 'authorization: Bearer <token>'"))?;
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("admin token not accepted"))
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not reveal how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn drift_report(
+        &self,
+        request: Request<admin_pb::DriftReportRequest>,
+    ) -> Result<Response<admin_pb::DriftReportResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        if req.model.is_empty() {
+            return Err(Status::invalid_argument("field 'model': name the model whose drift to report"));
+        }
+        let version = router::route(&self.repo, &req.model, &req.version).map_err(|e| status::to_status(&e))?;
+        let mut out = admin_pb::DriftReportResponse {
+            model: version.spec.name.clone(),
+            version: version.spec.version as i64,
+            ..Default::default()
+        };
+        match version.drift.state() {
+            DriftState::Off(why) => {
+                out.state = "off".into();
+                out.detail = why;
+            }
+            DriftState::Capturing { rows, needed } => {
+                out.state = "capturing".into();
+                out.detail = format!("capturing the reference from traffic: {rows} of {needed} rows");
+            }
+            DriftState::Collecting { rows, needed, reference_source } => {
+                out.state = "collecting".into();
+                out.detail = format!("the window holds {rows} rows; statistics start at {needed}");
+                out.window_rows = rows;
+                out.reference_source = reference_source;
+            }
+            DriftState::Ready { report, reference_source, evaluated } => {
+                out.state = "ready".into();
+                out.reference_source = reference_source;
+                out.window_rows = report.rows;
+                out.window_seconds = report.span.as_secs_f64();
+                out.evaluated_ms = evaluated.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                out.features = report
+                    .statistics
+                    .into_iter()
+                    .map(|s| admin_pb::FeatureDrift {
+                        name: s.name,
+                        kind: s.kind.name().into(),
+                        statistic: s.statistic.into(),
+                        value: s.value,
+                        warn: s.warn,
+                        alert: s.alert,
+                        status: s.status.name().into(),
+                        edges: s.edges,
+                        reference: s.reference,
+                        live: s.live,
+                        out_of_range_rate: s.out_of_range_rate,
+                        missing_rate: s.missing_rate,
+                        non_finite_rate: s.non_finite_rate,
+                    })
+                    .collect();
+                out.classes = report
+                    .classes
+                    .into_iter()
+                    .map(|c| admin_pb::ClassRate { name: c.name, reference: c.reference, live: c.live })
+                    .collect();
+                if let Some((reference, live)) = report.unknown_token_rate {
+                    out.reference_unknown_token_rate = reference;
+                    out.live_unknown_token_rate = live;
+                }
+            }
+        }
+        Ok(Response::new(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_compares_whole_tokens() {
+        assert!(super::constant_time_eq(b"secret", b"secret"));
+        assert!(!super::constant_time_eq(b"secret", b"secreT"));
+        assert!(!super::constant_time_eq(b"secret", b"secret2"));
+    }
+}

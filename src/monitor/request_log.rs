@@ -1,0 +1,210 @@
+//! The sampled request log: one JSON line per sampled answered request
+//! (request id, model version, batch id, timings, outputs, and inputs as
+//! configured), written by its own thread and rotated by size. A full
+//! channel drops the line and counts it; inference never waits on disk.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use metrics::Counter;
+use serde_json::{Value, json};
+
+use crate::config::{InputLogMode, RequestLogConfig};
+use crate::model::{ModelSpec, Tensor, TensorData};
+use crate::monitor::metrics::REQUEST_LOG_DROPPED;
+use crate::request::Timing;
+
+/// Lines waiting for the writer before new ones are dropped.
+const CHANNEL_LINES: usize = 4096;
+
+/// The executor's side of the request log.
+pub struct RequestLog {
+    tx: SyncSender<String>,
+    sample_rate: f64,
+    inputs: InputLogMode,
+    key: Vec<u8>,
+    dropped: Counter,
+}
+
+/// One answered request, as the executor knows it.
+pub struct Entry<'a> {
+    pub spec: &'a ModelSpec,
+    pub request_id: &'a str,
+    pub batch_id: u64,
+    pub timing: Timing,
+    /// Receipt to the end of its batch.
+    pub server_us: u64,
+    /// Its own rows of every input, in declared order.
+    pub inputs: &'a [Tensor],
+    /// (name, its rows) of each output it asked for.
+    pub outputs: Vec<(&'a str, Tensor)>,
+}
+
+impl RequestLog {
+    /// Opens (creating) the file and starts the writer thread.
+    pub fn start(config: &RequestLogConfig) -> std::io::Result<Self> {
+        let writer = Writer::open(config.path.clone(), config.max_bytes, config.keep_files)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_LINES);
+        std::thread::Builder::new().name("kiln-request-log".into()).spawn(move || writer.run(rx))?;
+        Ok(Self {
+            tx,
+            sample_rate: config.sample_rate,
+            inputs: config.inputs,
+            key: config.hmac_key.clone().unwrap_or_default().into_bytes(),
+            dropped: metrics::counter!(REQUEST_LOG_DROPPED),
+        })
+    }
+
+    /// Draws whether the next request is logged.
+    pub fn sampled(&self) -> bool {
+        self.sample_rate >= 1.0 || (self.sample_rate > 0.0 && rand::random::<f64>() < self.sample_rate)
+    }
+
+    /// Queues one entry's line.
+    pub fn write(&self, entry: Entry<'_>) {
+        let line = self.line(entry).to_string();
+        if self.tx.try_send(line).is_err() {
+            self.dropped.increment(1);
+        }
+    }
+
+    fn line(&self, e: Entry<'_>) -> Value {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut line = json!({
+            "time_ms": now_ms,
+            "request_id": e.request_id,
+            "model": e.spec.name,
+            "version": e.spec.version,
+            "weights_sha256": e.spec.weights_sha256,
+            "batch_id": e.batch_id,
+            "timings": {
+                "queue_us": e.timing.queue_us,
+                "compute_us": e.timing.compute_us,
+                "cost_us": e.timing.cost_us,
+                "batch_size": e.timing.batch_size,
+                "server_us": e.server_us,
+            },
+            "outputs": e.outputs.iter().map(|(name, t)| (name.to_string(), values(t))).collect::<serde_json::Map<_, _>>(),
+        });
+        let inputs = e.spec.inputs.iter().zip(e.inputs);
+        match self.inputs {
+            InputLogMode::None => {}
+            InputLogMode::Full => {
+                line["inputs"] = inputs.map(|(s, t)| (s.name.clone(), values(t))).collect::<serde_json::Map<_, _>>().into();
+            }
+            InputLogMode::Hash => {
+                line["inputs_hmac_sha256"] = inputs
+                    .map(|(s, t)| (s.name.clone(), Value::from(hmac_hex(&self.key, &t.data.to_raw()))))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
+        }
+        line
+    }
+}
+
+/// Keyed HMAC-SHA256 of `bytes`, in hex.
+pub fn hmac_hex(key: &[u8], bytes: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(bytes);
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A tensor's values as JSON (text as strings, tokens as id lists).
+fn values(t: &Tensor) -> Value {
+    match &t.data {
+        TensorData::Fp32(v) => json!(v),
+        TensorData::Fp64(v) => json!(v),
+        TensorData::Int32(v) => json!(v),
+        TensorData::Int64(v) => json!(v),
+        TensorData::Bytes(v) => json!(v.iter().map(|b| String::from_utf8_lossy(b)).collect::<Vec<_>>()),
+        TensorData::Tokens(v) => json!(v),
+    }
+}
+
+/// Appends lines to the file, rotating it past `max_bytes`.
+struct Writer {
+    path: PathBuf,
+    file: File,
+    bytes: u64,
+    max_bytes: u64,
+    keep_files: usize,
+}
+
+impl Writer {
+    fn open(path: PathBuf, max_bytes: u64, keep_files: usize) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let bytes = file.metadata()?.len();
+        Ok(Self { path, file, bytes, max_bytes, keep_files })
+    }
+
+    fn run(mut self, rx: Receiver<String>) {
+        for line in rx {
+            if let Err(e) = self.append(&line) {
+                tracing::warn!(path = %self.path.display(), error = %e, "request log: write failed; line lost");
+            }
+        }
+    }
+
+    fn append(&mut self, line: &str) -> std::io::Result<()> {
+        let size = line.len() as u64 + 1;
+        if self.bytes > 0 && self.bytes + size > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(line.as_bytes())?;
+        self.file.write_all(b"\n")?;
+        self.bytes += size;
+        Ok(())
+    }
+
+    /// FILE → FILE.1 → FILE.2 …, keeping `keep_files` old files.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let numbered = |n: usize| -> PathBuf { PathBuf::from(format!("{}.{n}", self.path.display())) };
+        if self.keep_files == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(numbered(self.keep_files));
+            for n in (1..self.keep_files).rev() {
+                if Path::new(&numbered(n)).exists() {
+                    std::fs::rename(numbered(n), numbered(n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, numbered(1))?;
+        }
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        assert_eq!(
+            hmac_hex(b"Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("requests.jsonl");
+        let mut w = Writer::open(path.clone(), 25, 2).expect("open");
+        for i in 0..10 {
+            w.append(&format!("line number {i:02}")).expect("append");
+        }
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        assert_eq!(read(&path), "line number 09\n");
+        assert_eq!(read(&dir.path().join("requests.jsonl.1")), "line number 08\n");
+        assert_eq!(read(&dir.path().join("requests.jsonl.2")), "line number 07\n");
+        assert!(!dir.path().join("requests.jsonl.3").exists());
+    }
+}
