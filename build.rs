@@ -14,7 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // answer UNIMPLEMENTED through tonic's default stubs.
         .generate_default_stubs(true)
         .file_descriptor_set_path(out_dir.join("inference_descriptor.bin"))
-        .compile_with_config(config, &["proto/grpc_service.proto", "proto/model_config.proto", "proto/kiln_admin.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &["proto/grpc_service.proto", "proto/model_config.proto", "proto/kiln_admin.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -35,11 +35,10 @@ impl ExecutorPool {
         spec: Arc<ModelSpec>,
         instances: usize,
         latency: Arc<SharedLatency>,
-        stats: Arc<VersionStats>,
-        metrics: VersionMetrics,
-        observers: BatchObservers,
+        reporting: Reporting,
         scheduler: std::sync::mpsc::Sender<Message>,
     ) -> std::io::Result<Self> {
+        let Reporting { stats, metrics, observers } = reporting;
         let mut senders = Vec::with_capacity(instances);
         for instance in 0..instances {
             let (tx, rx) = std::sync::mpsc::channel::<Batch>();
@@ -103,6 +102,14 @@ impl ExecutorPool {
             }
         }
     }
+}
+
+/// Where an executor reports what it ran: statistics, metrics, and the
+/// observers (drift, request log) that see every batch.
+pub(crate) struct Reporting {
+    pub stats: Arc<VersionStats>,
+    pub metrics: VersionMetrics,
+    pub observers: BatchObservers,
 }
 
 struct Worker {

@@ -1,5 +1,5 @@
-//! The `kiln` command: `serve` and `infer` (bench, plan, profile and drift
-//! arrive with their issues). A thin wrapper over the library.
+//! The `kiln` command: serve, infer, bench, plan, profile and drift. A thin
+//! wrapper over the library.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -31,6 +31,49 @@ enum Command {
     /// Recommend max_batch_size, max_queue_delay_ms and instances for a p99
     /// budget, from measurements and a simulation of the batch policy.
     Plan(PlanArgs),
+    /// Write a version's drift reference (reference.json) by running the
+    /// model over a data file: CSV with a header (columns named as the
+    /// model's features) for row models, one text per line for text models.
+    Profile(ProfileArgs),
+    /// Print a model's drift report from a running server, most drifted
+    /// first, and plot reference against live histograms.
+    Drift(DriftArgs),
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Model repository folder; the built-in repository without it.
+    #[arg(long, env = "KILN_REPO")]
+    repo: Option<PathBuf>,
+    /// Model name.
+    #[arg(long, env = "KILN_MODEL")]
+    model: String,
+    /// Version to profile; the model's default when absent.
+    #[arg(long)]
+    version: Option<u64>,
+    /// The data the reference describes: what the model was trained on,
+    /// or a stretch of traffic known to be good.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write; default: reference.json in the version's folder
+    /// (required for the built-in repository).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct DriftArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Bearer token, when the server has one configured.
+    #[arg(long, env = "KILN_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Where to draw reference against live histograms (SVG).
+    #[arg(long, default_value = "drift.svg")]
+    plot: PathBuf,
+    /// Features drawn, most drifted first.
+    #[arg(long, default_value_t = 6)]
+    top: usize,
 }
 
 #[derive(clap::Args)]
@@ -153,6 +196,11 @@ struct ServeArgs {
     /// compute, so one is enough on a small machine.
     #[arg(long, env = "KILN_PREPARE_THREADS", default_value_t = 1)]
     prepare_threads: usize,
+    /// Bearer token the admin service (kiln.admin.v1) requires; without it
+    /// the admin service answers anyone (it only reads, for now). Also
+    /// `admin_token` in the config file.
+    #[arg(long, env = "KILN_ADMIN_TOKEN")]
+    admin_token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -208,7 +256,59 @@ fn run() -> Result<()> {
             unsafe { std::env::set_var("RAYON_NUM_THREADS", args.model_threads.max(1).to_string()) };
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(plan(args))
         }
+        Command::Profile(args) => profile(args),
+        Command::Drift(args) => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(drift(args))
+        }
     }
+}
+
+fn profile(args: ProfileArgs) -> Result<()> {
+    let source = args.repo.clone().map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn);
+    let loaded = kiln::repository::load_one(&source, &args.model)?;
+    let number = args.version.unwrap_or(loaded.default_version);
+    let Some(version) = loaded.versions.get(&number) else {
+        bail!(
+            "model '{}' has no version {number}; it has {:?}",
+            args.model,
+            loaded.versions.keys().collect::<Vec<_>>()
+        );
+    };
+    let out = match (&args.out, &args.repo) {
+        (Some(out), _) => out.clone(),
+        (None, Some(repo)) => repo.join(&args.model).join(number.to_string()).join(kiln::repository::REFERENCE_FILE),
+        (None, None) => bail!("the built-in repository is read-only: give --out FILE"),
+    };
+    let reference = kiln::monitor::drift::profile::profile(
+        version.model.as_ref(),
+        &version.spec,
+        &version.drift_layout,
+        &args.data,
+    )?;
+    std::fs::write(&out, serde_json::to_string_pretty(&reference)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {}: {} rows, {} features, {} outputs{}",
+        out.display(),
+        reference.rows,
+        reference.features.len(),
+        reference.outputs.len(),
+        if reference.text.is_some() { ", text statistics" } else { "" }
+    );
+    Ok(())
+}
+
+async fn drift(args: DriftArgs) -> Result<()> {
+    let t = &args.target;
+    let report =
+        client::drift::fetch(&t.url, &t.model, &t.version, args.admin_token.as_deref()).await?.map_err(status_error)?;
+    print!("{}", client::drift::table(&report));
+    if report.state == "ready" {
+        std::fs::write(&args.plot, client::drift::svg(&report, args.top))
+            .with_context(|| format!("writing {}", args.plot.display()))?;
+        println!("plot: {}", args.plot.display());
+    }
+    Ok(())
 }
 
 async fn plan(args: PlanArgs) -> Result<()> {
@@ -290,6 +390,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         tenants: file.tenants,
         prepare_threads: args.prepare_threads.max(1),
+        admin_token: args.admin_token.filter(|t| !t.is_empty()).or(file.admin_token),
+        request_log: file.request_log,
         ..ServeConfig::default()
     };
     let grpc =

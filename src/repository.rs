@@ -59,8 +59,11 @@ fn built_in() -> Vec<ModelFiles> {
             1,
             VersionFiles {
                 folder: "<built-in>/risk/1".into(),
-                files: [(WEIGHTS_FILE.to_string(), include_bytes!("../models/risk/1/model.safetensors").to_vec())]
-                    .into(),
+                files: [
+                    (WEIGHTS_FILE.to_string(), include_bytes!("../models/risk/1/model.safetensors").to_vec()),
+                    (REFERENCE_FILE.to_string(), include_bytes!("../models/risk/1/reference.json").to_vec()),
+                ]
+                .into(),
             },
         )],
     }]
@@ -174,11 +177,24 @@ pub struct LoadedModel {
 
 /// Reads and loads every model (blocking: file I/O and weight loading).
 pub fn load(source: &RepositorySource) -> Result<Vec<LoadedModel>, RepositoryError> {
-    let files = match source {
-        RepositorySource::BuiltIn => built_in(),
-        RepositorySource::Dir(dir) => read_dir(dir)?,
-    };
-    files.into_iter().map(load_model).collect()
+    read(source)?.into_iter().map(load_model).collect()
+}
+
+/// Reads and loads one model of the repository.
+pub fn load_one(source: &RepositorySource, name: &str) -> Result<LoadedModel, RepositoryError> {
+    let files = read(source)?;
+    let known: Vec<String> = files.iter().map(|m| m.name.clone()).collect();
+    let found = files.into_iter().find(|m| m.name == name).ok_or_else(|| {
+        ConfigError::new(format!("{source:?}"), format!("no model '{name}' in the repository; it has {known:?}"))
+    })?;
+    load_model(found)
+}
+
+fn read(source: &RepositorySource) -> Result<Vec<ModelFiles>, RepositoryError> {
+    match source {
+        RepositorySource::BuiltIn => Ok(built_in()),
+        RepositorySource::Dir(dir) => read_dir(dir),
+    }
 }
 
 fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
@@ -297,8 +313,9 @@ impl Repository {
                 let metrics = VersionMetrics::new(&m.name, number, config.priority_levels, config.max_batch_units());
                 metrics.publish_latency(&v.latency.estimate());
                 let threads = |source| RepositoryError::Io { path: format!("{}/{number}", m.name), source };
-                let drift =
-                    Arc::new(DriftHandle::start(&m.name, number, v.drift_layout, &config.drift, v.reference).map_err(threads)?);
+                let drift = Arc::new(
+                    DriftHandle::start(&m.name, number, v.drift_layout, &config.drift, v.reference).map_err(threads)?,
+                );
                 let observers = BatchObservers { drift: Some(drift.clone()), log: log.clone() };
                 let batcher = crate::batcher::scheduler::spawn(
                     v.model.clone(),

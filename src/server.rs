@@ -48,10 +48,10 @@ pub async fn serve(
     let source = config.repository.clone();
     let loaded = tokio::task::spawn_blocking(move || repository::load(&source)).await??;
     let log = match &config.request_log {
-        Some(c) => Some(Arc::new(RequestLog::start(c).map_err(|source| RepositoryError::Io {
-            path: c.path.display().to_string(),
-            source,
-        })?)),
+        Some(c) => Some(Arc::new(
+            RequestLog::start(c)
+                .map_err(|source| RepositoryError::Io { path: c.path.display().to_string(), source })?,
+        )),
         None => None,
     };
     let repo = Arc::new(Repository::start(loaded, log)?);

@@ -18,7 +18,7 @@ use super::latency::SharedLatency;
 use super::policy::{Action, BatchPolicy, DispatchReason};
 use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::InferError;
-use crate::executor::ExecutorPool;
+use crate::executor::{ExecutorPool, Reporting};
 use crate::model::{Model, ModelSpec};
 use crate::monitor::BatchObservers;
 use crate::monitor::metrics::VersionMetrics;
@@ -149,9 +149,7 @@ pub fn spawn(
         spec.clone(),
         settings.instances,
         latency.clone(),
-        stats,
-        metrics.clone(),
-        observers,
+        Reporting { stats, metrics: metrics.clone(), observers },
         submit.clone(),
     )?;
     let depth = Arc::new(AtomicUsize::new(0));
@@ -404,7 +402,9 @@ mod tests {
             priority_levels: 1,
         };
         let metrics = VersionMetrics::new("double", 1, 1, max_batch_size);
-        let handle = spawn(model.clone(), spec(), settings, Arc::default(), Arc::default(), metrics).expect("spawn");
+        let handle =
+            spawn(model.clone(), spec(), settings, Arc::default(), Arc::default(), metrics, Default::default())
+                .expect("spawn");
         (handle, model, open)
     }
 

@@ -1,6 +1,8 @@
 //! A V2 client over the generated stubs, used by `kiln infer`, later by
 //! `kiln bench`, and by the integration tests.
 
+pub mod drift;
+
 use std::collections::HashMap;
 
 use tonic::transport::Channel;

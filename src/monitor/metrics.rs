@@ -120,7 +120,10 @@ fn describe() {
     describe_gauge!(DRIFT_STATUS, "Drift status after hysteresis: 0 ok, 1 warn, 2 alert.");
     describe_counter!(DRIFT_DROPPED, "Rows whose drift sample was dropped because the drift task was behind.");
     describe_gauge!(DRIFT_WINDOW_ROWS, "Rows in the live drift window.");
-    describe_gauge!(DRIFT_INPUT_RATE, "Share of window rows with out-of-range, missing, non-finite or unknown-token inputs.");
+    describe_gauge!(
+        DRIFT_INPUT_RATE,
+        "Share of window rows with out-of-range, missing, non-finite or unknown-token inputs."
+    );
     describe_gauge!(DRIFT_CLASS_RATE, "Live share of rows predicted in each output class.");
     describe_gauge!(DRIFT_EMBEDDING_DISTANCE, "Cosine distance between live and reference embedding centroids.");
     describe_counter!(REQUEST_LOG_DROPPED, "Sampled request-log lines dropped because the writer was behind.");

@@ -52,7 +52,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn reads_this_process() {
         let text = super::render();
-        for name in ["process_resident_memory_bytes", "process_threads", "process_cpu_seconds_total", "process_open_fds"]
+        for name in
+            ["process_resident_memory_bytes", "process_threads", "process_cpu_seconds_total", "process_open_fds"]
         {
             assert!(text.contains(&format!("\n{name} ")), "{name} missing in:\n{text}");
         }

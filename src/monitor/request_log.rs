@@ -94,7 +94,8 @@ impl RequestLog {
         match self.inputs {
             InputLogMode::None => {}
             InputLogMode::Full => {
-                line["inputs"] = inputs.map(|(s, t)| (s.name.clone(), values(t))).collect::<serde_json::Map<_, _>>().into();
+                line["inputs"] =
+                    inputs.map(|(s, t)| (s.name.clone(), values(t))).collect::<serde_json::Map<_, _>>().into();
             }
             InputLogMode::Hash => {
                 line["inputs_hmac_sha256"] = inputs

@@ -5,6 +5,7 @@
 //! reference, exports the statistics, and logs each status change once.
 
 pub mod layout;
+pub mod profile;
 pub mod reference;
 pub mod window;
 
@@ -71,7 +72,10 @@ impl DriftHandle {
                 let source = r.source.clone();
                 let window = Window::new(r, (*layout).clone(), WindowSettings::from(config));
                 let needed = config.min_samples as u64;
-                (Some(Phase::Watching(window)), DriftState::Collecting { rows: 0, needed, reference_source: source })
+                (
+                    Some(Phase::Watching(Box::new(window))),
+                    DriftState::Collecting { rows: 0, needed, reference_source: source },
+                )
             }
             (None, ReferenceSource::Auto) => {
                 tracing::info!(
@@ -105,7 +109,9 @@ impl DriftHandle {
                     state: state.clone(),
                     started: Instant::now(),
                 };
-                std::thread::Builder::new().name(format!("kiln-drift-{model}-{version}")).spawn(move || task.run(rx))?;
+                std::thread::Builder::new()
+                    .name(format!("kiln-drift-{model}-{version}"))
+                    .spawn(move || task.run(rx))?;
                 Some(tx)
             }
         };
@@ -156,7 +162,7 @@ struct Labels {
 
 enum Phase {
     Capturing(ProfileData),
-    Watching(Window),
+    Watching(Box<Window>),
 }
 
 struct DriftTask {
@@ -197,19 +203,23 @@ impl DriftTask {
                 data.add(&self.layout, &sample);
                 let needed = self.config.auto_samples as u64;
                 if data.rows >= needed {
-                    let source = format!("captured from the first {} rows of traffic (reference = \"auto\")", data.rows);
+                    let source =
+                        format!("captured from the first {} rows of traffic (reference = \"auto\")", data.rows);
                     let reference = Reference::build(&self.layout, data, source.clone());
                     tracing::info!(model = %self.labels.model, version = %self.labels.version, rows = data.rows, "drift: reference captured; live windows start now");
-                    self.phase = Phase::Watching(Window::new(
+                    self.phase = Phase::Watching(Box::new(Window::new(
                         reference,
                         (*self.layout).clone(),
                         WindowSettings::from(&self.config),
-                    ));
-                    set_state(&self.state, DriftState::Collecting {
-                        rows: 0,
-                        needed: self.config.min_samples as u64,
-                        reference_source: source,
-                    });
+                    )));
+                    set_state(
+                        &self.state,
+                        DriftState::Collecting {
+                            rows: 0,
+                            needed: self.config.min_samples as u64,
+                            reference_source: source,
+                        },
+                    );
                 } else {
                     set_state(&self.state, DriftState::Capturing { rows: data.rows, needed });
                 }
@@ -235,11 +245,13 @@ impl DriftTask {
                 for t in &transitions {
                     log_transition(&self.labels, t);
                 }
-                set_state(&self.state, DriftState::Ready { report, reference_source: source, evaluated: SystemTime::now() });
+                set_state(
+                    &self.state,
+                    DriftState::Ready { report, reference_source: source, evaluated: SystemTime::now() },
+                );
             }
         }
     }
-
 }
 
 fn set_state(slot: &Mutex<DriftState>, state: DriftState) {
@@ -248,8 +260,7 @@ fn set_state(slot: &Mutex<DriftState>, state: DriftState) {
 
 /// One line per status change, naming model, version, feature and value.
 fn log_transition(labels: &Labels, t: &Transition) {
-    let (model, version, feature, from, to) =
-        (&labels.model, &labels.version, &t.feature, t.from.name(), t.to.name());
+    let (model, version, feature, from, to) = (&labels.model, &labels.version, &t.feature, t.from.name(), t.to.name());
     if t.to > t.from {
         tracing::warn!(model = %model, version = %version, feature = %feature, value = t.value, from, to, "drift status raised");
     } else {
@@ -263,7 +274,8 @@ fn publish(labels: &Labels, report: &Report) {
     for s in &report.statistics {
         let f = s.name.clone();
         if s.statistic == "psi" {
-            metrics::gauge!(names::DRIFT_PSI, "model" => m.clone(), "version" => v.clone(), "feature" => f.clone()).set(s.value);
+            metrics::gauge!(names::DRIFT_PSI, "model" => m.clone(), "version" => v.clone(), "feature" => f.clone())
+                .set(s.value);
         } else {
             metrics::gauge!(names::DRIFT_EMBEDDING_DISTANCE, "model" => m.clone(), "version" => v.clone()).set(s.value);
         }

@@ -3,8 +3,8 @@
 //! histograms, rates and an embedding centroid; and the PSI that compares
 //! live traffic against them.
 
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{BatchSample, Layout};
@@ -47,6 +47,19 @@ impl Histogram {
         Self { proportions: counts.iter().map(|c| *c as f64 / n).collect(), edges }
     }
 
+    /// Integer counts (request units): adds a bin above the largest value
+    /// seen, so that requests bigger than any in the reference fall apart
+    /// from them (with a one-row-per-request reference, every request
+    /// would otherwise share one bin and no change could show).
+    pub fn from_counts(values: &[f64], bins: usize) -> Self {
+        let mut h = Self::from_values(values, bins);
+        if let Some(max) = values.iter().copied().filter(|v| v.is_finite()).reduce(f64::max) {
+            h.edges.push(max + 0.5);
+            h.proportions.push(0.0);
+        }
+        h
+    }
+
     /// The bin `x` falls in.
     pub fn bin(&self, x: f64) -> usize {
         bin_of(&self.edges, x)
@@ -60,7 +73,7 @@ impl Histogram {
         if self.proportions.len() != self.edges.len() + 1 {
             return Err(format!("{what}: {} edges need {} proportions", self.edges.len(), self.edges.len() + 1));
         }
-        if self.edges.windows(2).any(|w| !(w[0] < w[1])) || self.edges.iter().any(|e| !e.is_finite()) {
+        if self.edges.windows(2).any(|w| w[0] >= w[1]) || self.edges.iter().any(|e| !e.is_finite()) {
             return Err(format!("{what}: edges must be finite and increasing"));
         }
         if self.proportions.iter().any(|p| !(0.0..=1.0).contains(p)) {
@@ -229,7 +242,8 @@ impl Reference {
     pub fn build(layout: &Layout, data: &ProfileData, source: String) -> Self {
         let column = |name: &str, values: &[f64]| {
             let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-            let (low, high) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+            let (low, high) =
+                finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
             FeatureReference {
                 name: name.to_string(),
                 histogram: Histogram::from_values(&finite, BINS),
@@ -249,7 +263,7 @@ impl Reference {
         let text = layout.text.then(|| {
             let tokens: f64 = data.token_lengths.iter().sum();
             TextReference {
-                token_lengths: Histogram::from_values(&data.token_lengths, BINS),
+                token_lengths: Histogram::from_counts(&data.token_lengths, BINS),
                 unknown_rate: data.unknown_tokens as f64 / tokens.max(1.0),
                 centroid: centroid(data.embeddings.iter().map(Vec::as_slice)),
                 split_distance_p99: split_distance_p99(&data.embeddings),
@@ -262,7 +276,7 @@ impl Reference {
             outputs,
             classes,
             text,
-            request_units: Histogram::from_values(&data.request_units, BINS),
+            request_units: Histogram::from_counts(&data.request_units, BINS),
         }
     }
 
@@ -271,7 +285,10 @@ impl Reference {
         let names = |list: &[FeatureReference]| list.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
         let expected: Vec<String> = layout.features.iter().map(|f| f.name.clone()).collect();
         if names(&self.features) != expected {
-            return Err(format!("field `features`: names {:?}, but the model's are {expected:?}", names(&self.features)));
+            return Err(format!(
+                "field `features`: names {:?}, but the model's are {expected:?}",
+                names(&self.features)
+            ));
         }
         let expected: Vec<String> = layout.outputs.iter().map(|o| o.name.clone()).collect();
         if names(&self.outputs) != expected {

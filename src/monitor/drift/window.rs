@@ -248,7 +248,12 @@ impl Window {
         let mut watched = Vec::new();
         let mut bins = Vec::new();
         let mut histogram = |name: &str, kind: Kind, size: usize| {
-            watched.push(Watched { name: name.to_string(), kind, bins: Some(bins.len()), status: Hysteresis::default() });
+            watched.push(Watched {
+                name: name.to_string(),
+                kind,
+                bins: Some(bins.len()),
+                status: Hysteresis::default(),
+            });
             bins.push(vec![0u64; size]);
         };
         for f in &reference.features {
@@ -380,8 +385,7 @@ impl Window {
                 }
                 None => {
                     let text = self.reference.text.as_ref().expect("centroid is watched for text models only");
-                    let live: Vec<f64> =
-                        t.embedding_sum.iter().map(|s| s / t.embedded_rows.max(1) as f64).collect();
+                    let live: Vec<f64> = t.embedding_sum.iter().map(|s| s / t.embedded_rows.max(1) as f64).collect();
                     let (warn, alert) = centroid_thresholds(text, self.reference.rows, t.embedded_rows);
                     ("cosine_distance", cosine_distance(&live, &text.centroid), warn, alert, vec![], vec![], vec![])
                 }
@@ -420,8 +424,11 @@ impl Window {
                 })
             })
             .collect();
-        let unknown_token_rate =
-            self.reference.text.as_ref().map(|text| (text.unknown_rate, t.unknown_tokens as f64 / t.tokens.max(1) as f64));
+        let unknown_token_rate = self
+            .reference
+            .text
+            .as_ref()
+            .map(|text| (text.unknown_rate, t.unknown_tokens as f64 / t.tokens.max(1) as f64));
         let first = self.ring.front().map_or(0, |(n, _)| *n);
         let span = self.settings.interval * (self.interval_of(now) - first + 1) as u32;
         Some((Report { rows: t.rows, span, statistics, classes, unknown_token_rate }, transitions))
