@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::batcher::BatcherSettings;
 use kiln::batcher::policy::BatchPolicy;
-use kiln::model::{DataType, Model, ModelError, ModelSpec, Tensor, TensorData, TensorSpec};
+use kiln::model::{Model, ModelError, ModelSpec, Tensor, TensorData, TensorSpec};
 use kiln::monitor::metrics::VersionMetrics;
 use kiln::request::InferRequest;
 
@@ -25,22 +25,7 @@ impl Model for NoWork {
 }
 
 fn spec() -> Arc<ModelSpec> {
-    let tensor = |name: &str, width: i64| TensorSpec {
-        name: name.into(),
-        datatype: DataType::Fp32,
-        shape: vec![-1, width],
-        features: vec![],
-    };
-    Arc::new(ModelSpec {
-        name: "nowork".into(),
-        version: 1,
-        platform: "bench".into(),
-        description: String::new(),
-        inputs: vec![tensor("x", 30)],
-        outputs: vec![tensor("y", 1)],
-        weights_sha256: String::new(),
-        device: "cpu".into(),
-    })
+    Arc::new(ModelSpec::in_memory("nowork", vec![TensorSpec::fp32("x", 30)], vec![TensorSpec::fp32("y", 1)]))
 }
 
 fn request() -> InferRequest {

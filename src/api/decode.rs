@@ -364,29 +364,15 @@ mod tests {
     use crate::model::FeatureSpec;
 
     fn spec() -> ModelSpec {
-        ModelSpec {
-            name: "m".into(),
-            version: 1,
-            platform: "kiln_mlp".into(),
-            description: String::new(),
-            inputs: vec![TensorSpec {
-                name: "x".into(),
-                datatype: DataType::Fp32,
-                shape: vec![-1, 2],
-                features: vec![
-                    FeatureSpec { name: "a".into(), valid_range: Some((0.0, 10.0)), missing_value: None },
-                    FeatureSpec { name: "b".into(), valid_range: None, missing_value: None },
-                ],
-            }],
-            outputs: vec![TensorSpec {
-                name: "y".into(),
-                datatype: DataType::Fp32,
-                shape: vec![-1, 1],
-                features: vec![],
-            }],
-            weights_sha256: String::new(),
-            device: "cpu".into(),
-        }
+        let features = vec![
+            FeatureSpec { name: "a".into(), valid_range: Some((0.0, 10.0)), missing_value: None },
+            FeatureSpec { name: "b".into(), valid_range: None, missing_value: None },
+        ];
+        ModelSpec::in_memory(
+            "m",
+            vec![TensorSpec { features, ..TensorSpec::fp32("x", 2) }],
+            vec![TensorSpec::fp32("y", 1)],
+        )
     }
 
     fn request(values: Vec<f32>, shape: Vec<i64>) -> ModelInferRequest {

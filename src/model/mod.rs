@@ -34,6 +34,11 @@ impl TensorSpec {
         self.shape[1..].iter().map(|d| *d as usize).product()
     }
 
+    /// A `[-1, width]` FP32 tensor with no named features.
+    pub fn fp32(name: &str, width: usize) -> Self {
+        Self { name: name.into(), datatype: DataType::Fp32, shape: vec![-1, width as i64], features: vec![] }
+    }
+
     fn from_toml(t: &TensorToml) -> Self {
         Self {
             name: t.name.clone(),
@@ -66,6 +71,23 @@ pub struct ModelSpec {
     pub weights_sha256: String,
     /// The device the model really runs on (`cpu`, `cuda:0`).
     pub device: String,
+}
+
+impl ModelSpec {
+    /// A CPU spec with no description or weights hash, for models built in
+    /// memory (tests, benches).
+    pub fn in_memory(name: &str, inputs: Vec<TensorSpec>, outputs: Vec<TensorSpec>) -> Self {
+        Self {
+            name: name.into(),
+            version: 1,
+            platform: "kiln_mlp".into(),
+            description: String::new(),
+            inputs,
+            outputs,
+            weights_sha256: String::new(),
+            device: "cpu".into(),
+        }
+    }
 }
 
 /// Why a model could not load or could not run a batch.

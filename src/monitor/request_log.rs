@@ -194,6 +194,56 @@ mod tests {
         );
     }
 
+    fn spec() -> ModelSpec {
+        let mut spec = ModelSpec::in_memory(
+            "m",
+            vec![crate::model::TensorSpec::fp32("x", 2)],
+            vec![crate::model::TensorSpec::fp32("y", 1)],
+        );
+        spec.version = 2;
+        spec
+    }
+
+    #[test]
+    fn each_input_mode_writes_what_it_promises() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec = spec();
+        let x = [Tensor { shape: vec![1, 2], data: TensorData::Fp32(vec![1.5, -2.0]) }];
+        let y = Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![0.25]) };
+        let line = |inputs: InputLogMode| {
+            let log = RequestLog::start(&RequestLogConfig {
+                path: dir.path().join("log.jsonl"),
+                sample_rate: 1.0,
+                max_bytes: 1 << 20,
+                keep_files: 1,
+                inputs,
+                hmac_key: Some("k".into()),
+            })
+            .expect("starts");
+            log.line(Entry {
+                spec: &spec,
+                request_id: "r1",
+                batch_id: 9,
+                timing: Timing { queue_us: 3, compute_us: 4, batch_size: 1, cost_us: 4 },
+                server_us: 10,
+                inputs: &x,
+                outputs: vec![("y", y.clone())],
+            })
+        };
+        let none = line(InputLogMode::None);
+        assert_eq!(none["request_id"], "r1");
+        assert_eq!(none["version"], 2);
+        assert_eq!(none["batch_id"], 9);
+        assert_eq!(none["timings"]["queue_us"], 3);
+        assert_eq!(none["outputs"]["y"], json!([0.25]));
+        assert!(none.get("inputs").is_none() && none.get("inputs_hmac_sha256").is_none());
+        let full = line(InputLogMode::Full);
+        assert_eq!(full["inputs"]["x"], json!([1.5, -2.0]));
+        let hashed = line(InputLogMode::Hash);
+        assert_eq!(hashed["inputs_hmac_sha256"]["x"], hmac_hex(b"k", &x[0].data.to_raw()).as_str());
+        assert!(hashed.get("inputs").is_none());
+    }
+
     #[test]
     fn rotation_keeps_the_newest_files() {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -18,6 +18,14 @@ pub struct TrackedFeature {
     pub missing_value: Option<f64>,
 }
 
+impl TrackedFeature {
+    /// True for the feature's "not known" value. Compared in f32, the
+    /// precision values arrive in, so a sentinel like 0.1 still matches.
+    pub fn is_missing(&self, x: f32) -> bool {
+        self.missing_value.is_some_and(|m| m as f32 == x)
+    }
+}
+
 /// One watched output column (a score).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrackedOutput {

@@ -203,8 +203,7 @@ impl ProfileData {
         if nf > 0 {
             for row in sample.features.chunks(nf) {
                 for ((x, column), f) in row.iter().zip(&mut self.features).zip(&layout.features) {
-                    let x = *x as f64;
-                    column.push(if f.missing_value == Some(x) { f64::NAN } else { x });
+                    column.push(if f.is_missing(*x) { f64::NAN } else { *x as f64 });
                 }
             }
         }

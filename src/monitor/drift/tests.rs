@@ -20,21 +20,8 @@ fn spec() -> ModelSpec {
         valid_range: None,
         missing_value: (name == "uniform").then_some(-1.0),
     };
-    ModelSpec {
-        name: "synthetic".into(),
-        version: 1,
-        platform: "kiln_mlp".into(),
-        description: String::new(),
-        inputs: vec![TensorSpec {
-            name: "x".into(),
-            datatype: DataType::Fp32,
-            shape: vec![-1, 4],
-            features: FEATURES.iter().map(|n| feature(n)).collect(),
-        }],
-        outputs: vec![TensorSpec { name: "p".into(), datatype: DataType::Fp32, shape: vec![-1, 1], features: vec![] }],
-        weights_sha256: String::new(),
-        device: "cpu".into(),
-    }
+    let input = TensorSpec { features: FEATURES.iter().map(|n| feature(n)).collect(), ..TensorSpec::fp32("x", 4) };
+    ModelSpec::in_memory("synthetic", vec![input], vec![TensorSpec::fp32("p", 1)])
 }
 
 /// How live traffic differs from the reference.

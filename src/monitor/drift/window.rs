@@ -443,11 +443,11 @@ fn count_sample(reference: &Reference, layout: &Layout, empty: &Counts, sample: 
     if nf > 0 {
         for row in sample.features.chunks(nf) {
             for (j, (x, f)) in row.iter().zip(&reference.features).enumerate() {
-                let x = *x as f64;
-                if x.is_nan() || layout.features[j].missing_value == Some(x) {
+                if x.is_nan() || layout.features[j].is_missing(*x) {
                     c.missing[j] += 1;
                     continue;
                 }
+                let x = *x as f64;
                 let [low, high] = f.training_range;
                 if x < low || x > high {
                     c.out_of_range[j] += 1;
