@@ -199,6 +199,19 @@ latency_budget_ms = 10\ndefault_timeout_ms = 1000\n\n",
     out
 }
 
+/// The training rows as CSV: `kiln profile` writes the drift reference from
+/// exactly what the model learned from.
+fn train_csv(trained: &Trained) -> Result<String> {
+    let text = std::fs::read_to_string(DATA)?;
+    let mut lines = text.lines();
+    let mut csv = format!("{}\n", lines.next().context("empty csv")?);
+    for (_, line) in lines.enumerate().filter(|(i, _)| !trained.heldout.contains(i)) {
+        csv.push_str(line);
+        csv.push('\n');
+    }
+    Ok(csv)
+}
+
 fn check(trained: &Trained, toml: &str) -> Result<()> {
     let weights = Path::new(MODEL_DIR).join("1/model.safetensors");
     let committed = candle_core::safetensors::load(&weights, &Device::Cpu)?;
@@ -219,6 +232,9 @@ fn check(trained: &Trained, toml: &str) -> Result<()> {
     if committed_toml != toml {
         bail!("models/risk/model.toml differs from what training writes; rerun train_risk and commit");
     }
+    if std::fs::read_to_string(TRAIN_CSV)? != train_csv(trained)? {
+        bail!("{TRAIN_CSV} differs from the training split; rerun train_risk and commit");
+    }
     Ok(())
 }
 
@@ -237,16 +253,7 @@ fn main() -> Result<()> {
     std::fs::write(Path::new(MODEL_DIR).join("model.toml"), toml)?;
     let split = serde_json::json!({ "seed": SEED, "heldout_rows": trained.heldout });
     std::fs::write(SPLIT, serde_json::to_string(&split)? + "\n")?;
-    // The training rows as CSV: `kiln profile` writes the drift reference
-    // from exactly what the model learned from.
-    let text = std::fs::read_to_string(DATA)?;
-    let mut lines = text.lines();
-    let mut train_csv = format!("{}\n", lines.next().context("empty csv")?);
-    for (_, line) in lines.enumerate().filter(|(i, _)| !trained.heldout.contains(i)) {
-        train_csv.push_str(line);
-        train_csv.push('\n');
-    }
-    std::fs::write(TRAIN_CSV, train_csv)?;
+    std::fs::write(TRAIN_CSV, train_csv(&trained)?)?;
     println!("held-out accuracy {:.4} on {} rows; wrote {MODEL_DIR}", trained.accuracy, trained.heldout.len());
     Ok(())
 }

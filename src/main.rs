@@ -227,6 +227,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Writes a report to standard output. A reader that went away (`| head`)
+/// is not an error worth a panic: the rest is simply not wanted.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -287,14 +294,14 @@ fn profile(args: ProfileArgs) -> Result<()> {
     )?;
     std::fs::write(&out, serde_json::to_string_pretty(&reference)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
-    println!(
-        "wrote {}: {} rows, {} features, {} outputs{}",
+    emit(&format!(
+        "wrote {}: {} rows, {} features, {} outputs{}\n",
         out.display(),
         reference.rows,
         reference.features.len(),
         reference.outputs.len(),
         if reference.text.is_some() { ", text statistics" } else { "" }
-    );
+    ));
     Ok(())
 }
 
@@ -302,11 +309,11 @@ async fn drift(args: DriftArgs) -> Result<()> {
     let t = &args.target;
     let report =
         client::drift::fetch(&t.url, &t.model, &t.version, args.admin_token.as_deref()).await?.map_err(status_error)?;
-    print!("{}", client::drift::table(&report));
+    emit(&client::drift::table(&report));
     if report.state == "ready" {
         std::fs::write(&args.plot, client::drift::svg(&report, args.top))
             .with_context(|| format!("writing {}", args.plot.display()))?;
-        println!("plot: {}", args.plot.display());
+        emit(&format!("plot: {}\n", args.plot.display()));
     }
     Ok(())
 }
@@ -326,7 +333,7 @@ async fn plan(args: PlanArgs) -> Result<()> {
         sim_requests: args.sim_requests.max(1000),
     };
     let plan = kiln::plan::plan(&options).await?;
-    print!("{}", plan.table());
+    emit(&plan.table());
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&plan)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -364,7 +371,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         progress: true,
     };
     let report = kiln::bench::run(&options).await?;
-    print!("{}", report.table());
+    emit(&report.table());
     let write = |path: &PathBuf, text: String| {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     };

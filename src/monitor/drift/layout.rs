@@ -116,18 +116,8 @@ impl Layout {
     /// values only, so the drift task never touches the batch itself.
     pub fn sample(&self, inputs: &[Tensor], outputs: &[Tensor], request_units: Vec<u32>, unknown: u64) -> BatchSample {
         let rows = inputs.first().map_or(0, Tensor::rows);
-        let mut features = Vec::with_capacity(rows * self.features.len());
-        for row in 0..rows {
-            for f in &self.features {
-                features.push(element(&inputs[f.input], row, f.column));
-            }
-        }
-        let mut scores = Vec::with_capacity(rows * self.outputs.len());
-        for row in 0..rows {
-            for o in &self.outputs {
-                scores.push(element(&outputs[o.output], row, o.column));
-            }
-        }
+        let features = rows_of(inputs, &tracked(self.features.iter().map(|f| f.input)), rows);
+        let scores = rows_of(outputs, &tracked(self.outputs.iter().map(|o| o.output)), rows);
         let text = self.text.then(|| TextSample {
             token_lengths: match inputs.first().map(|t| &t.data) {
                 Some(TensorData::Tokens(ids)) => ids.iter().map(|r| r.len() as u32).collect(),
@@ -143,15 +133,40 @@ impl Layout {
     }
 }
 
-fn element(tensor: &Tensor, row: usize, column: usize) -> f32 {
-    let i = row * tensor.row_len() + column;
-    match &tensor.data {
-        TensorData::Fp32(v) => v.get(i).copied().unwrap_or(f32::NAN),
-        TensorData::Fp64(v) => v.get(i).map_or(f32::NAN, |x| *x as f32),
-        TensorData::Int32(v) => v.get(i).map_or(f32::NAN, |x| *x as f32),
-        TensorData::Int64(v) => v.get(i).map_or(f32::NAN, |x| *x as f32),
-        TensorData::Bytes(_) | TensorData::Tokens(_) => f32::NAN,
+/// The distinct tensors watched, in order (every column of each is).
+fn tracked(indices: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    for i in indices {
+        if out.last() != Some(&i) {
+            out.push(i);
+        }
     }
+    out
+}
+
+/// The watched tensors' values as f32, row-major across them: row 0 of
+/// each, then row 1 of each, ... One tensor is copied whole.
+fn rows_of(tensors: &[Tensor], watched: &[usize], rows: usize) -> Vec<f32> {
+    if let [only] = watched
+        && let Some(TensorData::Fp32(values)) = tensors.get(*only).map(|t| &t.data)
+    {
+        return values.clone();
+    }
+    let width: usize = watched.iter().filter_map(|i| tensors.get(*i)).map(Tensor::row_len).sum();
+    let mut out = Vec::with_capacity(rows * width);
+    for row in 0..rows {
+        for t in watched.iter().filter_map(|i| tensors.get(*i)) {
+            let range = row * t.row_len()..(row + 1) * t.row_len();
+            match &t.data {
+                TensorData::Fp32(v) => out.extend_from_slice(&v[range]),
+                TensorData::Fp64(v) => out.extend(v[range].iter().map(|x| *x as f32)),
+                TensorData::Int32(v) => out.extend(v[range].iter().map(|x| *x as f32)),
+                TensorData::Int64(v) => out.extend(v[range].iter().map(|x| *x as f32)),
+                TensorData::Bytes(_) | TensorData::Tokens(_) => out.extend(std::iter::repeat_n(f32::NAN, range.len())),
+            }
+        }
+    }
+    out
 }
 
 /// Text parts of a batch sample.

@@ -112,6 +112,20 @@ struct Counts {
 }
 
 impl Counts {
+    /// Back to zero, keeping every allocation.
+    fn reset(&mut self) {
+        for v in self.bins.iter_mut().map(Vec::as_mut_slice).chain([
+            self.out_of_range.as_mut_slice(),
+            self.missing.as_mut_slice(),
+            self.non_finite.as_mut_slice(),
+            self.classes.as_mut_slice(),
+        ]) {
+            v.fill(0);
+        }
+        self.embedding_sum.fill(0.0);
+        (self.rows, self.refused_rows, self.unknown_tokens, self.tokens, self.embedded_rows) = (0, 0, 0, 0, 0);
+    }
+
     fn merge(&mut self, other: &Counts, add: bool) {
         fn each(a: &mut [u64], b: &[u64], add: bool) {
             for (x, y) in a.iter_mut().zip(b) {
@@ -241,6 +255,8 @@ pub struct Window {
     ring: VecDeque<(u64, Counts)>,
     totals: Counts,
     empty: Counts,
+    /// Reused for each sample's counts, so ingesting allocates nothing.
+    scratch: Counts,
 }
 
 impl Window {
@@ -283,7 +299,16 @@ impl Window {
             classes: vec![0; reference.classes.as_ref().map_or(0, |c| c.names.len())],
             ..Counts::default()
         };
-        Self { reference, layout, settings, watched, ring: VecDeque::new(), totals: empty.clone(), empty }
+        Self {
+            reference,
+            layout,
+            settings,
+            watched,
+            ring: VecDeque::new(),
+            totals: empty.clone(),
+            scratch: empty.clone(),
+            empty,
+        }
     }
 
     pub fn reference(&self) -> &Reference {
@@ -324,9 +349,12 @@ impl Window {
 
     /// Adds one batch's sample.
     pub fn ingest(&mut self, now: Duration, sample: &BatchSample) {
-        let counts = count_sample(&self.reference, &self.layout, &self.empty, sample);
+        let mut counts = std::mem::take(&mut self.scratch);
+        counts.reset();
+        count_sample(&self.reference, &self.layout, &mut counts, sample);
         self.current(now).merge(&counts, true);
         self.totals.merge(&counts, true);
+        self.scratch = counts;
     }
 
     /// A request refused at the door for a non-finite value of `feature`.
@@ -436,8 +464,7 @@ impl Window {
 }
 
 /// A batch sample as counts, binned against the reference.
-fn count_sample(reference: &Reference, layout: &Layout, empty: &Counts, sample: &BatchSample) -> Counts {
-    let mut c = empty.clone();
+fn count_sample(reference: &Reference, layout: &Layout, c: &mut Counts, sample: &BatchSample) {
     c.rows = sample.rows as u64;
     let nf = layout.features.len();
     if nf > 0 {
@@ -479,7 +506,7 @@ fn count_sample(reference: &Reference, layout: &Layout, empty: &Counts, sample: 
         c.unknown_tokens = sample_text.unknown_tokens;
         let hidden = text.centroid.len();
         if hidden > 0 {
-            c.embedding_sum = vec![0.0; hidden];
+            c.embedding_sum.resize(hidden, 0.0);
             for row in sample_text.embeddings.chunks(hidden) {
                 for (s, x) in c.embedding_sum.iter_mut().zip(row) {
                     *s += *x as f64;
@@ -492,5 +519,4 @@ fn count_sample(reference: &Reference, layout: &Layout, empty: &Counts, sample: 
     for units in &sample.request_units {
         c.bins[next][reference.request_units.bin(*units as f64)] += 1;
     }
-    c
 }
