@@ -4,8 +4,6 @@
 
 use std::fmt::Write;
 
-use tonic::transport::Channel;
-
 use super::ClientError;
 use crate::api::admin_pb::{DriftReportRequest, DriftReportResponse, FeatureDrift, admin_client::AdminClient};
 
@@ -17,9 +15,7 @@ pub async fn fetch(
     version: &str,
     token: Option<&str>,
 ) -> Result<Result<DriftReportResponse, tonic::Status>, ClientError> {
-    let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    let endpoint = Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
-    let channel = endpoint.connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))?;
+    let channel = super::channel(url).await?;
     let mut request = tonic::Request::new(DriftReportRequest { model: model.into(), version: version.into() });
     if let Some(token) = token {
         match format!("Bearer {token}").parse() {

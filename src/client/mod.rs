@@ -24,6 +24,13 @@ pub enum ClientError {
     Connect(String, #[source] tonic::transport::Error),
 }
 
+/// An HTTP/2 channel to `url` (`host:port` or `http://host:port`).
+pub async fn channel(url: &str) -> Result<Channel, ClientError> {
+    let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    let endpoint = Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
+    endpoint.tcp_nodelay(true).connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))
+}
+
 /// A connected V2 client.
 #[derive(Clone)]
 pub struct Client {
@@ -36,12 +43,7 @@ const CLIENT_MAX_MESSAGE_BYTES: usize = 1 << 30;
 impl Client {
     /// Connects to `url` (`host:port` or `http://host:port`).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-        let endpoint =
-            Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
-        let channel =
-            endpoint.tcp_nodelay(true).connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::from_channel(channel(url).await?))
     }
 
     /// Wraps an existing channel.
