@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{
     TestServer, expect_refusal, param, statistics, wait_for_started, wide_mlp_repo, wide_request, with_param,
 };
-use kiln::client::{self, ParameterChoice};
+use kiln::client::{self, ParameterChoice, RawClient};
 use kiln::config::{RepositorySource, ServeConfig, TenantConfig};
 use tonic::Code;
 
@@ -86,23 +86,36 @@ async fn expired_request_is_never_computed_and_answers_before_the_running_batch_
     assert!(metrics.contains(&series), "{metrics}");
 }
 
+type PlainHttp2 =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, tonic::body::Body>;
+
+/// A V2 client over plain HTTP/2. tonic's `Channel` enforces `grpc-timeout`
+/// on its own side too, and its local timer (reported as CANCELLED) races
+/// the server's answer at the same instant; this client leaves the deadline
+/// to the server, which is what the test is about.
+fn client_without_local_deadline(server: &TestServer) -> RawClient<PlainHttp2> {
+    let http =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let origin = format!("http://{}", server.addr).parse().expect("server address is a URI");
+    RawClient::with_origin(http, origin)
+}
+
 #[tokio::test]
 async fn grpc_timeout_header_answers_deadline_exceeded_not_cancelled() {
     const M: &str = "grpc_deadline";
     let _turn = SERIAL.lock().await;
     let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
-    let mut c = server.client().await;
+    let mut c = client_without_local_deadline(&server);
     let slow = occupy_executor(&server, M).await;
     let mut request = tonic::Request::new(wide_request(M, 1));
-    // Sets the raw `grpc-timeout` header; the tonic client does not enforce it.
     request.set_timeout(Duration::from_millis(30));
-    let status = c.raw.model_infer(request).await.expect_err("deadline");
+    let status = c.model_infer(request).await.expect_err("deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     slow.await.expect("join").expect("slow answered");
 
     let mut malformed = tonic::Request::new(wide_request(M, 1));
     malformed.metadata_mut().insert("grpc-timeout", "soon".parse().expect("ascii"));
-    let status = c.raw.model_infer(malformed).await.expect_err("bad header");
+    let status = c.model_infer(malformed).await.expect_err("bad header");
     assert!(matches!(status.code(), Code::InvalidArgument | Code::Internal), "{status:?}");
 }
 
