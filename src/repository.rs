@@ -218,6 +218,13 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
         }
         let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, version_files)
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
+        // A bad reference fails before the warm-up, which takes seconds for
+        // text models.
+        let drift_layout = Layout::of(&spec, model.prepares(), config.drift.class_threshold);
+        let reference = match version_files.files.get(REFERENCE_FILE) {
+            None => None,
+            Some(bytes) => Some(read_reference(bytes, &drift_layout, &format!("{path}/{REFERENCE_FILE}"))?),
+        };
         let latency = warm_up(model.as_ref(), &spec, config.max_batch_size, config.max_batch_units())
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
         let estimate = latency.estimate();
@@ -230,11 +237,6 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
             per_unit_us = estimate.per_unit_s * 1e6,
             "loaded and warmed up"
         );
-        let drift_layout = Layout::of(&spec, model.prepares(), config.drift.class_threshold);
-        let reference = match version_files.files.get(REFERENCE_FILE) {
-            None => None,
-            Some(bytes) => Some(read_reference(bytes, &drift_layout, &format!("{path}/{REFERENCE_FILE}"))?),
-        };
         versions.insert(
             *number,
             LoadedVersion {
