@@ -13,10 +13,19 @@ log=$(mktemp)
 "$kiln" serve --grpc "127.0.0.1:$grpc_port" --metrics "127.0.0.1:$metrics_port" ${KILN_SERVE_ARGS:-} >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+ready=false
 for _ in $(seq 1 300); do
-  grep -q "kiln listening" "$log" && python3 -c "import socket; socket.create_connection(('127.0.0.1', $grpc_port), 1)" 2>/dev/null && break
+  if grep -q "kiln listening" "$log" && python3 -c "import socket; socket.create_connection(('127.0.0.1', $grpc_port), 1)" 2>/dev/null; then
+    ready=true
+    break
+  fi
   kill -0 $pid 2>/dev/null || { cat "$log"; echo "kiln serve exited" >&2; exit 1; }
   sleep 0.1
 done
-export KILN_URL="127.0.0.1:$grpc_port" KILN_METRICS_URL="http://127.0.0.1:$metrics_port/metrics"
+if ! $ready; then
+  tail -n 40 "$log" >&2
+  echo "kiln serve was not listening after 30 s" >&2
+  exit 1
+fi
+export KILN_PID=$pid KILN_URL="127.0.0.1:$grpc_port" KILN_METRICS_URL="http://127.0.0.1:$metrics_port/metrics"
 "$@"

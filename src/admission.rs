@@ -54,6 +54,12 @@ impl TokenBucket {
         self.tokens_us = (self.tokens_us + amount_us).min(self.burst_us);
     }
 
+    /// The balance now, in microseconds (negative while in debt).
+    pub fn balance(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens_us
+    }
+
     /// Refill rate in compute-seconds per second.
     pub fn rate(&self) -> f64 {
         self.rate
@@ -87,6 +93,7 @@ pub struct Admission {
 /// What admission needs to know of the model version.
 pub struct VersionLimits<'a> {
     pub model: &'a str,
+    pub number: u64,
     pub config: &'a ModelToml,
     pub estimate: crate::batcher::latency::LatencyEstimate,
 }
@@ -95,6 +102,58 @@ impl Admission {
     pub fn new(tenants: &BTreeMap<String, TenantConfig>) -> Self {
         let now = Instant::now();
         Self { tenants: tenants.iter().map(|(k, v)| (k.clone(), Mutex::new(TokenBucket::new(*v, now)))).collect() }
+    }
+
+    /// The request's deadline: the earliest of the model's default timeout,
+    /// the `timeout` parameter and the call's own deadline.
+    pub fn deadline(
+        config: &ModelToml,
+        received: Instant,
+        params: &KilnParams,
+        grpc_deadline: Option<Instant>,
+    ) -> Instant {
+        let default = received + Duration::from_secs_f64(config.default_timeout_ms / 1000.0);
+        let from_param = params.timeout_us.and_then(|us| received.checked_add(Duration::from_micros(us)));
+        [Some(default), from_param, grpc_deadline].into_iter().flatten().min().unwrap_or(default)
+    }
+
+    /// The refusals that need no token count, checked before a text
+    /// request is tokenized so that work is never spent on it: deadline
+    /// passed, queue full, tenant budget spent.
+    pub fn precheck(
+        &self,
+        version: &VersionLimits<'_>,
+        deadline: Instant,
+        queued: usize,
+        tenant: Option<&str>,
+    ) -> Result<(), InferError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(InferError::DeadlineUnmeetable(format!(
+                "model '{}': the deadline passed before the request could be prepared",
+                version.model
+            )));
+        }
+        if queued >= version.config.max_queue {
+            return Err(InferError::QueueFull {
+                model: version.model.into(),
+                version: version.number,
+                max_queue: version.config.max_queue,
+            });
+        }
+        if let Some((name, bucket)) = tenant.and_then(|t| self.tenants.get_key_value(t)) {
+            let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let available = bucket.balance(now);
+            if available <= 0.0 {
+                return Err(InferError::TenantBudget {
+                    tenant: name.clone(),
+                    needed_us: 1,
+                    available_us: available as i64,
+                    rate: bucket.rate(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Admits `request` or says why not; sets its priority and deadline.
@@ -122,10 +181,7 @@ impl Admission {
                 )));
             }
         };
-        let received = request.received;
-        let default = received + Duration::from_secs_f64(config.default_timeout_ms / 1000.0);
-        let from_param = params.timeout_us.and_then(|us| received.checked_add(Duration::from_micros(us)));
-        request.deadline = [Some(default), from_param, grpc_deadline].into_iter().flatten().min().unwrap_or(default);
+        request.deadline = Self::deadline(config, request.received, params, grpc_deadline);
 
         let units = request.padded_units();
         let max_units = config.max_batch_units();

@@ -38,6 +38,13 @@ pub enum InferError {
          available; the budget refills at {rate} compute-seconds per second"
     )]
     TenantBudget { tenant: String, needed_us: u64, available_us: i64, rate: f64 },
+    /// A server-wide bound is reached (bytes in flight, the preparation
+    /// queue) or the message is over the size limit; `reason` labels it.
+    #[error("{message}")]
+    Overloaded { reason: &'static str, message: String },
+    /// The call uses a feature Kiln does not offer (a compressed message).
+    #[error("{0}")]
+    Unimplemented(String),
     /// The server is shutting down or the model is not serving.
     #[error("{0}")]
     Unavailable(String),
@@ -56,6 +63,7 @@ impl InferError {
             Self::CostCap { .. } => Some("cost_cap"),
             Self::TenantBudget { .. } => Some("tenant_budget"),
             Self::DeadlineUnmeetable(_) => Some("deadline"),
+            Self::Overloaded { reason, .. } => Some(reason),
             _ => None,
         }
     }

@@ -187,8 +187,10 @@ struct ServeArgs {
     /// requests. Default: one per core.
     #[arg(long, env = "KILN_RUNTIME_THREADS")]
     runtime_threads: Option<usize>,
-    /// Largest request or response message in bytes. Bigger batches need
-    /// more, but every admitted message is held in memory.
+    /// Largest request or response message in bytes (default 4 MiB, gRPC's
+    /// own). Bigger batches need more, but every admitted message is held in
+    /// memory for the whole call; `[limits] max_inflight_bytes` in the
+    /// config file bounds all of them together.
     #[arg(long, env = "KILN_MAX_MESSAGE_BYTES")]
     max_message_bytes: Option<usize>,
     /// Threads that tokenize text requests before they queue. Tokenizing
@@ -399,6 +401,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         prepare_threads: args.prepare_threads.max(1),
         admin_token: args.admin_token.filter(|t| !t.is_empty()).or(file.admin_token),
         request_log: file.request_log,
+        limits: file.limits,
         ..ServeConfig::default()
     };
     let grpc =

@@ -5,21 +5,37 @@
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A fixed set of threads taking jobs from one queue.
+/// Why work given to the pool did not run to completion.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareError {
+    #[error("the preparation queue is full ({capacity} requests waiting to be tokenized); retry shortly")]
+    QueueFull { capacity: usize },
+    #[error("the deadline passed while the request waited to be tokenized")]
+    Expired,
+    #[error("the preparation pool has stopped")]
+    Stopped,
+    #[error("{0}")]
+    Panicked(String),
+}
+
+/// A fixed set of threads taking jobs from one bounded queue.
 pub struct PreparePool {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::SyncSender<Job>,
+    capacity: usize,
 }
 
 impl PreparePool {
-    /// Starts `threads` threads (at least one). They stop when the pool is
-    /// dropped and its queue drains.
-    pub fn new(threads: usize) -> std::io::Result<Self> {
-        let (jobs, queue) = mpsc::channel::<Job>();
+    /// Starts `threads` threads (at least one) behind a queue of `capacity`
+    /// jobs. They stop when the pool is dropped and its queue drains.
+    pub fn new(threads: usize, capacity: usize) -> std::io::Result<Self> {
+        let capacity = capacity.max(1);
+        let (jobs, queue) = mpsc::sync_channel::<Job>(capacity);
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..threads.max(1) {
             let queue = queue.clone();
@@ -37,20 +53,37 @@ impl PreparePool {
                 }
             })?;
         }
-        Ok(Self { jobs })
+        Ok(Self { jobs, capacity })
     }
 
     /// Runs `work` on the pool and waits for it without blocking the
-    /// runtime. A panic in `work` comes back as `Err` with its message.
-    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    /// runtime, or refuses at once when the queue is full. Work whose
+    /// caller has gone (the call was cancelled) or whose `deadline` passed
+    /// while it waited is skipped, never run. A panic in `work` comes back
+    /// as `Panicked` with its message.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        deadline: Instant,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PrepareError> {
         let (done, result) = oneshot::channel();
         let job: Job = Box::new(move || {
+            if done.is_closed() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = done.send(Err(PrepareError::Expired));
+                return;
+            }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-                .map_err(|panic| crate::executor::panic_message(panic.as_ref()));
+                .map_err(|panic| PrepareError::Panicked(crate::executor::panic_message(panic.as_ref())));
             let _ = done.send(outcome);
         });
-        self.jobs.send(job).map_err(|_| "the preparation pool has stopped".to_string())?;
-        result.await.map_err(|_| "the preparation pool has stopped".to_string())?
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => PrepareError::QueueFull { capacity: self.capacity },
+            mpsc::TrySendError::Disconnected(_) => PrepareError::Stopped,
+        })?;
+        result.await.map_err(|_| PrepareError::Stopped)?
     }
 }
 
@@ -58,14 +91,48 @@ impl PreparePool {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[tokio::test]
     async fn runs_work_off_the_caller_and_survives_a_panic() {
-        let pool = PreparePool::new(1).expect("threads");
+        let pool = PreparePool::new(1, 4).expect("threads");
         let caller = std::thread::current().id();
-        let worker = pool.run(|| std::thread::current().id()).await.expect("ran");
+        let worker = pool.run(later(), || std::thread::current().id()).await.expect("ran");
         assert_ne!(worker, caller);
-        let panicked = pool.run(|| -> u32 { panic!("tokenizer broke") }).await;
-        assert_eq!(panicked, Err("tokenizer broke".to_string()));
-        assert_eq!(pool.run(|| 2 + 2).await, Ok(4), "the thread survived the panic");
+        let panicked = pool.run(later(), || -> u32 { panic!("tokenizer broke") }).await;
+        assert_eq!(panicked, Err(PrepareError::Panicked("tokenizer broke".to_string())));
+        assert_eq!(pool.run(later(), || 2 + 2).await, Ok(4), "the thread survived the panic");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_and_dead_work_is_skipped() {
+        let pool = Arc::new(PreparePool::new(1, 1).expect("threads"));
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        // Occupies the only thread until released.
+        let blocker = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(later(), move || gate.recv().is_ok()).await }
+        });
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Wait until the thread has taken the blocker, so the queue is empty.
+        while pool.jobs.try_send(Box::new(|| {})).is_err() {
+            tokio::task::yield_now().await;
+        }
+        // The queue (capacity 1) now holds that no-op; one more is refused.
+        let counted = ran.clone();
+        let refused = pool.run(later(), move || counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst)).await;
+        assert_eq!(refused, Err(PrepareError::QueueFull { capacity: 1 }));
+        release.send(()).expect("release");
+        assert_eq!(blocker.await.expect("joined"), Ok(true));
+        // A passed deadline is answered without running the work.
+        let counted = ran.clone();
+        let expired = pool.run(Instant::now(), move || counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(expired.await, Err(PrepareError::Expired));
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0, "no refused or expired work ran");
     }
 }

@@ -98,6 +98,17 @@ fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
             if !v.path().is_dir() {
                 continue;
             }
+            // `1`, `01` and `+1` all parse as version 1: loading both would
+            // let one silently win.
+            if let Some((_, other)) = versions.iter().find(|(n, _): &&(u64, VersionFiles)| *n == number) {
+                let mut folders = [other.folder.clone(), v.path().display().to_string()];
+                folders.sort();
+                return Err(ConfigError::new(
+                    &folders[0],
+                    format!("version folders {} and {} are both version {number}; remove one", folders[0], folders[1]),
+                )
+                .into());
+            }
             let mut files = VersionFiles { folder: v.path().display().to_string(), ..Default::default() };
             for name in KNOWN_FILES {
                 let path = v.path().join(name);

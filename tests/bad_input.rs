@@ -169,24 +169,34 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
-async fn messages_beyond_tonics_4_mib_default_reach_validation_and_the_configured_bound_holds() {
-    // Default bound (64 MiB): a 5 MiB request passes the transport and is
-    // judged by validation, which names what is wrong with it.
+async fn the_message_bound_is_checked_from_the_frame_header_and_a_raised_one_reaches_validation() {
+    // Default bound (4 MiB): a 5 MiB request is refused from its frame
+    // header with RESOURCE_EXHAUSTED naming the setting, before its body is
+    // buffered, and the server lives on.
     let server = TestServer::built_in().await;
     let mut c = server.client().await;
     let rows = vec![common::wdbc().0[0].clone(); 45_000];
     let big = client::fp32_request("risk", "features", &rows);
     assert!(big.raw_input_contents[0].len() > 5 << 20);
+    let status = c.raw.model_infer(big.clone()).await.expect_err("over 4 MiB");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
+    assert!(status.message().contains("max_message_bytes 4194304"), "{}", status.message());
+    c.raw.model_infer(good()).await.expect("a small request is still served");
+
+    // A raised bound: the same request passes the transport and is judged
+    // by validation, which names what is wrong with it.
+    let raised = kiln::config::ServeConfig { max_message_bytes: 64 << 20, ..Default::default() };
+    let server = TestServer::start(raised).await;
+    let mut c = server.client().await;
     let status = c.raw.model_infer(big).await.expect_err("too many rows");
     assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
     assert!(status.message().contains("max_batch_size"), "{}", status.message());
 
-    // A small configured bound: the transport refuses, with OUT_OF_RANGE
-    // (tonic's code, documented in the README), and the server lives on.
+    // A small configured bound holds the same way.
     let small = TestServer::start(kiln::config::ServeConfig { max_message_bytes: 1024, ..Default::default() }).await;
     let mut c = small.client().await;
     let status =
         c.raw.model_infer(client::fp32_request("risk", "features", &rows[..20])).await.expect_err("over 1 KiB");
-    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
     c.raw.model_infer(good()).await.expect("a small request is still served");
 }

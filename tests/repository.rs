@@ -114,3 +114,19 @@ async fn a_folder_repository_serves_every_version_with_the_highest_as_default() 
     let versions: Vec<&str> = stats.model_stats.iter().map(|s| s.version.as_str()).collect();
     assert_eq!(versions, vec!["1", "2"]);
 }
+
+#[test]
+fn duplicate_version_folders_are_a_start_up_error_naming_both() {
+    let dir = repo_with(RISK_TOML, &[1]);
+    std::fs::create_dir_all(dir.path().join("risk/01")).expect("mkdir");
+    std::fs::write(dir.path().join("risk/01/model.safetensors"), RISK_WEIGHTS).expect("write weights");
+    let err = load_error(dir.path());
+    assert!(err.contains("risk/01") && err.contains("risk/1 ") && err.contains("both version 1"), "{err}");
+}
+
+#[test]
+fn a_timeout_that_overflows_a_duration_is_refused_at_load() {
+    let dir = repo_with(&RISK_TOML.replace("default_timeout_ms = 1000", "default_timeout_ms = 1e300"), &[1]);
+    let err = load_error(dir.path());
+    assert!(err.contains("risk/model.toml") && err.contains("field `default_timeout_ms`"), "{err}");
+}

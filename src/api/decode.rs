@@ -238,6 +238,13 @@ fn from_raw(declared: &TensorSpec, bytes: &[u8], count: usize) -> Result<TensorD
             let mut items = Vec::with_capacity(count.min(bytes.len() / 4));
             let mut rest = bytes;
             while !rest.is_empty() {
+                // Counted as parsed: zero-length elements cost 4 wire bytes
+                // but a whole Vec each, so stop at the shape's count.
+                if items.len() == count {
+                    return Err(invalid(format!(
+                        "input '{name}': raw contents hold more than the {count} BYTES elements its shape declares"
+                    )));
+                }
                 let Some((len, tail)) = rest.split_first_chunk::<4>() else {
                     return Err(invalid(format!(
                         "input '{name}': raw BYTES element {} has a truncated 4-byte length",

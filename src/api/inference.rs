@@ -15,7 +15,7 @@ use crate::admission::{Admission, VersionLimits};
 use crate::error::InferError;
 use crate::model::{ModelError, PrepareOptions};
 use crate::monitor::stats::{DurationStat, VersionStats};
-use crate::prepare::PreparePool;
+use crate::prepare::{PrepareError, PreparePool};
 use crate::repository::{Repository, ServedVersion};
 use crate::request::InferRequest;
 use crate::router;
@@ -51,12 +51,15 @@ impl InferenceService {
     }
 
     /// Prepares the inputs (tokenizes text) on the pool and records the
-    /// request's size for the batcher.
+    /// request's size for the batcher. Refusals that need no token count
+    /// (size limits, deadline, queue, tenant budget) come first, so no
+    /// tokenizer time is spent on a request that would be refused anyway.
     async fn prepare(
         &self,
         request: &mut InferRequest,
         options: PrepareOptions,
         version: &ServedVersion,
+        precheck: impl FnOnce() -> Result<Instant, InferError>,
     ) -> Result<(), InferError> {
         if !version.model.prepares() {
             if options != PrepareOptions::default() {
@@ -67,26 +70,36 @@ impl InferenceService {
             }
             return Ok(());
         }
-        let model = version.model.clone();
-        let mut inputs = std::mem::take(&mut request.inputs);
         let failed = |reason: String| InferError::ModelFailed {
             model: version.spec.name.clone(),
             version: version.spec.version,
             reason,
         };
+        let refused = |e: ModelError| match e {
+            ModelError::Input(message) => InferError::InvalidArgument(message),
+            other => failed(other.to_string()),
+        };
+        version.model.check_size(&request.inputs).map_err(refused)?;
+        let deadline = precheck()?;
+        let model = version.model.clone();
+        let mut inputs = std::mem::take(&mut request.inputs);
         let (inputs, prepared) = self
             .prepare
-            .run(move || {
+            .run(deadline, move || {
                 let prepared = model.prepare(&mut inputs, &options);
                 (inputs, prepared)
             })
             .await
-            .map_err(failed)?;
+            .map_err(|e| match e {
+                PrepareError::QueueFull { .. } => InferError::Overloaded {
+                    reason: "prepare_queue",
+                    message: format!("model '{}': {e}", version.spec.name),
+                },
+                PrepareError::Expired => InferError::Expired(format!("model '{}': {e}", version.spec.name)),
+                PrepareError::Stopped | PrepareError::Panicked(_) => failed(e.to_string()),
+            })?;
         request.inputs = inputs;
-        request.size = prepared.map_err(|e| match e {
-            ModelError::Input(message) => InferError::InvalidArgument(message),
-            other => failed(other.to_string()),
-        })?;
+        request.size = prepared.map_err(refused)?;
         Ok(())
     }
 
@@ -115,10 +128,19 @@ impl InferenceService {
                     version.drift.refused_non_finite(*input, *column);
                 }
             })?;
-        self.prepare(&mut request, params.text, version).await?;
         let tenant = params.tenant.clone().or_else(|| call.tenant.clone());
-        let limits =
-            VersionLimits { model: &version.spec.name, config: &version.config, estimate: version.latency.estimate() };
+        let limits = VersionLimits {
+            model: &version.spec.name,
+            number: version.spec.version,
+            config: &version.config,
+            estimate: version.latency.estimate(),
+        };
+        let precheck = || {
+            let deadline = Admission::deadline(&version.config, call.received, &params, grpc_deadline);
+            self.admission.precheck(&limits, deadline, version.batcher.depth(), tenant.as_deref())?;
+            Ok(deadline)
+        };
+        self.prepare(&mut request, params.text, version, precheck).await?;
         let admitted = self.admission.admit(&limits, &mut request, &params, grpc_deadline, tenant.as_deref())?;
         let outputs = request.outputs.clone();
         let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&admitted, Some(0)))?;

@@ -7,7 +7,9 @@ pub mod deadline;
 pub mod decode;
 pub mod encode;
 pub mod inference;
+pub mod ingress;
 pub mod status;
+pub mod wire;
 
 /// Types and stubs generated from `proto/` (package `inference`).
 pub mod pb {

@@ -14,9 +14,11 @@ pub fn code(err: &InferError) -> Code {
     match err {
         InferError::NotFound(_) => Code::NotFound,
         InferError::InvalidArgument(_) | InferError::NonFinite { .. } => Code::InvalidArgument,
-        InferError::QueueFull { .. } | InferError::CostCap { .. } | InferError::TenantBudget { .. } => {
-            Code::ResourceExhausted
-        }
+        InferError::QueueFull { .. }
+        | InferError::CostCap { .. }
+        | InferError::TenantBudget { .. }
+        | InferError::Overloaded { .. } => Code::ResourceExhausted,
+        InferError::Unimplemented(_) => Code::Unimplemented,
         InferError::DeadlineUnmeetable(_) | InferError::Expired(_) => Code::DeadlineExceeded,
         InferError::Unavailable(_) => Code::Unavailable,
         InferError::ModelFailed { .. } => Code::Internal,

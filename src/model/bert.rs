@@ -22,6 +22,8 @@ pub struct Bert {
     max_tokens: usize,
     /// Whether a text over the limit is cut (else refused) by default.
     truncate: bool,
+    /// Longest text in bytes; longer ones are refused before tokenizing.
+    max_text_bytes: usize,
     /// Special tokens the post-processor adds to one text ([CLS], [SEP]).
     added: usize,
     unknown_id: Option<u32>,
@@ -97,6 +99,7 @@ impl Bert {
             hidden,
             max_tokens: section.max_tokens,
             truncate: section.truncate,
+            max_text_bytes: section.text_bytes_limit(),
             added,
             unknown_id,
             input: input.name.clone(),
@@ -117,9 +120,17 @@ impl Bert {
         let mut rows = Vec::with_capacity(texts.len());
         let mut found = Prepared { longest: 1, units: 0, truncated: 0, unknown: 0 };
         for (row, text) in texts.iter().enumerate() {
-            let mut encoding = self.tokenizer.encode(*text, false).map_err(|e| {
+            let cannot = |e: tokenizers::Error| {
                 ModelError::Input(format!("input '{}' element {row}: cannot tokenize: {e}", self.input))
-            })?;
+            };
+            // When cutting, only a prefix long enough for the limit is
+            // tokenized; when refusing, the whole (byte-bounded) text is, so
+            // the message can say how long it was.
+            let mut encoding = if truncate {
+                self.encode_prefix(text, limit - self.added).map_err(cannot)?
+            } else {
+                self.tokenizer.encode(*text, false).map_err(cannot)?
+            };
             let count = encoding.len() + self.added;
             if count > limit {
                 if !truncate {
@@ -142,6 +153,30 @@ impl Bert {
             rows.push(ids);
         }
         Ok((rows, found))
+    }
+
+    /// Tokens of `text` without special tokens, enough to hold more than
+    /// `keep` when the whole text has more. Prefixes end at whitespace, so
+    /// every word in one is whole and tokenizes as in the whole text (the
+    /// normalizer and pre-tokenizer work per character and per word); a
+    /// prefix with more than `keep` tokens thus starts with the whole
+    /// text's first `keep`. Prefixes grow fourfold until one suffices.
+    fn encode_prefix(&self, text: &str, keep: usize) -> tokenizers::Result<tokenizers::Encoding> {
+        let mut bytes = keep.saturating_mul(16).max(256);
+        while bytes < text.len() {
+            let mut cut = bytes;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if let Some(space) = text[..cut].rfind(char::is_whitespace) {
+                let encoding = self.tokenizer.encode(&text[..space], false)?;
+                if encoding.len() > keep {
+                    return Ok(encoding);
+                }
+            }
+            bytes = bytes.saturating_mul(4);
+        }
+        self.tokenizer.encode(text, false)
     }
 
     /// Embeds tokenized rows, padding the batch to its longest row.
@@ -202,6 +237,20 @@ impl super::Model for Bert {
 
     fn prepares(&self) -> bool {
         true
+    }
+
+    fn check_size(&self, inputs: &[Tensor]) -> Result<(), ModelError> {
+        let Some(TensorData::Bytes(items)) = inputs.first().map(|t| &t.data) else { return Ok(()) };
+        match items.iter().enumerate().find(|(_, text)| text.len() > self.max_text_bytes) {
+            Some((row, text)) => Err(ModelError::Input(format!(
+                "input '{}' element {row}: {} bytes of text, more than max_text_bytes {}; it is refused before \
+                 tokenizing whatever truncate says: cut it before sending",
+                self.input,
+                text.len(),
+                self.max_text_bytes
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn prepare(&self, inputs: &mut [Tensor], options: &PrepareOptions) -> Result<Prepared, ModelError> {
@@ -285,7 +334,7 @@ mod tests {
         };
         let spec =
             |name: &str, datatype, shape: Vec<i64>| TensorSpec { name: name.into(), datatype, shape, features: vec![] };
-        let section = BertSection { pooling, normalize: true, max_tokens, truncate: true };
+        let section = BertSection { pooling, normalize: true, max_tokens, truncate: true, max_text_bytes: None };
         Bert::load(
             "tiny/model.toml",
             &[spec("text", DataType::Bytes, vec![-1])],
@@ -361,6 +410,41 @@ mod tests {
         assert_eq!(rows[0], vec![2, 4, 5, 14, 3]);
         assert_eq!(rows[1], vec![2, 1, 3]);
         assert_eq!(found, Prepared { longest: 5, units: 8, truncated: 0, unknown: 1 });
+    }
+
+    #[test]
+    fn a_prefix_is_tokenized_when_cutting_with_the_same_tokens_as_the_whole_text() {
+        let model = tiny(Pooling::Mean, 6);
+        // Long enough that several prefixes are tried, with runs of spaces
+        // and a word cut at each prefix boundary.
+        let words = ["the", "cats", "sat", "on", "a", "mat", "far", "away", "zebra"];
+        let long: String = (0..2000).map(|i| format!("{}{}", words[i % words.len()], " ".repeat(1 + i % 7))).collect();
+        for keep in [1, 4, 40, 400] {
+            let whole = model.tokenizer.encode(long.as_str(), false).expect("whole");
+            let prefix = model.encode_prefix(&long, keep).expect("prefix");
+            assert!(
+                prefix.len() > keep && prefix.len() < whole.len(),
+                "keep {keep}: {} of {}",
+                prefix.len(),
+                whole.len()
+            );
+            assert_eq!(&prefix.get_ids()[..keep], &whole.get_ids()[..keep], "keep {keep}");
+        }
+        // No whitespace to cut at: the whole text, still correct.
+        let one_word = "cats".repeat(500);
+        let whole = model.tokenizer.encode(one_word.as_str(), false).expect("whole");
+        assert_eq!(model.encode_prefix(&one_word, 4).expect("prefix").get_ids(), whole.get_ids());
+    }
+
+    #[test]
+    fn text_over_max_text_bytes_is_refused_before_tokenizing() {
+        let mut model = tiny(Pooling::Mean, 6);
+        model.max_text_bytes = 10;
+        let input =
+            |t: &str| Tensor { shape: vec![2], data: TensorData::Bytes(vec![b"ok".to_vec(), t.as_bytes().to_vec()]) };
+        assert!(model.check_size(&[input("the cat")]).is_ok());
+        let Err(ModelError::Input(message)) = model.check_size(&[input("the cat sat on")]) else { panic!("refused") };
+        assert!(message.contains("element 1") && message.contains("max_text_bytes 10"), "{message}");
     }
 
     #[test]

@@ -173,6 +173,12 @@ pub trait Model: Send + Sync {
         false
     }
 
+    /// Cheap checks of a request's raw size that must pass before any
+    /// preparation work is spent on it (a text's byte length).
+    fn check_size(&self, _inputs: &[Tensor]) -> Result<(), ModelError> {
+        Ok(())
+    }
+
     /// Turns one request's validated inputs into the form `run` takes,
     /// before it is queued, so the executor thread only computes.
     fn prepare(&self, inputs: &mut [Tensor], _options: &PrepareOptions) -> Result<Prepared, ModelError> {

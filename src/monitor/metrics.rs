@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// Requests answered, by gRPC status code name (`OK`, `INVALID_ARGUMENT`, ...).
 pub const REQUESTS_TOTAL: &str = "kiln_requests_total";
@@ -60,6 +58,15 @@ pub const DRIFT_CLASS_RATE: &str = "kiln_drift_class_rate";
 pub const DRIFT_EMBEDDING_DISTANCE: &str = "kiln_drift_embedding_distance";
 /// Sampled request-log lines dropped because the writer was behind.
 pub const REQUEST_LOG_DROPPED: &str = "kiln_request_log_dropped_total";
+/// Request bytes held by calls now, against `max_inflight_bytes`.
+pub const INFLIGHT_BYTES: &str = "kiln_inflight_bytes";
+/// Calls refused at the door before decoding, by `reason`
+/// (`inflight_bytes`, `message_size`, `wire`, `body_timeout`).
+pub const INGRESS_REFUSED: &str = "kiln_ingress_refused_total";
+/// Reasons of [`INGRESS_REFUSED`], registered at start so they export as 0.
+pub const INGRESS_REASONS: [&str; 4] = ["inflight_bytes", "message_size", "wire", "body_timeout"];
+/// Connections closed at once because `max_connections` were open.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "kiln_connections_refused_total";
 
 /// Geometric buckets from 10 µs to about 10 s: serving latencies here span
 /// microseconds (the risk model) to seconds (large text batches).
@@ -95,6 +102,11 @@ pub fn install() -> PrometheusHandle {
             let handle = builder.install_recorder().expect("the recorder is installed once, guarded by OnceLock");
             describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            metrics::gauge!(INFLIGHT_BYTES).set(0.0);
+            metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(0);
+            for reason in INGRESS_REASONS {
+                metrics::counter!(INGRESS_REFUSED, "reason" => reason).increment(0);
+            }
             handle
         })
         .clone()
@@ -113,6 +125,9 @@ fn describe() {
     describe_histogram!(BATCH_FILL_RATIO, "Units per batch over the batch limit.");
     describe_histogram!(PADDING_RATIO, "Share of a batch's computed tokens that are padding.");
     describe_gauge!(LATENCY_MODEL, Unit::Seconds, "The latency model t = fixed + per_unit * units, by term.");
+    describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Request bytes held by calls in flight.");
+    describe_counter!(INGRESS_REFUSED, "Calls refused before decoding, by reason.");
+    describe_counter!(CONNECTIONS_REFUSED_TOTAL, "Connections closed at once because max_connections were open.");
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
     describe_gauge!(BUILD_INFO, "Kiln build information.");
     describe_gauge!(EXECUTOR_BUSY, "Share of wall time the executors spent running batches (last second).");
@@ -259,42 +274,51 @@ pub fn render(handle: &PrometheusHandle) -> String {
     out
 }
 
-/// Serves the Prometheus text format on `GET /metrics` (any path answers
-/// it: scrapers are configured with one URL). Runs until `shutdown` ends.
-pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, shutdown: impl Future<Output = ()>) {
-    let upkeep = handle.clone();
-    let upkeep_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    let accept = async {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                // One request per connection; a scrape's request line and
-                // headers fit easily, and the body is ignored.
-                let mut buf = [0u8; 4096];
-                let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-                let body = render(&handle);
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    };
-    tokio::select! {
-        _ = accept => {}
-        _ = shutdown => {}
+/// Keeps the recorder's histograms trimmed while the server runs.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
     }
-    upkeep_task.abort();
+}
+
+/// Answers `GET /metrics` with the Prometheus text (200) and any other
+/// path with 404; served by the same accept loop and limits as gRPC.
+#[derive(Clone)]
+pub struct MetricsService {
+    handle: PrometheusHandle,
+    inflight: Arc<crate::api::ingress::InflightBudget>,
+}
+
+impl MetricsService {
+    pub fn new(handle: PrometheusHandle, inflight: Arc<crate::api::ingress::InflightBudget>) -> Self {
+        Self { handle, inflight }
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for MetricsService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (status, body) = if request.uri().path() == "/metrics" {
+            metrics::gauge!(INFLIGHT_BYTES).set(self.inflight.used() as f64);
+            (http::StatusCode::OK, render(&self.handle))
+        } else {
+            (http::StatusCode::NOT_FOUND, "not found: metrics are at /metrics\n".to_string())
+        };
+        let mut response =
+            http::Response::new(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body))));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+        std::future::ready(Ok(response))
+    }
 }

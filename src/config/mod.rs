@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use crate::model::DataType;
 
+pub mod limits;
+pub use limits::{LimitsConfig, MAX_DURATION_MS};
+
 /// A configuration file that could not be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {message}")]
@@ -23,9 +26,15 @@ impl ConfigError {
     }
 }
 
-/// Default bound on one gRPC message, both directions. Clients allow up to
-/// 2 GiB; tonic's own default is 4 MiB, too small for large batches.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Default bound on one gRPC message, both directions: gRPC's own default.
+/// The largest request the built-in models take is far smaller (64 risk
+/// rows are 8 KiB; 64 MiniLM texts at their `max_text_bytes` are 2 MiB), and
+/// every byte of a message is held for the whole call, so a larger bound
+/// only buys room for abuse. Raise it for models with big tensors.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The largest `max_message_bytes` gRPC framing can carry (a u32 length).
+pub const MAX_MESSAGE_BYTES_LIMIT: usize = u32::MAX as usize;
 
 /// Where the models come from.
 #[derive(Debug, Clone)]
@@ -65,6 +74,22 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     /// The sampled request log, when configured.
     pub request_log: Option<RequestLogConfig>,
+    /// Bytes in flight, connections, HTTP/2 settings and timeouts.
+    pub limits: LimitsConfig,
+}
+
+impl ServeConfig {
+    /// Checks the merged settings (flags over file) before anything starts.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let here = "server config";
+        if !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&self.max_message_bytes) {
+            return Err(ConfigError::new(
+                here,
+                format!("`max_message_bytes`: must be 1 to {MAX_MESSAGE_BYTES_LIMIT}, got {}", self.max_message_bytes),
+            ));
+        }
+        self.limits.check(self.max_message_bytes).map_err(|m| ConfigError::new(here, m))
+    }
 }
 
 /// How a logged request's inputs are written.
@@ -138,6 +163,7 @@ impl Default for ServeConfig {
             prepare_threads: 1,
             admin_token: None,
             request_log: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -155,6 +181,9 @@ pub struct ServerFile {
     pub admin_token: Option<String>,
     /// `[request_log]`: the sampled request log.
     pub request_log: Option<RequestLogConfig>,
+    /// `[limits]`: bytes in flight, connections, HTTP/2 settings, timeouts.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 impl ServerFile {
@@ -169,9 +198,18 @@ impl ServerFile {
         if parsed.admin_token.as_deref() == Some("") {
             return Err(ConfigError::new(file, "field `admin_token`: must not be empty"));
         }
-        if parsed.max_message_bytes == Some(0) {
-            return Err(ConfigError::new(file, "field `max_message_bytes`: must be at least 1"));
+        if let Some(bytes) = parsed.max_message_bytes
+            && !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&bytes)
+        {
+            return Err(ConfigError::new(
+                file,
+                format!("field `max_message_bytes`: must be 1 to {MAX_MESSAGE_BYTES_LIMIT}, got {bytes}"),
+            ));
         }
+        parsed
+            .limits
+            .check(parsed.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES))
+            .map_err(|m| ConfigError::new(&file, m))?;
         for (name, t) in &parsed.tenants {
             for (field, value) in [("budget", t.budget), ("burst", t.burst)] {
                 if !(value.is_finite() && value > 0.0) {
@@ -238,11 +276,34 @@ pub struct BertSection {
     /// with the `truncate` parameter.
     #[serde(default = "defaults::truncate")]
     pub truncate: bool,
+    /// Longest text in bytes, checked before tokenizing: a longer one is
+    /// refused whatever `truncate` says, so no client can make the
+    /// tokenizer chew on megabytes. Default: `max_tokens` ×
+    /// [`TEXT_BYTES_PER_TOKEN`].
+    pub max_text_bytes: Option<usize>,
+}
+
+/// Bytes of text allowed per token of `max_tokens` when `max_text_bytes`
+/// is not set: English runs about 4-5 bytes a token, so this leaves room
+/// for a text to be truncated while bounding what is tokenized.
+pub const TEXT_BYTES_PER_TOKEN: usize = 64;
+
+impl BertSection {
+    /// The text byte limit in force.
+    pub fn text_bytes_limit(&self) -> usize {
+        self.max_text_bytes.unwrap_or(self.max_tokens.saturating_mul(TEXT_BYTES_PER_TOKEN))
+    }
 }
 
 impl Default for BertSection {
     fn default() -> Self {
-        Self { pooling: Pooling::Mean, normalize: true, max_tokens: defaults::max_tokens(), truncate: true }
+        Self {
+            pooling: Pooling::Mean,
+            normalize: true,
+            max_tokens: defaults::max_tokens(),
+            truncate: true,
+            max_text_bytes: None,
+        }
     }
 }
 
@@ -428,6 +489,21 @@ impl DriftSection {
                 return Err(format!("field `drift.{field}`: must be a positive number, got {value}"));
             }
         }
+        // Counts size buffers and a window is kept in memory: bound them
+        // where a typo would otherwise allocate gigabytes.
+        let bounded = [
+            ("auto_samples", self.auto_samples as f64, 10_000_000.0),
+            ("window_seconds", self.window_seconds, (MAX_DURATION_MS / 1000) as f64),
+            ("window_intervals", self.window_intervals as f64, 10_000.0),
+            ("window_max_samples", self.window_max_samples as f64, 10_000_000.0),
+            ("hysteresis", self.hysteresis as f64, 1_000.0),
+            ("channel_capacity", self.channel_capacity as f64, 1_000_000.0),
+        ];
+        for (field, value, max) in bounded {
+            if value > max {
+                return Err(format!("field `drift.{field}`: at most {max}, got {value}"));
+            }
+        }
         if self.psi_alert < self.psi_warn {
             return Err(format!(
                 "field `drift.psi_alert`: {} is below `drift.psi_warn` {}; alert must be the higher level",
@@ -547,8 +623,32 @@ impl ModelToml {
 
     fn check(&self) -> Result<(), String> {
         self.device_choice()?;
-        if self.max_batch_size == 0 {
-            return Err("field `max_batch_size`: must be at least 1".into());
+        // Upper bounds keep a typo from sizing queues and buffers in the
+        // billions, and durations within what `Instant` arithmetic holds.
+        let counts = [
+            ("max_batch_size", self.max_batch_size, 1 << 16),
+            ("max_queue", self.max_queue, 1 << 24),
+            ("instances", self.instances, 256),
+            ("priority_levels", self.priority_levels as usize, 1_000),
+            ("max_batch_tokens", self.max_batch_tokens.unwrap_or(1), 1 << 24),
+        ];
+        for (field, value, max) in counts {
+            if !(1..=max).contains(&value) {
+                return Err(format!("field `{field}`: must be 1 to {max}, got {value}"));
+            }
+        }
+        if let Some(bert) = &self.bert {
+            if !(1..=1 << 20).contains(&bert.max_tokens) {
+                return Err(format!("field `bert.max_tokens`: must be 1 to {}, got {}", 1 << 20, bert.max_tokens));
+            }
+            if let Some(bytes) = bert.max_text_bytes
+                && !(1..=1 << 30).contains(&bytes)
+            {
+                return Err(format!("field `bert.max_text_bytes`: must be 1 to {}, got {bytes}", 1 << 30));
+            }
+        }
+        if self.max_cost_us == Some(0) {
+            return Err("field `max_cost_us`: must be at least 1 µs (leave it out for no cap)".into());
         }
         match (self.kind, self.max_batch_tokens) {
             (ModelKind::Bert, Some(tokens)) => {
@@ -575,8 +675,8 @@ impl ModelToml {
             ("latency_budget_ms", self.latency_budget_ms),
             ("default_timeout_ms", self.default_timeout_ms),
         ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(format!("field `{field}`: must be a non-negative number of milliseconds, got {value}"));
+            if !(value.is_finite() && (0.0..=MAX_DURATION_MS as f64).contains(&value)) {
+                return Err(format!("field `{field}`: must be 0 to {MAX_DURATION_MS} milliseconds, got {value}"));
             }
         }
         if self.latency_budget_ms > self.default_timeout_ms {
@@ -740,6 +840,44 @@ shape = [-1, 1]
         assert!(err.to_string().contains("field `default_priority`"), "{err}");
         let m = ModelToml::parse("m.toml", &format!("priority_levels = 3\n{GOOD}")).expect("valid");
         assert_eq!(m.default_priority_level(), 2);
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_named_not_panics() {
+        for (line, field) in [
+            ("default_timeout_ms = 1e300", "field `default_timeout_ms`"),
+            ("max_queue_delay_ms = nan", "field `max_queue_delay_ms`"),
+            ("max_batch_size = 0", "field `max_batch_size`"),
+            ("max_batch_size = 100000000", "field `max_batch_size`"),
+            ("instances = 100000", "field `instances`"),
+            ("max_cost_us = 0", "field `max_cost_us`"),
+            ("[drift]\nwindow_seconds = 1e300", "field `drift.window_seconds`"),
+            ("[drift]\nchannel_capacity = 1000000000", "field `drift.channel_capacity`"),
+        ] {
+            let text = if line.starts_with('[') { format!("{GOOD}\n{line}\n") } else { format!("{line}\n{GOOD}") };
+            let err = ModelToml::parse("m.toml", &text).unwrap_err().to_string();
+            assert!(err.starts_with("m.toml:") && err.contains(field), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn server_file_limits_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kiln.toml");
+        for (text, field) in [
+            ("[limits]\nbody_timeout_ms = 0\n", "`limits.body_timeout_ms`"),
+            ("[limits]\nmax_inflight_bytes = 10\n", "`limits.max_inflight_bytes`"),
+            ("max_message_bytes = 0\n", "`max_message_bytes`"),
+            ("[limits]\nconnections = 3\n", "connections"),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let err = ServerFile::load(&path).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        std::fs::write(&path, "[limits]\nmax_connections = 8\nidle_timeout_ms = 100\n").expect("write");
+        let limits = ServerFile::load(&path).expect("valid").limits;
+        assert_eq!((limits.max_connections, limits.idle_timeout_ms), (8, 100));
+        assert_eq!(limits.body_timeout_ms, LimitsConfig::default().body_timeout_ms);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Wires the stages together and runs them until shutdown: loads the
 //! repository, starts batchers and executors, serves gRPC (V2 inference,
-//! admin, health, reflection) and the Prometheus endpoint.
+//! admin, health, reflection) and the Prometheus endpoint, each listener
+//! through the same accept loop and limits.
+
+mod accept;
+mod io;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +18,7 @@ use crate::api::admin::AdminService;
 use crate::api::admin_pb::admin_server::AdminServer;
 use crate::api::deadline;
 use crate::api::inference::InferenceService;
+use crate::api::ingress::{InflightBudget, Ingress, IngressState, SMALL_MESSAGE_BYTES};
 use crate::api::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::config::ServeConfig;
 use crate::monitor;
@@ -31,6 +36,8 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
     #[error("starting threads: {0}")]
     Threads(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Serves `config` on already-bound listeners until `shutdown` completes,
@@ -44,6 +51,7 @@ pub async fn serve(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    config.check()?;
     let prometheus = monitor::metrics::install();
     let source = config.repository.clone();
     let loaded = tokio::task::spawn_blocking(move || repository::load(&source)).await??;
@@ -57,6 +65,7 @@ pub async fn serve(
     let repo = Arc::new(Repository::start(loaded, log)?);
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let health_service = health_service.max_decoding_message_size(SMALL_MESSAGE_BYTES);
     health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
     for name in repo.models.keys() {
         health.set_service_status(name, ServingStatus::Serving).await;
@@ -64,11 +73,12 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(SMALL_MESSAGE_BYTES);
 
     let ready = Arc::new(AtomicBool::new(true));
     let admission = Arc::new(crate::admission::Admission::new(&config.tenants));
-    let prepare = Arc::new(crate::prepare::PreparePool::new(config.prepare_threads)?);
+    let prepare = Arc::new(crate::prepare::PreparePool::new(config.prepare_threads, config.limits.prepare_queue)?);
     let inference =
         GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), admission, prepare, ready.clone()))
             .max_decoding_message_size(config.max_message_bytes)
@@ -89,22 +99,40 @@ pub async fn serve(
         }
     };
 
+    let budget = InflightBudget::new(config.limits.max_inflight_bytes);
     let metrics_task = metrics.map(|listener| {
         let mut stop = stop_rx.clone();
-        tokio::spawn(monitor::metrics::serve_http(listener, prometheus, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
+        let service = monitor::metrics::MetricsService::new(prometheus.clone(), budget.clone());
+        let limits = config.limits.clone();
+        let grace = config.shutdown_grace;
+        tokio::spawn(async move {
+            let upkeep = tokio::spawn(monitor::metrics::upkeep(prometheus));
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            accept::accept_loop(listener, service, accept::Protocol::Http1, limits, stopped, grace).await;
+            upkeep.abort();
+        })
     });
 
-    let admin = AdminServer::new(AdminService::new(repo.clone(), config.admin_token.clone()));
+    let admin = AdminServer::new(AdminService::new(repo.clone(), config.admin_token.clone()))
+        .max_decoding_message_size(SMALL_MESSAGE_BYTES);
     let busy_task = tokio::spawn(publish_busy(repo.clone()));
     let routes = tonic::service::Routes::new(inference)
         .add_service(admin)
         .add_service(health_service)
         .add_service(reflection)
         .prepare();
-    let service = tower::ServiceBuilder::new().map_request(deadline::take_grpc_timeout).service(routes);
-    accept_loop(grpc, service, signal, config.shutdown_grace).await;
+    let ingress = Arc::new(IngressState {
+        repo: repo.clone(),
+        budget,
+        max_message_bytes: config.max_message_bytes,
+        body_timeout: config.limits.body_timeout(),
+    });
+    let service =
+        tower::ServiceBuilder::new().map_request(deadline::take_grpc_timeout).service(Ingress::new(routes, ingress));
+    accept::accept_loop(grpc, service, accept::Protocol::Http2, config.limits.clone(), signal, config.shutdown_grace)
+        .await;
     busy_task.abort();
     repo.mark_stopped();
     if let Some(task) = metrics_task {
@@ -122,61 +150,6 @@ async fn publish_busy(repo: Arc<Repository>) {
             for version in model.versions.values() {
                 version.metrics.publish_busy(version.config.instances);
             }
-        }
-    }
-}
-
-/// Serves HTTP/2 connections until `signal` completes, then lets open calls
-/// finish for at most `grace` (a health Watch stream would otherwise hold
-/// shutdown open forever).
-///
-/// Kiln runs this loop itself rather than tonic's `Server` because tonic
-/// wraps every service in its own grpc-timeout enforcement, which answers
-/// CANCELLED; Kiln must own that deadline and answer DEADLINE_EXCEEDED.
-async fn accept_loop<S>(listener: TcpListener, service: S, signal: impl Future<Output = ()>, grace: Duration)
-where
-    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                // Nagle's algorithm with delayed ACKs stalls small responses
-                // by ~40 ms.
-                let _ = stream.set_nodelay(true);
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let hyper_service = hyper_util::service::TowerToHyperService::new(service.clone());
-                let connection = graceful.watch(builder.serve_connection(io, hyper_service));
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = &mut signal => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
         }
     }
 }

@@ -1,0 +1,291 @@
+//! Accepts connections on one listener and drives each under the limits:
+//! a cap on open connections (beyond it new ones are closed at once), a
+//! handshake timeout, an idle timeout, an optional maximum age, HTTP/2
+//! settings and keepalive pings, and a write-stall timeout. On stop every
+//! connection is asked to go away (GOAWAY) and given `grace` to finish.
+//!
+//! Kiln runs this loop itself rather than tonic's `Server` because tonic
+//! wraps every service in its own grpc-timeout enforcement, which answers
+//! CANCELLED; Kiln must own that deadline and answer DEADLINE_EXCEEDED.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+
+use super::io::GuardedIo;
+use crate::api::ingress::Guarded;
+use crate::config::LimitsConfig;
+
+/// Which HTTP a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// gRPC.
+    Http2,
+    /// The Prometheus endpoint (scrapers speak HTTP/1.1).
+    Http1,
+}
+
+/// The client preface every HTTP/2 connection opens with (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Calls open on one connection, to tell when it is idle.
+#[derive(Default)]
+struct Activity {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+/// One open call; the connection is idle when none is left.
+struct OpenCall(Arc<Activity>);
+
+impl OpenCall {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        activity.changed.notify_waiters();
+        Self(activity.clone())
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl Activity {
+    /// Completes once no call has been open for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(timeout) => return,
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// Counts a connection's calls from their start until their response body
+/// is finished or dropped.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+type Response = http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<http::Request<Incoming>> for Tracked<S>
+where
+    S: tower::Service<http::Request<Incoming>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
+        let open = OpenCall::new(&self.activity);
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            Ok(response.map(|body| Guarded::wrap(body, open)))
+        })
+    }
+}
+
+/// The HTTP/2 settings every gRPC connection gets.
+fn http2(limits: &LimitsConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_bytes)
+        .initial_stream_window_size(limits.stream_window_bytes)
+        .initial_connection_window_size(limits.connection_window_bytes)
+        .keep_alive_interval(limits.keepalive_interval())
+        .keep_alive_timeout(limits.keepalive_timeout());
+    builder
+}
+
+fn http1(limits: &LimitsConfig) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout())
+        .max_buf_size((limits.max_header_list_bytes as usize).max(8192));
+    builder
+}
+
+/// What every connection task shares.
+struct Shared<S> {
+    service: S,
+    limits: LimitsConfig,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    h1: hyper::server::conn::http1::Builder,
+    protocol: Protocol,
+}
+
+/// Serves connections from `listener` until `signal` completes, then asks
+/// each to go away and waits at most `grace` for them to finish.
+pub async fn accept_loop<S>(
+    listener: TcpListener,
+    service: S,
+    protocol: Protocol,
+    limits: LimitsConfig,
+    signal: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    S: tower::Service<http::Request<Incoming>, Response = Response> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let shared = Arc::new(Shared { service, h2: http2(&limits), h1: http1(&limits), limits, protocol });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a sender; recv() returns None once all
+    // have ended (mini-redis's shutdown_complete).
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    // Closed at once: the open connections keep being served.
+                    tracing::debug!(max = shared.limits.max_connections, "connection cap reached; closing a new one");
+                    metrics::counter!(crate::monitor::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
+                    drop(stream);
+                    continue;
+                };
+                let (shared, stop, done) = (shared.clone(), stop_rx.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    connection(stream, &shared, stop).await;
+                    drop((permit, done));
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    tokio::select! {
+        _ = done_rx.recv() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
+        }
+    }
+}
+
+/// Waits for the start of the protocol within the handshake timeout (or
+/// until stop); returns the bytes read, to be replayed.
+async fn handshake(stream: &mut TcpStream, protocol: Protocol, timeout: Duration) -> Option<Bytes> {
+    match protocol {
+        Protocol::Http2 => {
+            let mut preface = [0u8; PREFACE.len()];
+            match tokio::time::timeout(timeout, stream.read_exact(&mut preface)).await {
+                Ok(Ok(_)) if &preface == PREFACE => Some(Bytes::copy_from_slice(&preface)),
+                _ => None,
+            }
+        }
+        // hyper's header_read_timeout bounds the rest of the head.
+        Protocol::Http1 => match tokio::time::timeout(timeout, stream.readable()).await {
+            Ok(Ok(())) => Some(Bytes::new()),
+            _ => None,
+        },
+    }
+}
+
+async fn connection<S>(mut stream: TcpStream, shared: &Shared<S>, mut stop: watch::Receiver<bool>)
+where
+    S: tower::Service<http::Request<Incoming>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Nagle's algorithm with delayed ACKs stalls small responses by ~40 ms.
+    let _ = stream.set_nodelay(true);
+    let limits = &shared.limits;
+    let replay = tokio::select! {
+        replay = handshake(&mut stream, shared.protocol, limits.handshake_timeout()) => replay,
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    let Some(replay) = replay else {
+        tracing::debug!("connection closed: no handshake within handshake_timeout_ms");
+        return;
+    };
+    let io = TokioIo::new(GuardedIo::new(stream, replay, limits.write_timeout()));
+    let activity = Arc::new(Activity::default());
+    let service = hyper_util::service::TowerToHyperService::new(Tracked {
+        inner: shared.service.clone(),
+        activity: activity.clone(),
+    });
+    match shared.protocol {
+        Protocol::Http2 => drive(shared.h2.serve_connection(io, service), &activity, limits, stop).await,
+        Protocol::Http1 => drive(shared.h1.serve_connection(io, service), &activity, limits, stop).await,
+    }
+}
+
+/// Runs one connection until it ends; asks it to go away (GOAWAY, or
+/// close after the current HTTP/1 response) on stop, idleness or age.
+async fn drive<C>(connection: C, activity: &Activity, limits: &LimitsConfig, mut stop: watch::Receiver<bool>)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let age = async {
+        match limits.max_connection_age() {
+            Some(age) => tokio::time::sleep(age).await,
+            None => std::future::pending().await,
+        }
+    };
+    let idle = activity.idle_for(limits.idle_timeout());
+    tokio::pin!(age, idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.wait_for(|s| *s), if !closing => {}
+            _ = &mut age, if !closing => tracing::debug!("connection reached max_connection_age_ms"),
+            _ = &mut idle, if !closing => tracing::debug!("connection idle for idle_timeout_ms"),
+        }
+        connection.as_mut().graceful_shutdown();
+        closing = true;
+    }
+}
