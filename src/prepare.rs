@@ -112,16 +112,21 @@ mod tests {
     async fn a_full_queue_refuses_and_dead_work_is_skipped() {
         let pool = Arc::new(PreparePool::new(1, 1).expect("threads"));
         let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
         // Occupies the only thread until released.
         let blocker = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.run(later(), move || gate.recv().is_ok()).await }
+            async move {
+                pool.run(later(), move || {
+                    let _ = started.send(());
+                    gate.recv().is_ok()
+                })
+                .await
+            }
         });
+        running.await.expect("the blocker runs");
         let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        // Wait until the thread has taken the blocker, so the queue is empty.
-        while pool.jobs.try_send(Box::new(|| {})).is_err() {
-            tokio::task::yield_now().await;
-        }
+        pool.jobs.try_send(Box::new(|| {})).map_err(|_| "queue empty").expect("one slot free");
         // The queue (capacity 1) now holds that no-op; one more is refused.
         let counted = ran.clone();
         let refused = pool.run(later(), move || counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst)).await;

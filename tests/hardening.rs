@@ -22,6 +22,11 @@ use tonic::Code;
 
 const INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
+/// A request the risk model answers OK: a real patient's row.
+fn good_request() -> kiln::api::pb::ModelInferRequest {
+    kiln::client::fp32_request("risk", "features", &[common::wdbc().0[0].clone()])
+}
+
 /// The `kiln` binary under test; `KILN_BIN` points at another build (the
 /// note's before/after figures come from running this test against both).
 fn kiln_bin() -> String {
@@ -149,16 +154,22 @@ fn to_risk(body: &[u8]) -> Vec<u8> {
 fn amplifiers(bytes: usize) -> Vec<(&'static str, Vec<u8>)> {
     let pairs = |pair: [u8; 2]| pair.repeat(bytes / 2);
     let ones = vec![1u8; bytes];
+    // Map entries with distinct 3-character keys: equal keys would only
+    // overwrite one another.
+    let entries = |tag: u8| -> Vec<u8> {
+        let printable = |i: usize| b' ' + (i % 95) as u8;
+        (0..bytes / 7).flat_map(|i| [tag, 5, 0x0a, 3, printable(i), printable(i / 95), printable(i / 9025)]).collect()
+    };
     vec![
         ("inputs (empty entries)", to_risk(&pairs([0x2a, 0x00]))),
         ("outputs (empty entries)", to_risk(&pairs([0x32, 0x00]))),
         ("raw_input_contents (empty entries)", to_risk(&pairs([0x3a, 0x00]))),
-        ("parameters (empty entries)", to_risk(&pairs([0x22, 0x00]))),
+        ("parameters (distinct keys)", to_risk(&entries(0x22))),
         ("inputs[0].shape (1-byte varints)", to_risk(&field(0x2a, &field(0x1a, &ones)))),
-        ("inputs[0].parameters (empty entries)", to_risk(&field(0x2a, &pairs([0x22, 0x00])))),
+        ("inputs[0].parameters (distinct keys)", to_risk(&field(0x2a, &entries(0x22)))),
         ("contents.int64_contents (1-byte varints)", to_risk(&field(0x2a, &field(0x2a, &field(0x1a, &ones))))),
         ("contents.bytes_contents (empty entries)", to_risk(&field(0x2a, &field(0x2a, &pairs([0x42, 0x00]))))),
-        ("outputs[0].parameters (empty entries)", to_risk(&field(0x32, &pairs([0x12, 0x00])))),
+        ("outputs[0].parameters (distinct keys)", to_risk(&field(0x32, &entries(0x12)))),
     ]
 }
 
@@ -197,7 +208,7 @@ async fn amplification_messages_cost_at_most_twice_their_wire_size_plus_a_mebiby
         }
     }
     // Still serving after all of them.
-    client.raw.model_infer(kiln::client::fp32_request("risk", "features", &[vec![1.0; 30]])).await.expect("alive");
+    client.raw.model_infer(good_request()).await.expect("alive");
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
@@ -274,7 +285,7 @@ async fn bytes_in_flight_are_bounded_and_given_back() {
     let _ = held.await;
     server.wait_for_metric("kiln_inflight_bytes 0").await;
     let mut c = server.client().await;
-    c.raw.model_infer(kiln::client::fp32_request("risk", "features", &[vec![1.0; 30]])).await.expect("served again");
+    c.raw.model_infer(good_request()).await.expect("served again");
     assert!(server.metrics_text().await.contains("kiln_ingress_refused_total{reason=\"inflight_bytes\"} 1"));
 }
 
@@ -332,7 +343,7 @@ async fn silent_and_idle_connections_are_closed_within_their_timeouts() {
 #[tokio::test]
 async fn the_connection_cap_closes_new_connections_while_open_ones_are_served() {
     let server = TestServer::start(limits(|l| l.max_connections = 2)).await;
-    let request = || kiln::client::fp32_request("risk", "features", &[vec![1.0; 30]]);
+    let request = good_request;
     // The readiness probe's connection may still hold a slot for a moment.
     let mut open = Vec::new();
     while open.len() < 2 {

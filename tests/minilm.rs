@@ -178,3 +178,46 @@ async fn metadata_describes_the_text_interface() {
     assert_eq!((m.inputs[0].datatype.as_str(), m.inputs[0].shape.clone()), ("BYTES", vec![-1]));
     assert_eq!((m.outputs[0].datatype.as_str(), m.outputs[0].shape.clone()), ("FP32", vec![-1, 384]));
 }
+
+#[tokio::test]
+async fn a_16_mib_text_is_refused_before_tokenizing_while_normal_texts_are_served() {
+    let config =
+        ServeConfig { repository: RepositorySource::Dir(repo()), max_message_bytes: 32 << 20, ..Default::default() };
+    let server = TestServer::start(config).await;
+    let mut steady = server.client().await;
+    // A client sending normal texts the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut answered = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let request = text_request(MODEL, "text", &["a normal sentence about the weather"]);
+                steady.raw.model_infer(request).await.expect("normal texts keep being served");
+                answered += 1;
+            }
+            answered
+        }
+    });
+    let huge = "word ".repeat((16 << 20) / 5);
+    let mut client = server.client().await;
+    for truncate in [true, false] {
+        let request =
+            with_param(text_request(MODEL, "text", &["fine", &huge]), "truncate", ParameterChoice::BoolParam(truncate));
+        expect_refusal(
+            &mut client,
+            request,
+            Code::InvalidArgument,
+            &["element 1", "16777215 bytes of text", "max_text_bytes 16384", "before tokenizing"],
+        )
+        .await;
+    }
+    // Under the byte limit, a text to be cut is tokenized as a prefix and
+    // answered like its first max_tokens tokens.
+    let long = "word ".repeat(3000);
+    let cut = client.raw.model_infer(text_request(MODEL, "text", &[&long])).await.expect("cut to max_tokens");
+    let params = cut.into_inner().parameters;
+    assert!(params.contains_key("queue_us"), "{params:?}");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    assert!(background.await.expect("joined") > 0);
+}

@@ -60,6 +60,11 @@ pub enum WireError {
     #[error("field '{field}': {count} entries, more than the {limit} this model accepts{hint}")]
     TooMany { field: String, count: usize, limit: usize, hint: &'static str },
     #[error(
+        "raw_input_contents has {raw} entries but the request has {inputs} inputs: one entry per input, in input \
+         order"
+    )]
+    RawCount { raw: usize, inputs: usize },
+    #[error(
         "request would take {decoded} bytes once decoded from its {wire} wire bytes (at most wire size + {slack}); \
          packed integers of one byte each, or many empty entries, expand that much: send raw_input_contents"
     )]
@@ -344,7 +349,7 @@ pub fn check_infer_request(wire: &[u8], limits: &WireLimits) -> Result<(), WireE
         }
     }
     if raw > inputs {
-        return Err(too_many("raw_input_contents", raw, inputs, " (one per input in the request)"));
+        return Err(WireError::RawCount { raw, inputs });
     }
     // Each byte of data was counted once where it lands; the excess over
     // the wire size is what decoding adds on top of the buffer.

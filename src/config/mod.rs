@@ -28,7 +28,7 @@ impl ConfigError {
 
 /// Default bound on one gRPC message, both directions: gRPC's own default.
 /// The largest request the built-in models take is far smaller (64 risk
-/// rows are 8 KiB; 64 MiniLM texts at their `max_text_bytes` are 2 MiB), and
+/// rows are 8 KiB; 64 MiniLM texts at their `max_text_bytes` are 1 MiB), and
 /// every byte of a message is held for the whole call, so a larger bound
 /// only buys room for abuse. Raise it for models with big tensors.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
