@@ -90,20 +90,33 @@ async fn bench_accounts_for_every_request_in_closed_and_open_loop() {
     }
     assert_eq!(steps[0]["mode"], "concurrency");
     assert_eq!(steps[2]["mode"], "rate");
+    // The server's own count, independent of the bench's bookkeeping:
+    // every request the bench says it sent (and did not refuse itself)
+    // reached the server and was answered.
+    let sent_to_server: u64 = steps
+        .iter()
+        .map(|s| s["sent"].as_u64().expect("sent") - s["answered"]["CLIENT_OVERLOADED"].as_u64().unwrap_or(0))
+        .sum();
+    let mut client = server.client().await;
+    let stats = common::statistics(&mut client, "risk").await.inference_stats.expect("stats");
+    let counted = |d: Option<kiln::api::pb::StatisticDuration>| d.map_or(0, |d| d.count);
+    assert_eq!(counted(stats.success) + counted(stats.fail), sent_to_server, "server count against the bench's");
     // About 200/s for 1.5 s: Poisson, so only loosely.
     let open = steps[2]["sent"].as_u64().expect("sent");
     assert!((150..=450).contains(&open), "open loop sent {open}");
 }
 
-#[test]
-fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() {
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("plan.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["plan", "--model", "risk", "--budget-ms", "20", "--rate", "1000000", "--sim-requests", "2000"])
-        .args(["--json".as_ref(), json.as_os_str()])
-        .output()
-        .expect("kiln runs");
+    let output = tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["plan", "--model", "risk", "--budget-ms", "20", "--rate", "1000000", "--sim-requests", "2000"])
+            .args(["--json".as_ref(), json.as_os_str()])
+            .output()
+            .expect("kiln runs")
+    });
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.contains("recommended: max_batch_size = "), "{table}");
@@ -116,10 +129,71 @@ fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() {
     let rate = best["max_rate"].as_f64().expect("rate");
     assert!(rate > 0.0);
     assert!(best["p99_ms"].as_f64().expect("p99") <= 20.0, "{best}");
+    // Every candidate met the budget at some rate: none is a placeholder.
+    for c in plan["candidates"].as_array().expect("candidates") {
+        assert!(c["max_rate"].as_f64().expect("rate") > 0.0 && c["p99_ms"].as_f64().expect("p99") > 0.0, "{c}");
+    }
+    recommended_settings_serve_their_rate(best).await;
     let replicas = plan["replicas"].as_u64().expect("replicas");
     assert_eq!(replicas, (1e6 / rate).ceil() as u64);
     let candidates = plan["candidates"].as_array().expect("candidates");
     // The best rate, or within 2 % of it with a lower p99.
     let top = candidates.iter().map(|c| c["max_rate"].as_f64().expect("rate")).fold(0.0, f64::max);
     assert!(rate >= 0.98 * top, "recommended {rate}/s, best {top}/s");
+}
+
+/// A real server with the recommended settings, driven at the recommended
+/// rate: every answer OK, nothing refused (no timing asserted).
+async fn recommended_settings_serve_their_rate(best: &serde_json::Value) {
+    let toml = include_str!("../models/risk/model.toml");
+    let setting = |line: &str, value: String| {
+        let key = line.split(" = ").next().expect("key");
+        format!("{key} = {value}")
+    };
+    let mut edited: Vec<String> = Vec::new();
+    for line in toml.lines() {
+        edited.push(match line.split(" = ").next() {
+            Some("max_batch_size") => setting(line, best["max_batch_size"].to_string()),
+            Some("max_queue_delay_ms") => setting(line, best["max_queue_delay_ms"].to_string()),
+            Some("instances") => setting(line, best["instances"].to_string()),
+            _ => line.to_string(),
+        });
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("risk/1")).expect("mkdir");
+    std::fs::write(dir.path().join("risk/model.toml"), edited.join("\n")).expect("model.toml");
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/models/risk/1/model.safetensors");
+    std::fs::copy(weights, dir.path().join("risk/1/model.safetensors")).expect("weights");
+    let config = kiln::config::ServeConfig {
+        repository: kiln::config::RepositorySource::Dir(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let server = TestServer::start(config).await;
+    let rate = best["max_rate"].as_f64().expect("rate");
+    let json = dir.path().join("bench.json");
+    let output = tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["bench", "--url", &server.addr.to_string(), "--model", "risk", "--duration", "1"])
+            .args(["--rate", &format!("{rate:.0}")])
+            .args(["--json".as_ref(), json.as_os_str()])
+            .output()
+            .expect("kiln runs")
+    });
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("json");
+    let step = &report["steps"][0];
+    let answered = step["answered"].as_object().expect("codes");
+    assert_eq!(answered.keys().collect::<Vec<_>>(), vec!["OK"], "at the recommended {rate:.0}/s: {step}");
+    assert_eq!(answered["OK"].as_u64(), step["sent"].as_u64(), "{step}");
+}
+
+#[test]
+fn plan_says_when_no_setting_meets_the_budget() {
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plan", "--model", "risk", "--budget-ms", "0.001", "--sim-requests", "500"])
+        .output()
+        .expect("kiln runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a plan with no setting must fail: {}", String::from_utf8_lossy(&output.stdout));
+    assert!(stderr.contains("no configuration meets a 0.001 ms p99"), "{stderr}");
 }

@@ -105,8 +105,38 @@ fn feature<'a>(report: &'a DriftReportResponse, name: &str) -> &'a kiln::api::ad
     report.features.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("{name} not in {report:?}"))
 }
 
+/// The server's log lines, captured by a global subscriber (this file's one
+/// test owns the process).
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn install() -> Self {
+        let log = Self::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).init();
+        log
+    }
+
+    fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+        text.lines().filter(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string).collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_is_reported_alerted_exported_and_logged_on_a_live_server() {
+    let log = CapturedLog::install();
     let repo = repository();
     let log_dir = tempfile::tempdir().expect("temp dir");
     let log_path = log_dir.path().join("requests.jsonl");
@@ -169,6 +199,18 @@ async fn drift_is_reported_alerted_exported_and_logged_on_a_live_server() {
     let metrics = server.metrics_text().await;
     let status_line = format!("kiln_drift_status{{model=\"risk\",version=\"1\",feature=\"{}\"}} 2", names[SCALED]);
     assert!(metrics.contains(&status_line), "{status_line} not in /metrics");
+    // The alert was logged once, naming model, version, feature and value,
+    // and no other input was.
+    let feature_field = format!("feature={}", names[SCALED]);
+    let raised = log.lines_with(&["WARN", "drift status raised", "model=risk", "version=1", &feature_field, "alert"]);
+    assert_eq!(raised.len(), 1, "{raised:#?}");
+    assert!(raised[0].contains("value="), "{}", raised[0]);
+    let others: Vec<String> = log
+        .lines_with(&["drift status raised", "model=risk"])
+        .into_iter()
+        .filter(|l| names.iter().enumerate().any(|(i, n)| i != SCALED && l.contains(&format!("feature={n} "))))
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
 
     kiln_drift_prints_and_plots(&server, &names[SCALED]).await;
     minilm_captures_its_reference_and_watches_text(&server).await;

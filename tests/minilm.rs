@@ -102,6 +102,27 @@ async fn embeddings_match_the_independent_reference_alone_and_in_mixed_length_ba
     let similarity = |a: usize, b: usize| 1.0 - cosine_distance(&alone[a], &reference[b].embedding);
     assert!(similarity(0, 1) > similarity(0, 2), "cat~feline should beat cat~unrelated");
     server.wait_for_metric("kiln_padding_ratio_count{model=\"minilm\",version=\"1\"}").await;
+
+    // Concurrent requests of the same text share batches: while one batch
+    // computes, the others queue and leave together.
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = c.raw.model_infer(text_request(MODEL, "text", &[texts_for_batching()])).await;
+            let response = response.expect("embedding").into_inner();
+            kiln::client::int_parameter(&response, "batch_size").expect("batch_size on every answer")
+        }));
+    }
+    let mut largest = 0;
+    for task in tasks {
+        largest = largest.max(task.await.expect("task"));
+    }
+    assert!(largest > 1, "32 concurrent requests never shared a batch");
+}
+
+fn texts_for_batching() -> &'static str {
+    "the same sentence, sent by many clients at once"
 }
 
 #[tokio::test]

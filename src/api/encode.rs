@@ -21,10 +21,18 @@ fn string_param(v: &str) -> InferParameter {
 }
 
 /// The V2 answer for a computed request. Parameters carry where the time
-/// went and exactly which weights computed it.
-pub fn infer_response(id: String, spec: &ModelSpec, outputs: &[usize], response: InferResponse) -> ModelInferResponse {
+/// went (`server_us`: receipt to answer, within the deadline by
+/// construction) and exactly which weights computed it.
+pub fn infer_response(
+    id: String,
+    spec: &ModelSpec,
+    outputs: &[usize],
+    response: InferResponse,
+    server_us: u64,
+) -> ModelInferResponse {
     let t = response.timing;
     let parameters = HashMap::from([
+        ("server_us".to_string(), int_param(server_us)),
         ("queue_us".to_string(), int_param(t.queue_us)),
         ("compute_us".to_string(), int_param(t.compute_us)),
         ("batch_size".to_string(), int_param(t.batch_size)),

@@ -160,11 +160,13 @@ impl InferenceService {
                 self.admission.settle(&admitted, Some(cost_us));
                 version.metrics.add_cost(admitted.tenant_label(), cost_us as f64 / 1e6);
                 // Never answer OK after the deadline, even by a hair.
-                if Instant::now() > deadline {
+                let answered = Instant::now();
+                if answered > deadline {
                     version.metrics.rejected("deadline").increment(1);
                     return Err(expired());
                 }
-                Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response))
+                let server_us = answered.saturating_duration_since(call.received).as_micros() as u64;
+                Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response, server_us))
             }
             Err(_elapsed) => {
                 // It may be computing now; the estimate stands as its cost.

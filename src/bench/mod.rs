@@ -212,7 +212,6 @@ async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: 
                         let sent = Instant::now();
                         let outcome = client.raw.model_infer(request).await.map(|r| r.into_inner());
                         let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
-                        r.sent += 1;
                         r.record(sent.elapsed(), &outcome);
                     }
                 });
@@ -247,7 +246,6 @@ async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: 
             while let Some((i, at)) = arrivals.recv().await {
                 if in_flight.load(Ordering::Acquire) >= options.max_in_flight as u64 {
                     let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
-                    r.sent += 1;
                     *r.codes.entry("CLIENT_OVERLOADED".into()).or_default() += 1;
                     continue;
                 }
@@ -262,7 +260,6 @@ async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: 
                     let latency = at.elapsed();
                     in_flight.fetch_sub(1, Ordering::AcqRel);
                     let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
-                    r.sent += 1;
                     r.record(latency, &outcome);
                 });
             }
@@ -274,7 +271,10 @@ async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: 
     if let Some(t) = ticker {
         let _ = t.await;
     }
-    let r = recorder.lock().unwrap_or_else(|p| p.into_inner());
+    let mut r = recorder.lock().unwrap_or_else(|p| p.into_inner());
+    // Counted where each request was issued (its ticket), apart from where
+    // answers are recorded, so a lost answer shows as sent > answered.
+    r.sent = issued.load(Ordering::Acquire);
     StepReport::from_recorder(load, elapsed, &r)
 }
 

@@ -340,7 +340,12 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
                 if delay_ms / 1e3 >= budget {
                     continue;
                 }
-                candidates.push(candidate(max_batch, delay_ms, instances));
+                // A setting with no rate meeting the budget is no candidate
+                // (its p99 would read as 0).
+                let c = candidate(max_batch, delay_ms, instances);
+                if c.max_rate > 0.0 {
+                    candidates.push(c);
+                }
             }
         }
     }
