@@ -405,3 +405,88 @@ async fn graceful_stop_answers_every_admitted_request() {
         assert_eq!(client::output_fp32(answer.get_ref(), 0).map(|v| v.len()), Some(4));
     }
 }
+
+#[tokio::test]
+async fn default_timeout_applies_when_a_request_sets_no_deadline() {
+    const M: &str = "default_timeout";
+    let _turn = SERIAL.lock().await;
+    let settings = "max_batch_size = 1024\nmax_queue_delay_ms = 2\nlatency_budget_ms = 20\ndefault_timeout_ms = 50";
+    let (server, _dir) = wide_server(M, 2048, settings, BTreeMap::new()).await;
+    let mut c = server.client().await;
+    // No grpc-timeout, no timeout parameter: the model's 50 ms is the
+    // deadline, which 1024 rows (hundreds of ms) cannot meet.
+    let status = c.raw.model_infer(wide_request(M, 1024)).await.expect_err("hopeless under the default");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{}", status.message());
+    let left: u64 = status
+        .message()
+        .split(" µs left")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no time left stated: {}", status.message()));
+    assert!(left <= 50_000, "{left} µs left of a 50 ms default");
+    // A longer timeout parameter does not extend it: the earliest wins.
+    let longer = with_param(wide_request(M, 1024), "timeout", ParameterChoice::Int64Param(60_000_000));
+    expect_refusal(&mut c, longer, Code::DeadlineExceeded, &["cannot be met"]).await;
+    c.raw.model_infer(wide_request(M, 1)).await.expect("a small request meets the default");
+}
+
+#[tokio::test]
+async fn two_instances_compute_two_batches_at_once_with_the_same_answers() {
+    const M: &str = "instances";
+    let _turn = SERIAL.lock().await;
+    let (server, _dir) = wide_server(M, 2048, &format!("{SETTINGS}\ninstances = 2"), BTreeMap::new()).await;
+    let mut c = server.client().await;
+    let slow = occupy_executor(&server, M).await;
+    // One instance runs the 1024 rows; the other serves this at once.
+    let quick = c.raw.model_infer(wide_request(M, 2)).await.expect("served beside the slow batch").into_inner();
+    let running = statistics(&mut c, M).await;
+    assert_eq!(running.execution_count, 1, "the quick batch finished while the slow one still ran");
+    let slow = slow.await.expect("join").expect("slow answered");
+    assert_eq!(statistics(&mut c, M).await.execution_count, 2);
+    // Every row is the same input: both instances give the same answer (to
+    // float rounding: batch size changes the order of the sums).
+    let quick = client::output_fp32(&quick, 0).expect("fp32");
+    let slow = client::output_fp32(&slow, 0).expect("fp32");
+    assert_eq!(slow.len(), 1024 * 2);
+    for row in quick.chunks(2).chain(slow.chunks(2).step_by(97)) {
+        let gap = row.iter().zip(&slow[..2]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(gap < 1e-5, "instances disagree: {row:?} against {:?}", &slow[..2]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_never_computed_is_refunded_to_its_tenant() {
+    const M: &str = "refund";
+    let _turn = SERIAL.lock().await;
+    let tenant = |burst| TenantConfig { budget: 1e-9, burst };
+    // `probe` can afford nothing: its refusal states one request's estimate.
+    let tenants = BTreeMap::from([("probe".to_string(), tenant(1e-9))]);
+    let (server, dir) = wide_server(M, 2048, SETTINGS, tenants).await;
+    let as_tenant = |name: &str, request| with_param(request, "tenant", ParameterChoice::StringParam(name.into()));
+    let mut c = server.client().await;
+    let status = c.raw.model_infer(as_tenant("probe", wide_request(M, 1))).await.expect_err("probe");
+    let needed: f64 = status
+        .message()
+        .split("needs about ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no estimate stated: {}", status.message()));
+    drop(server);
+    // Room for one and a half requests: a second is admitted only if the
+    // first, never computed, was refunded.
+    let tenants = BTreeMap::from([("t".to_string(), tenant(1.5 * needed / 1e6))]);
+    let config =
+        ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), tenants, ..Default::default() };
+    let server = TestServer::start(config).await;
+    let mut c = server.client().await;
+    let slow = occupy_executor(&server, M).await;
+    // 30 ms: met if run now, so admitted and charged; expires behind the
+    // running batch of hundreds of milliseconds, never computed.
+    let hurried = with_param(as_tenant("t", wide_request(M, 1)), "timeout", ParameterChoice::Int64Param(30_000));
+    expect_refusal(&mut c, hurried, Code::DeadlineExceeded, &[]).await;
+    c.raw.model_infer(as_tenant("t", wide_request(M, 1))).await.expect("the refund paid for this one");
+    slow.await.expect("join").expect("slow answered");
+    assert_eq!(statistics(&mut c, M).await.inference_count, 1024 + 1, "the expired request was not computed");
+}

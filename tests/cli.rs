@@ -197,3 +197,78 @@ fn plan_says_when_no_setting_meets_the_budget() {
     assert!(!output.status.success(), "a plan with no setting must fail: {}", String::from_utf8_lossy(&output.stdout));
     assert!(stderr.contains("no configuration meets a 0.001 ms p99"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn infer_reads_its_input_from_stdin() {
+    use std::io::Write;
+    let server = TestServer::built_in().await;
+    let (rows, _) = common::wdbc();
+    let expected = common::risk_in_process(&rows[..1])[0] as f64;
+    let csv: Vec<String> = rows[0].iter().map(|v| v.to_string()).collect();
+    for args in [&["-"][..], &[][..]] {
+        let output = tokio::task::block_in_place(|| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["infer", "--url", &server.addr.to_string(), "--model", "risk"])
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("kiln runs");
+            child.stdin.take().expect("stdin").write_all(csv.join(",").as_bytes()).expect("write stdin");
+            child.wait_with_output().expect("kiln ends")
+        });
+        assert!((probability(&output) - expected).abs() < 1e-6, "args {args:?}");
+    }
+}
+
+fn bench_json(server: &TestServer, extra: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["bench", "--url", &server.addr.to_string(), "--model", "risk"])
+        .args(extra)
+        .args(["--json".as_ref(), json.as_os_str()])
+        .output()
+        .expect("kiln runs");
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_sends_rows_from_a_file_several_per_request_within_its_in_flight_bound() {
+    let server = TestServer::built_in().await;
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Rows the model refuses (outside valid_range): every answer shows
+    // that the file's rows, not generated ones, were sent.
+    let file = dir.path().join("rows.csv");
+    std::fs::write(&file, format!("{}\n", vec!["-1"; 30].join(","))).expect("write rows");
+    let report = tokio::task::block_in_place(|| {
+        bench_json(&server, &["--concurrency", "2", "--requests", "50", "--input-file", file.to_str().expect("utf-8")])
+    });
+    let step = &report["steps"][0];
+    assert_eq!(step["answered"]["INVALID_ARGUMENT"].as_u64(), Some(50), "{step}");
+
+    // --rows: three rows per request, as the server counts them.
+    let before = common::statistics(&mut client, "risk").await.inference_count;
+    let report =
+        tokio::task::block_in_place(|| bench_json(&server, &["--concurrency", "2", "--requests", "40", "--rows", "3"]));
+    assert_eq!(report["rows_per_request"].as_u64(), Some(3));
+    let ok = report["steps"][0]["answered"]["OK"].as_u64().expect("OK answers");
+    let after = common::statistics(&mut client, "risk").await.inference_count;
+    assert_eq!(after - before, 3 * ok, "{report}");
+
+    // --max-in-flight 1 at a rate far above one request at a time: the
+    // excess is counted as CLIENT_OVERLOADED, never queued in the client.
+    let report = tokio::task::block_in_place(|| {
+        bench_json(&server, &["--rate", "20000", "--duration", "0.5", "--requests", "2000", "--max-in-flight", "1"])
+    });
+    let step = &report["steps"][0];
+    let overloaded = step["answered"]["CLIENT_OVERLOADED"].as_u64().unwrap_or(0);
+    assert!(overloaded > 0, "{step}");
+    assert_eq!(
+        step["answered"].as_object().expect("codes").values().map(|v| v.as_u64().unwrap_or(0)).sum::<u64>(),
+        step["sent"].as_u64().expect("sent")
+    );
+}

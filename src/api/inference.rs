@@ -169,8 +169,10 @@ impl InferenceService {
                 Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response, server_us))
             }
             Err(_elapsed) => {
-                // It may be computing now; the estimate stands as its cost.
-                self.admission.settle(&admitted, None);
+                // Still queued: never computed, refund it (the scheduler's
+                // own expiry races this timer). Dispatched: it may be
+                // computing now, and the estimate stands as its cost.
+                self.admission.settle(&admitted, if ticket.dispatched() { None } else { Some(0) });
                 version.metrics.rejected("deadline").increment(1);
                 Err(expired())
             }

@@ -18,6 +18,10 @@ pub struct Pending {
     pub request: InferRequest,
     pub reply: Reply,
     pub enqueued: Instant,
+    /// Set when the request leaves the queue in a batch; its caller reads
+    /// it to tell "never computed" (refund the tenant) from "may be
+    /// computing" when it stops waiting.
+    pub dispatched: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pending {
@@ -135,6 +139,7 @@ mod tests {
         // The caller stays interested for the whole test.
         std::mem::forget(answer);
         Pending {
+            dispatched: Default::default(),
             request: InferRequest {
                 id: id.into(),
                 inputs: vec![],

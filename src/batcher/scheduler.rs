@@ -76,6 +76,7 @@ pub struct Ticket {
     answer: oneshot::Receiver<Result<InferResponse, InferError>>,
     sweep: mpsc::Sender<Message>,
     answered: bool,
+    dispatched: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ticket {
@@ -86,6 +87,12 @@ impl Ticket {
             .unwrap_or_else(|_| Err(InferError::Unavailable("the model stopped before answering".into())));
         self.answered = true;
         result
+    }
+
+    /// Whether the request has left the queue in a batch (it may be
+    /// computing, or computed); false means it was never computed.
+    pub fn dispatched(&self) -> bool {
+        self.dispatched.load(Ordering::Acquire)
     }
 }
 
@@ -116,7 +123,8 @@ impl BatcherHandle {
             });
         }
         let (reply, answer) = oneshot::channel();
-        let pending = Pending { request, reply, enqueued: Instant::now() };
+        let dispatched = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pending = Pending { request, reply, enqueued: Instant::now(), dispatched: dispatched.clone() };
         if let Err(mpsc::SendError(Message::Submit(pending))) = inner.submit.send(Message::Submit(pending)) {
             inner.depth.fetch_sub(1, Ordering::AcqRel);
             let _ = pending.reply.send(Err(InferError::Unavailable(format!(
@@ -124,7 +132,7 @@ impl BatcherHandle {
                 inner.model, inner.version
             ))));
         }
-        Ok(Ticket { answer, sweep: inner.submit.clone(), answered: false })
+        Ok(Ticket { answer, sweep: inner.submit.clone(), answered: false, dispatched })
     }
 
     /// Requests admitted and not yet dispatched.
@@ -274,6 +282,9 @@ impl Scheduler {
                 return self.next_expiry;
             };
             let requests: Vec<Pending> = members.iter().filter_map(|&i| self.queue.take(&keys[i])).collect();
+            for p in &requests {
+                p.dispatched.store(true, Ordering::Release);
+            }
             self.depth.fetch_sub(requests.len(), Ordering::AcqRel);
             self.executors.dispatch(instance, Batch { requests });
         }
