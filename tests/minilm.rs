@@ -242,3 +242,28 @@ async fn a_16_mib_text_is_refused_before_tokenizing_while_normal_texts_are_serve
     stop.store(true, std::sync::atomic::Ordering::Release);
     assert!(background.await.expect("joined") > 0);
 }
+
+#[tokio::test]
+async fn a_text_request_over_max_batch_tokens_is_refused_at_the_door() {
+    let server = server().await;
+    let mut client = server.client().await;
+    // 32 texts of about 100 tokens pad to about 3200 tokens, over the
+    // default max_batch_tokens of 2048: no batch could ever hold it.
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(10);
+    let texts: Vec<&str> = vec![text.as_str(); 32];
+    expect_refusal(
+        &mut client,
+        text_request(MODEL, "text", &texts),
+        Code::InvalidArgument,
+        &["32 texts padded to", "more than max_batch_tokens 2048", "send fewer texts"],
+    )
+    .await;
+    let stats = client
+        .raw
+        .model_statistics(kiln::api::pb::ModelStatisticsRequest { name: MODEL.into(), version: "1".into() })
+        .await
+        .expect("statistics")
+        .into_inner();
+    assert_eq!(stats.model_stats[0].inference_count, 0, "the refused texts reached the model");
+    client.raw.model_infer(text_request(MODEL, "text", &texts[..8])).await.expect("fewer texts are served");
+}
