@@ -404,6 +404,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         limits: file.limits,
         ..ServeConfig::default()
     };
+    // Before binding: a bad setting stops here, not after "listening".
+    config.check()?;
     let grpc =
         tokio::net::TcpListener::bind(args.grpc).await.with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics)

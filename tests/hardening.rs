@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use common::TestServer;
+use common::child::Server;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln::config::{LimitsConfig, ServeConfig};
@@ -25,75 +24,6 @@ const INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 /// A request the risk model answers OK: a real patient's row.
 fn good_request() -> kiln::api::pb::ModelInferRequest {
     kiln::client::fp32_request("risk", "features", &[common::wdbc().0[0].clone()])
-}
-
-/// The `kiln` binary under test; `KILN_BIN` points at another build (the
-/// note's before/after figures come from running this test against both).
-fn kiln_bin() -> String {
-    std::env::var("KILN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kiln").to_string())
-}
-
-/// `kiln serve` as a child process on ephemeral ports.
-struct Server {
-    child: Child,
-    grpc: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("kiln.toml");
-        std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(kiln_bin())
-            .args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kiln");
-        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
-        let (found, address) = std::sync::mpsc::channel();
-        // Keeps draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("grpc=").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
-                    let _ = found.send(addr);
-                }
-            }
-        });
-        let grpc = address.recv_timeout(Duration::from_secs(60)).expect("kiln logged its address");
-        Self { child, grpc: grpc.parse().expect("an address"), _dir: dir }
-    }
-
-    fn status(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status")
-    }
-
-    fn kib(&self, field: &str) -> u64 {
-        let status = self.status();
-        let line = status.lines().find(|l| l.starts_with(field)).expect("field in /proc status");
-        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
-    }
-
-    /// Resets the peak resident memory to the current one (Linux ≥ 4.0).
-    fn reset_peak(&self) -> u64 {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").expect("reset VmHWM");
-        self.kib("VmHWM:") * 1024
-    }
-
-    fn peak(&self) -> u64 {
-        self.kib("VmHWM:") * 1024
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Sends one already-encoded ModelInferRequest over plain HTTP/2 and returns
@@ -176,14 +106,9 @@ fn amplifiers(bytes: usize) -> Vec<(&'static str, Vec<u8>)> {
 #[tokio::test]
 async fn amplification_messages_cost_at_most_twice_their_wire_size_plus_a_mebibyte() {
     let mib: usize = std::env::var("KILN_AMPLIFY_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-    let server = Server::start("max_message_bytes = 67108864\n");
+    let server = Server::with_config("max_message_bytes = 67108864\n");
     // Warm up: the model answers a real request first.
-    let mut client = loop {
-        if let Ok(c) = kiln::client::Client::connect(&server.grpc.to_string()).await {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut client = server.client().await;
     let row = common::wdbc().0[0].clone();
     client.raw.model_infer(kiln::client::fp32_request("risk", "features", &[row])).await.expect("served");
     let mut failures = Vec::new();

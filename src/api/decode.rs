@@ -473,6 +473,57 @@ mod tests {
     }
 
     #[test]
+    fn fp64_int32_and_int64_inputs_decode_alike_from_typed_and_raw_contents() {
+        let declared =
+            |name: &str, datatype| TensorSpec { name: name.into(), datatype, shape: vec![-1, 2], features: vec![] };
+        let spec = ModelSpec::in_memory(
+            "m",
+            vec![declared("f64", DataType::Fp64), declared("i32", DataType::Int32), declared("i64", DataType::Int64)],
+            vec![TensorSpec::fp32("y", 1)],
+        );
+        let expected = [
+            TensorData::Fp64(vec![0.5, -1.25, 3.0, 1e300]),
+            TensorData::Int32(vec![1, -2, i32::MAX, i32::MIN]),
+            TensorData::Int64(vec![7, -8, i64::MAX, i64::MIN]),
+        ];
+        let contents = [
+            InferTensorContents { fp64_contents: vec![0.5, -1.25, 3.0, 1e300], ..Default::default() },
+            InferTensorContents { int_contents: vec![1, -2, i32::MAX, i32::MIN], ..Default::default() },
+            InferTensorContents { int64_contents: vec![7, -8, i64::MAX, i64::MIN], ..Default::default() },
+        ];
+        let input = |name: &str, datatype: &str, contents: Option<InferTensorContents>| InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: vec![2, 2],
+            contents,
+            ..Default::default()
+        };
+        let names = [("f64", "FP64"), ("i32", "INT32"), ("i64", "INT64")];
+        let typed = ModelInferRequest {
+            model_name: "m".into(),
+            inputs: names.iter().zip(&contents).map(|((n, d), c)| input(n, d, Some(c.clone()))).collect(),
+            ..Default::default()
+        };
+        let raw = ModelInferRequest {
+            model_name: "m".into(),
+            inputs: names.iter().map(|(n, d)| input(n, d, None)).collect(),
+            raw_input_contents: expected.iter().map(TensorData::to_raw).collect(),
+            ..Default::default()
+        };
+        for request in [typed, raw] {
+            let (decoded, _) = decode(&request, &spec, 8, Instant::now()).expect("valid");
+            let data: Vec<&TensorData> = decoded.inputs.iter().map(|t| &t.data).collect();
+            assert_eq!(data, expected.iter().collect::<Vec<_>>());
+            assert!(decoded.inputs.iter().all(|t| t.shape == [2, 2]));
+        }
+        // The wrong typed field for the declared type is named.
+        let mut wrong = ModelInferRequest { model_name: "m".into(), ..Default::default() };
+        wrong.inputs = names.iter().map(|(n, d)| input(n, d, Some(contents[0].clone()))).collect();
+        let err = decode(&wrong, &spec, 8, Instant::now()).unwrap_err().to_string();
+        assert!(err.contains("input 'i32': int_contents holds 0 values, expected 4"), "{err}");
+    }
+
+    #[test]
     fn raw_bytes_elements_parse_and_truncation_is_caught() {
         let declared = TensorSpec { name: "s".into(), datatype: DataType::Bytes, shape: vec![-1], features: vec![] };
         let good = TensorData::Bytes(vec![b"hi".to_vec(), b"".to_vec()]).to_raw();

@@ -2,6 +2,8 @@
 //! stops it; reads the risk data set for checks.
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
