@@ -152,7 +152,7 @@ async fn traffic(args: Args, seconds: f64, codes: Codes) {
     let amplifier = {
         let mut m = vec![0x0a, 4];
         m.extend_from_slice(b"risk");
-        m.extend([0x2a, 0x00].repeat(2 << 20));
+        m.extend([0x2a, 0x00].repeat(1 << 20));
         Bytes::from(m)
     };
     let oversized = Bytes::from(vec![0u8; 5 << 20]);
