@@ -8,8 +8,9 @@
 # perf_analyzer's PyPI wheel (2.60.0, platform manylinux_2_38) needs glibc
 # 2.38, newer than Debian bookworm's. It runs through Debian trixie's
 # loader: libc6, libstdc++6 and libgcc-s1 are fetched with `apt-get
-# download` under a private apt configuration and unpacked with `dpkg -x`
-# into .tools/ (git-ignored); the system is untouched.
+# download` under a private apt configuration (from the Debian mirror the
+# machine's own apt sources name) and unpacked with `dpkg -x` into .tools/
+# (git-ignored); the system is untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${KILN_URL:-}" ]; then
@@ -33,7 +34,35 @@ if [ ! -e "$libs/ld-linux-x86-64.so.2" ]; then
   apt=$tools/apt
   rm -rf "$apt" "$tools/trixie"
   mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" >"$apt/sources.list"
+  # The mirror this machine's own apt uses for Debian's main archive (not
+  # security updates), so that the repository names no package host.
+  mirror=$(python3 - <<'PY'
+import glob, re
+uris = []
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for stanza in open(path).read().split("\n\n"):
+        fields = dict(re.findall(r"^(\w[\w-]*):\s*(.+)$", stanza, re.M))
+        suites = fields.get("Suites", "").split()
+        if "deb" in fields.get("Types", "").split() and not any(s.endswith("-security") for s in suites):
+            uris += fields.get("URIs", "").split()
+for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
+        if m and not m.group(2).endswith("-security"):
+            uris.append(m.group(1))
+debian = [u for u in uris if u.rstrip("/").endswith("/debian")]
+print((debian or uris or [""])[0])
+PY
+)
+  if [ -z "$mirror" ]; then
+    echo "perf-analyzer: no Debian mirror found in this machine's apt sources" >&2
+    exit 1
+  fi
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" >"$apt/sources.list"
   opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
         -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o Debug::NoLocking=1
         -o APT::Sandbox::User=root)

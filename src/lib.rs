@@ -5,7 +5,6 @@
 //! `executor` → `model`, with `monitor` beside. `serve` is the one entry
 //! point; the binary and the tests both call it.
 
-pub mod admission;
 pub mod api;
 pub mod batcher;
 pub mod bench;
@@ -15,11 +14,11 @@ pub mod error;
 pub mod executor;
 pub mod model;
 pub mod monitor;
+pub mod pipeline;
 pub mod plan;
 pub mod prepare;
 pub mod repository;
 pub mod request;
-pub mod router;
 pub mod server;
 
 pub use server::{ServeError, serve};

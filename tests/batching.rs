@@ -459,34 +459,31 @@ async fn two_instances_compute_two_batches_at_once_with_the_same_answers() {
 async fn a_request_never_computed_is_refunded_to_its_tenant() {
     const M: &str = "refund";
     let _turn = SERIAL.lock().await;
-    let tenant = |burst| TenantConfig { budget: 1e-9, burst };
-    // `probe` can afford nothing: its refusal states one request's estimate.
-    let tenants = BTreeMap::from([("probe".to_string(), tenant(1e-9))]);
-    let (server, dir) = wide_server(M, 2048, SETTINGS, tenants).await;
-    let as_tenant = |name: &str, request| with_param(request, "tenant", ParameterChoice::StringParam(name.into()));
+    // 50 ms of burst and no refill to speak of: the balance only moves by
+    // what admission charges and settling gives back.
+    let tenants = BTreeMap::from([("t".to_string(), TenantConfig { budget: 1e-9, burst: 0.05 })]);
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, tenants).await;
     let mut c = server.client().await;
-    let status = c.raw.model_infer(as_tenant("probe", wide_request(M, 1))).await.expect_err("probe");
-    let needed: f64 = status
-        .message()
-        .split("needs about ")
-        .nth(1)
-        .and_then(|t| t.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no estimate stated: {}", status.message()));
-    drop(server);
-    // Room for one and a half requests: a second is admitted only if the
-    // first, never computed, was refunded.
-    let tenants = BTreeMap::from([("t".to_string(), tenant(1.5 * needed / 1e6))]);
-    let config =
-        ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), tenants, ..Default::default() };
-    let server = TestServer::start(config).await;
-    let mut c = server.client().await;
+    let as_t = |request| with_param(request, "tenant", ParameterChoice::StringParam("t".into()));
+    // A 1024-row request costs more than the whole burst: its refusal
+    // states the balance, and charges nothing.
+    let balance = |status: tonic::Status| -> i64 {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
+        let after = status.message().split(" µs, ").nth(1).unwrap_or_else(|| panic!("{}", status.message()));
+        after.split(" µs available").next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{after}"))
+    };
+    let before = balance(c.raw.model_infer(as_t(wide_request(M, 1024))).await.expect_err("over the burst"));
     let slow = occupy_executor(&server, M).await;
-    // 30 ms: met if run now, so admitted and charged; expires behind the
-    // running batch of hundreds of milliseconds, never computed.
-    let hurried = with_param(as_tenant("t", wide_request(M, 1)), "timeout", ParameterChoice::Int64Param(30_000));
+    // 30 ms: met if run now, so admitted and charged; it expires behind
+    // the running batch of hundreds of milliseconds, never computed.
+    let hurried = with_param(as_t(wide_request(M, 1)), "timeout", ParameterChoice::Int64Param(30_000));
     expect_refusal(&mut c, hurried, Code::DeadlineExceeded, &[]).await;
-    c.raw.model_infer(as_tenant("t", wide_request(M, 1))).await.expect("the refund paid for this one");
+    let after = balance(c.raw.model_infer(as_t(wide_request(M, 1024))).await.expect_err("over the burst"));
+    assert!(after >= before - 1, "charged for a request never computed: {before} µs before, {after} µs after");
     slow.await.expect("join").expect("slow answered");
-    assert_eq!(statistics(&mut c, M).await.inference_count, 1024 + 1, "the expired request was not computed");
+    assert_eq!(statistics(&mut c, M).await.inference_count, 1024, "the expired request was computed");
+    // Computing does cost: a request that runs is charged.
+    c.raw.model_infer(as_t(wide_request(M, 1))).await.expect("served");
+    let charged = balance(c.raw.model_infer(as_t(wide_request(M, 1024))).await.expect_err("over the burst"));
+    assert!(charged < after, "a computed request cost nothing: {after} µs, then {charged} µs");
 }

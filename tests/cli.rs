@@ -7,6 +7,11 @@ use std::process::Command;
 
 use common::TestServer;
 
+/// Tests that load the machine (bench, plan) take turns: the plan's
+/// recommendation is checked at the rate it measured, which a concurrent
+/// load would make a lie.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn kiln_infer(server: &TestServer, input: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["infer", "--url", &server.addr.to_string(), "--model", "risk", input])
@@ -60,6 +65,7 @@ async fn infer_names_what_is_wrong_and_fails() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_accounts_for_every_request_in_closed_and_open_loop() {
+    let _turn = SERIAL.lock().await;
     let server = TestServer::built_in().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("bench.json");
@@ -108,6 +114,7 @@ async fn bench_accounts_for_every_request_in_closed_and_open_loop() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() {
+    let _turn = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("plan.json");
     let output = tokio::task::block_in_place(|| {
@@ -187,12 +194,15 @@ async fn recommended_settings_serve_their_rate(best: &serde_json::Value) {
     assert_eq!(answered["OK"].as_u64(), step["sent"].as_u64(), "{step}");
 }
 
-#[test]
-fn plan_says_when_no_setting_meets_the_budget() {
-    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["plan", "--model", "risk", "--budget-ms", "0.001", "--sim-requests", "500"])
-        .output()
-        .expect("kiln runs");
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_says_when_no_setting_meets_the_budget() {
+    let _turn = SERIAL.lock().await;
+    let output = tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["plan", "--model", "risk", "--budget-ms", "0.001", "--sim-requests", "500"])
+            .output()
+            .expect("kiln runs")
+    });
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a plan with no setting must fail: {}", String::from_utf8_lossy(&output.stdout));
     assert!(stderr.contains("no configuration meets a 0.001 ms p99"), "{stderr}");
@@ -237,6 +247,7 @@ fn bench_json(server: &TestServer, extra: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_sends_rows_from_a_file_several_per_request_within_its_in_flight_bound() {
+    let _turn = SERIAL.lock().await;
     let server = TestServer::built_in().await;
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -33,6 +33,15 @@ async fn call_raw(addr: SocketAddr, message: &[u8]) -> tonic::Status {
     let (mut send, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("HTTP/2 handshake");
     tokio::spawn(connection);
+    send_raw(&mut send, addr, message).await
+}
+
+/// One ModelInfer call with `message` as its body, on an open connection.
+async fn send_raw(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    addr: SocketAddr,
+    message: &[u8],
+) -> tonic::Status {
     let mut frame = BytesMut::with_capacity(5 + message.len());
     frame.put_u8(0);
     frame.put_u32(message.len() as u32);
@@ -263,6 +272,21 @@ async fn silent_and_idle_connections_are_closed_within_their_timeouts() {
     let ended = tokio::time::timeout(Duration::from_secs(20), ended).await;
     assert!(ended.is_ok(), "an idle connection was held past idle_timeout_ms");
     drop(send);
+}
+
+#[tokio::test]
+async fn a_connection_past_its_maximum_age_is_asked_to_go_away() {
+    // The idle timeout stays at its five-minute default: only age can end it.
+    let server = TestServer::start(limits(|l| l.max_connection_age_ms = Some(300))).await;
+    let io = TokioIo::new(TcpStream::connect(server.addr).await.expect("connect"));
+    let (mut send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("HTTP/2 handshake");
+    let ended = tokio::spawn(connection);
+    // A call on it is served before its age runs out.
+    let status = send_raw(&mut send, server.addr, &prost::Message::encode_to_vec(&good_request())).await;
+    assert_eq!(status.code(), Code::Ok, "{}", status.message());
+    let ended = tokio::time::timeout(Duration::from_secs(20), ended).await;
+    assert!(ended.is_ok(), "a connection outlived max_connection_age_ms");
 }
 
 #[tokio::test]

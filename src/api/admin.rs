@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 use super::admin_pb::{self, admin_server::Admin};
 use super::status;
 use crate::monitor::drift::DriftState;
+use crate::pipeline::router;
 use crate::repository::Repository;
-use crate::router;
 
 pub struct AdminService {
     repo: Arc<Repository>,

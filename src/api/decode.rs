@@ -3,87 +3,38 @@
 //! with a message naming the input and what was expected.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use super::pb::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use crate::error::InferError;
 use crate::model::{DataType, ModelSpec, Tensor, TensorData, TensorSpec};
-use crate::request::InferRequest;
-
-/// Kiln's own request parameters, type-checked. Others are ignored
-/// (clients such as perf_analyzer send their own).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct KilnParams {
-    pub timeout_us: Option<u64>,
-    pub priority: Option<u64>,
-    pub max_cost_us: Option<u64>,
-    pub tenant: Option<String>,
-    /// Text models: the request's own token limit and what to do above it.
-    pub text: crate::model::PrepareOptions,
-}
+use crate::pipeline::Decoded;
+use crate::pipeline::params::{ParamValue, RequestParams};
 
 fn invalid(msg: impl Into<String>) -> InferError {
     InferError::InvalidArgument(msg.into())
 }
 
-fn unsigned_param(name: &str, p: &InferParameter) -> Result<u64, InferError> {
-    match p.parameter_choice {
-        Some(ParameterChoice::Uint64Param(v)) => Ok(v),
-        Some(ParameterChoice::Int64Param(v)) if v >= 0 => Ok(v as u64),
-        Some(ParameterChoice::Int64Param(v)) => Err(invalid(format!("parameter '{name}': must be >= 0, got {v}"))),
-        _ => Err(invalid(format!("parameter '{name}': expected an int64 or uint64 value, got {}", describe(p)))),
-    }
-}
-
-fn describe(p: &InferParameter) -> &'static str {
-    match p.parameter_choice {
-        Some(ParameterChoice::BoolParam(_)) => "a bool",
-        Some(ParameterChoice::Int64Param(_)) => "an int64",
-        Some(ParameterChoice::StringParam(_)) => "a string",
-        Some(ParameterChoice::DoubleParam(_)) => "a double",
-        Some(ParameterChoice::Uint64Param(_)) => "a uint64",
-        None => "no value",
+/// A V2 parameter as the pipeline reads it.
+fn param_value(p: &InferParameter) -> ParamValue {
+    match &p.parameter_choice {
+        Some(ParameterChoice::BoolParam(b)) => ParamValue::Bool(*b),
+        Some(ParameterChoice::Int64Param(v)) => ParamValue::Int64(*v),
+        Some(ParameterChoice::Uint64Param(v)) => ParamValue::Uint64(*v),
+        Some(ParameterChoice::DoubleParam(v)) => ParamValue::Double(*v),
+        Some(ParameterChoice::StringParam(s)) => ParamValue::String(s.clone()),
+        None => ParamValue::Empty,
     }
 }
 
 /// Reads and type-checks Kiln's request parameters.
-pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<KilnParams, InferError> {
-    let mut out = KilnParams::default();
-    for (name, p) in parameters {
-        match name.as_str() {
-            "timeout" => out.timeout_us = Some(unsigned_param(name, p)?),
-            "priority" => out.priority = Some(unsigned_param(name, p)?),
-            "max_cost_us" => out.max_cost_us = Some(unsigned_param(name, p)?),
-            "max_tokens" => match unsigned_param(name, p)? {
-                0 => return Err(invalid("parameter 'max_tokens': must be at least 1")),
-                n => out.text.max_tokens = Some(usize::try_from(n).unwrap_or(usize::MAX)),
-            },
-            "truncate" => match p.parameter_choice {
-                Some(ParameterChoice::BoolParam(b)) => out.text.truncate = Some(b),
-                _ => return Err(invalid(format!("parameter 'truncate': expected a bool, got {}", describe(p)))),
-            },
-            "tenant" => match &p.parameter_choice {
-                Some(ParameterChoice::StringParam(s)) => out.tenant = Some(s.clone()),
-                _ => {
-                    return Err(invalid(format!("parameter 'tenant': expected a string, got {}", describe(p))));
-                }
-            },
-            _ => {}
-        }
-    }
-    Ok(out)
+pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<RequestParams, InferError> {
+    RequestParams::parse(parameters.iter().map(|(k, v)| (k.as_str(), param_value(v))))
 }
 
-/// Validates `req` against `spec` and builds the typed request (priority
-/// and deadline are set by admission) with Kiln's parameters.
-pub fn decode(
-    req: &ModelInferRequest,
-    spec: &ModelSpec,
-    max_rows: usize,
-    received: Instant,
-) -> Result<(InferRequest, KilnParams), InferError> {
+/// Validates `req` against `spec` and builds the pipeline's first stage.
+pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize) -> Result<Decoded, InferError> {
     let model = &spec.name;
-    let kiln_params = params(&req.parameters)?;
+    let params = params(&req.parameters)?;
     let raw = !req.raw_input_contents.is_empty();
     if raw && req.raw_input_contents.len() != req.inputs.len() {
         return Err(invalid(format!(
@@ -150,17 +101,7 @@ pub fn decode(
     }
     let outputs = requested_outputs(req, spec)?;
     let rows = rows.map(|(r, _)| r).unwrap_or(0);
-    let request = InferRequest {
-        id: req.id.clone(),
-        rows,
-        size: crate::model::Prepared::rows(rows),
-        inputs,
-        outputs,
-        received,
-        priority: 0,
-        deadline: received,
-    };
-    Ok((request, kiln_params))
+    Ok(Decoded { id: req.id.clone(), inputs, rows, outputs, params })
 }
 
 fn check_shape(
@@ -397,7 +338,7 @@ mod tests {
     }
 
     fn error(req: &ModelInferRequest) -> String {
-        match decode(req, &spec(), 8, Instant::now()) {
+        match decode(req, &spec(), 8) {
             Err(InferError::InvalidArgument(m)) => m,
             Err(InferError::NonFinite { message, .. }) => message,
             other => panic!("expected InvalidArgument, got {other:?}"),
@@ -410,8 +351,8 @@ mod tests {
         let mut raw = typed.clone();
         raw.inputs[0].contents = None;
         raw.raw_input_contents = vec![[1f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect()];
-        let (a, _) = decode(&typed, &spec(), 8, Instant::now()).expect("valid");
-        let (b, _) = decode(&raw, &spec(), 8, Instant::now()).expect("valid");
+        let a = decode(&typed, &spec(), 8).expect("valid");
+        let b = decode(&raw, &spec(), 8).expect("valid");
         assert_eq!(a.inputs, b.inputs);
         assert_eq!(a.rows, 2);
     }
@@ -426,7 +367,7 @@ mod tests {
     fn nan_is_refused() {
         let msg = error(&request(vec![1.0, f32::NAN], vec![1, 2]));
         assert!(msg.contains("feature 'b'") && msg.contains("NaN"), "{msg}");
-        let located = decode(&request(vec![1.0, f32::NAN], vec![1, 2]), &spec(), 8, Instant::now());
+        let located = decode(&request(vec![1.0, f32::NAN], vec![1, 2]), &spec(), 8);
         assert!(matches!(located, Err(InferError::NonFinite { input: 0, column: 1, .. })), "{located:?}");
     }
 
@@ -460,7 +401,7 @@ mod tests {
             "triton_enable_empty_final_response".into(),
             InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) },
         );
-        assert!(decode(&req, &spec(), 8, Instant::now()).is_ok());
+        assert!(decode(&req, &spec(), 8).is_ok());
     }
 
     #[test]
@@ -511,7 +452,7 @@ mod tests {
             ..Default::default()
         };
         for request in [typed, raw] {
-            let (decoded, _) = decode(&request, &spec, 8, Instant::now()).expect("valid");
+            let decoded = decode(&request, &spec, 8).expect("valid");
             let data: Vec<&TensorData> = decoded.inputs.iter().map(|t| &t.data).collect();
             assert_eq!(data, expected.iter().collect::<Vec<_>>());
             assert!(decoded.inputs.iter().all(|t| t.shape == [2, 2]));
@@ -519,7 +460,7 @@ mod tests {
         // The wrong typed field for the declared type is named.
         let mut wrong = ModelInferRequest { model_name: "m".into(), ..Default::default() };
         wrong.inputs = names.iter().map(|(n, d)| input(n, d, Some(contents[0].clone()))).collect();
-        let err = decode(&wrong, &spec, 8, Instant::now()).unwrap_err().to_string();
+        let err = decode(&wrong, &spec, 8).unwrap_err().to_string();
         assert!(err.contains("input 'i32': int_contents holds 0 values, expected 4"), "{err}");
     }
 

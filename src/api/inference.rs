@@ -11,14 +11,10 @@ use tonic::{Request, Response, Status};
 use super::deadline::GrpcDeadline;
 use super::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use super::{decode, encode, status};
-use crate::admission::{Admission, VersionLimits};
 use crate::error::InferError;
-use crate::model::{ModelError, PrepareOptions};
 use crate::monitor::stats::{DurationStat, VersionStats};
-use crate::prepare::{PrepareError, PreparePool};
+use crate::pipeline::{Call, Pipeline, router};
 use crate::repository::{Repository, ServedVersion};
-use crate::request::InferRequest;
-use crate::router;
 
 /// Metadata naming the tenant when the request parameter does not.
 const TENANT_HEADER: &str = "x-kiln-tenant";
@@ -26,8 +22,7 @@ const TENANT_HEADER: &str = "x-kiln-tenant";
 /// Shared state of the inference service.
 pub struct InferenceService {
     repo: Arc<Repository>,
-    admission: Arc<Admission>,
-    prepare: Arc<PreparePool>,
+    pipeline: Arc<Pipeline>,
     ready: Arc<AtomicBool>,
 }
 
@@ -41,149 +36,36 @@ struct CallContext {
 impl InferenceService {
     /// `ready` turns false when shutdown starts, so health checks see it
     /// before the listener closes.
-    pub fn new(
-        repo: Arc<Repository>,
-        admission: Arc<Admission>,
-        prepare: Arc<PreparePool>,
-        ready: Arc<AtomicBool>,
-    ) -> Self {
-        Self { repo, admission, prepare, ready }
-    }
-
-    /// Prepares the inputs (tokenizes text) on the pool and records the
-    /// request's size for the batcher. Refusals that need no token count
-    /// (size limits, deadline, queue, tenant budget) come first, so no
-    /// tokenizer time is spent on a request that would be refused anyway.
-    async fn prepare(
-        &self,
-        request: &mut InferRequest,
-        options: PrepareOptions,
-        version: &ServedVersion,
-        precheck: impl FnOnce() -> Result<Instant, InferError>,
-    ) -> Result<(), InferError> {
-        if !version.model.prepares() {
-            if options != PrepareOptions::default() {
-                return Err(InferError::InvalidArgument(format!(
-                    "parameters 'max_tokens' and 'truncate' apply to text models; model '{}' takes {}",
-                    version.spec.name, version.spec.platform
-                )));
-            }
-            return Ok(());
-        }
-        let failed = |reason: String| InferError::ModelFailed {
-            model: version.spec.name.clone(),
-            version: version.spec.version,
-            reason,
-        };
-        let refused = |e: ModelError| match e {
-            ModelError::Input(message) => InferError::InvalidArgument(message),
-            other => failed(other.to_string()),
-        };
-        version.model.check_size(&request.inputs).map_err(refused)?;
-        let deadline = precheck()?;
-        let model = version.model.clone();
-        let mut inputs = std::mem::take(&mut request.inputs);
-        let (inputs, prepared) = self
-            .prepare
-            .run(deadline, move || {
-                let prepared = model.prepare(&mut inputs, &options);
-                (inputs, prepared)
-            })
-            .await
-            .map_err(|e| match e {
-                PrepareError::QueueFull { .. } => InferError::Overloaded {
-                    reason: "prepare_queue",
-                    message: format!("model '{}': {e}", version.spec.name),
-                },
-                PrepareError::Expired => InferError::Expired(format!("model '{}': {e}", version.spec.name)),
-                PrepareError::Stopped | PrepareError::Panicked(_) => failed(e.to_string()),
-            })?;
-        request.inputs = inputs;
-        request.size = prepared.map_err(refused)?;
-        Ok(())
+    pub fn new(repo: Arc<Repository>, pipeline: Arc<Pipeline>, ready: Arc<AtomicBool>) -> Self {
+        Self { repo, pipeline, ready }
     }
 
     fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
         router::route(&self.repo, name, version).map_err(|e| status::to_status(&e))
     }
 
-    /// Decode, admit, queue, wait (bounded by the deadline), answer. The
-    /// tenant's budget is settled whatever happens.
+    /// Decodes the V2 message and runs it through the pipeline.
     async fn infer(
         &self,
         req: &pb::ModelInferRequest,
         version: &ServedVersion,
         call: &CallContext,
     ) -> Result<pb::ModelInferResponse, InferError> {
-        let grpc_deadline = match call.grpc_deadline {
+        let deadline = match call.grpc_deadline {
             None => None,
             Some(GrpcDeadline::At(at)) => Some(at),
             Some(GrpcDeadline::Invalid) => {
                 return Err(InferError::InvalidArgument("metadata 'grpc-timeout': not a valid gRPC timeout".into()));
             }
         };
-        let (mut request, params) = decode::decode(req, &version.spec, version.config.max_batch_size, call.received)
-            .inspect_err(|e| {
-                if let InferError::NonFinite { input, column, .. } = e {
-                    version.drift.refused_non_finite(*input, *column);
-                }
-            })?;
-        let tenant = params.tenant.clone().or_else(|| call.tenant.clone());
-        let limits = VersionLimits {
-            model: &version.spec.name,
-            number: version.spec.version,
-            config: &version.config,
-            estimate: version.latency.estimate(),
-        };
-        let precheck = || {
-            let deadline = Admission::deadline(&version.config, call.received, &params, grpc_deadline);
-            self.admission.precheck(&limits, deadline, version.batcher.depth(), tenant.as_deref())?;
-            Ok(deadline)
-        };
-        self.prepare(&mut request, params.text, version, precheck).await?;
-        let admitted = self.admission.admit(&limits, &mut request, &params, grpc_deadline, tenant.as_deref())?;
-        let outputs = request.outputs.clone();
-        let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&admitted, Some(0)))?;
-        let deadline = admitted.deadline;
-        let answer = tokio::time::timeout_at(deadline.into(), ticket.answer()).await;
-        let expired = || {
-            InferError::Expired(format!(
-                "model '{}' version {}: deadline exceeded after {} µs, before the answer was ready",
-                version.spec.name,
-                version.spec.version,
-                call.received.elapsed().as_micros()
-            ))
-        };
-        match answer {
-            Ok(Ok(response)) => {
-                let cost_us = response.timing.cost_us;
-                self.admission.settle(&admitted, Some(cost_us));
-                version.metrics.add_cost(admitted.tenant_label(), cost_us as f64 / 1e6);
-                // Never answer OK after the deadline, even by a hair.
-                let answered = Instant::now();
-                if answered > deadline {
-                    version.metrics.rejected("deadline").increment(1);
-                    return Err(expired());
-                }
-                let server_us = answered.saturating_duration_since(call.received).as_micros() as u64;
-                Ok(encode::infer_response(req.id.clone(), &version.spec, &outputs, response, server_us))
+        let decoded = decode::decode(req, &version.spec, version.config.max_batch_size).inspect_err(|e| {
+            if let InferError::NonFinite { input, column, .. } = e {
+                version.drift.refused_non_finite(*input, *column);
             }
-            Err(_elapsed) => {
-                // Still queued: never computed, refund it (the scheduler's
-                // own expiry races this timer). Dispatched: it may be
-                // computing now, and the estimate stands as its cost.
-                self.admission.settle(&admitted, if ticket.dispatched() { None } else { Some(0) });
-                version.metrics.rejected("deadline").increment(1);
-                Err(expired())
-            }
-            Ok(Err(e)) => {
-                // Expired in the queue or refused at shutdown: never
-                // computed, nothing to charge. A model failure did compute.
-                let computed = matches!(e, InferError::ModelFailed { .. });
-                self.admission.settle(&admitted, if computed { None } else { Some(0) });
-                Err(e)
-            }
-        }
+        })?;
+        let call = Call { received: call.received, deadline, tenant: call.tenant.clone() };
+        let answer = self.pipeline.infer(version, decoded, &call).await?;
+        Ok(encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us))
     }
 }
 

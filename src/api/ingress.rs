@@ -23,8 +23,8 @@ use http_body_util::BodyExt;
 use super::status;
 use super::wire::{self, WireLimits};
 use crate::error::InferError;
+use crate::pipeline::router;
 use crate::repository::Repository;
-use crate::router;
 
 /// Most bytes of any request message but ModelInfer's: names and versions.
 /// At prost's worst expansion (~150× for empty repeated entries) this

@@ -139,6 +139,13 @@ impl RequestLogConfig {
         if self.max_bytes == 0 {
             return Err(ConfigError::new(file, "field `request_log.max_bytes`: must be at least 1"));
         }
+        // Each rotation renames every kept file.
+        if self.keep_files > 1000 {
+            return Err(ConfigError::new(
+                file,
+                format!("field `request_log.keep_files`: at most 1000, got {}", self.keep_files),
+            ));
+        }
         if self.hmac_key.is_none() {
             self.hmac_key = std::env::var("KILN_REQUEST_LOG_KEY").ok().filter(|k| !k.is_empty());
         }
@@ -771,6 +778,11 @@ fn check_tensor(t: &TensorToml) -> Result<(), String> {
             ));
         }
         for f in &t.features {
+            if let Some(missing) = f.missing_value
+                && !missing.is_finite()
+            {
+                return Err(format!("feature `{}`: `missing_value` must be a finite number, got {missing}", f.name));
+            }
             if let Some([low, high]) = f.valid_range
                 && !(low.is_finite() && high.is_finite() && low <= high)
             {
@@ -853,6 +865,10 @@ shape = [-1, 1]
             ("max_cost_us = 0", "field `max_cost_us`"),
             ("[drift]\nwindow_seconds = 1e300", "field `drift.window_seconds`"),
             ("[drift]\nchannel_capacity = 1000000000", "field `drift.channel_capacity`"),
+            (
+                "[[inputs]]\nname = \"z\"\ndatatype = \"FP32\"\nshape = [-1, 1]\nfeatures = [{ name = \"f\", missing_value = nan }]",
+                "`missing_value`",
+            ),
         ] {
             let text = if line.starts_with('[') { format!("{GOOD}\n{line}\n") } else { format!("{line}\n{GOOD}") };
             let err = ModelToml::parse("m.toml", &text).unwrap_err().to_string();

@@ -77,12 +77,13 @@ pub async fn serve(
         .max_decoding_message_size(SMALL_MESSAGE_BYTES);
 
     let ready = Arc::new(AtomicBool::new(true));
-    let admission = Arc::new(crate::admission::Admission::new(&config.tenants));
-    let prepare = Arc::new(crate::prepare::PreparePool::new(config.prepare_threads, config.limits.prepare_queue)?);
-    let inference =
-        GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), admission, prepare, ready.clone()))
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes);
+    let pipeline = Arc::new(crate::pipeline::Pipeline::new(
+        crate::pipeline::admission::Admission::new(&config.tenants),
+        crate::prepare::PreparePool::new(config.prepare_threads, config.limits.prepare_queue)?,
+    ));
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), pipeline, ready.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = {

@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::api::decode::KilnParams;
+use super::params::RequestParams;
 use crate::config::{ModelToml, TenantConfig};
 use crate::error::InferError;
-use crate::request::InferRequest;
+use crate::model::Prepared;
 
 /// A tenant's compute budget: tokens are microseconds of compute, refilled
 /// at `rate` per microsecond up to `burst`. The balance may go negative
@@ -66,17 +66,24 @@ impl TokenBucket {
     }
 }
 
-/// What admission decided for one request; settle it after the answer.
+/// What admission charged for one request; settle it after the answer.
 #[derive(Debug, Clone)]
-pub struct Admitted {
+pub struct Charge {
     /// The cost estimate debited from the tenant, in microseconds.
     pub estimate_us: u64,
     /// The configured tenant it was charged to, if any.
     pub tenant: Option<String>,
-    pub deadline: Instant,
 }
 
-impl Admitted {
+/// What admission decided for a request it admits.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Its priority level, 1 the highest.
+    pub priority: u32,
+    pub charge: Charge,
+}
+
+impl Charge {
     /// The `tenant` metric label: a configured tenant, else `other`, so no
     /// client can grow the label set.
     pub fn tenant_label(&self) -> &str {
@@ -109,7 +116,7 @@ impl Admission {
     pub fn deadline(
         config: &ModelToml,
         received: Instant,
-        params: &KilnParams,
+        params: &RequestParams,
         grpc_deadline: Option<Instant>,
     ) -> Instant {
         let default = received + Duration::from_secs_f64(config.default_timeout_ms / 1000.0);
@@ -156,20 +163,23 @@ impl Admission {
         Ok(())
     }
 
-    /// Admits `request` or says why not; sets its priority and deadline.
-    /// `grpc_deadline` is the call's own; `tenant` comes from the request
-    /// parameter or the `x-kiln-tenant` metadata.
+    /// Admits a request of `rows` rows and prepared `size` due at
+    /// `deadline`, or says why not: its priority, cost caps, whether the
+    /// deadline can be met, and the tenant's budget, which is charged the
+    /// cost estimate. `tenant` comes from the request parameter or the
+    /// transport (`x-kiln-tenant` metadata).
     pub fn admit(
         &self,
         version: &VersionLimits<'_>,
-        request: &mut InferRequest,
-        params: &KilnParams,
-        grpc_deadline: Option<Instant>,
+        rows: usize,
+        size: &Prepared,
+        params: &RequestParams,
+        deadline: Instant,
         tenant: Option<&str>,
-    ) -> Result<Admitted, InferError> {
+    ) -> Result<Decision, InferError> {
         let config = version.config;
         let levels = config.priority_levels;
-        request.priority = match params.priority {
+        let priority = match params.priority {
             None | Some(0) => config.default_priority_level(),
             Some(p) if p <= levels as u64 => p as u32,
             Some(p) => {
@@ -181,25 +191,24 @@ impl Admission {
                 )));
             }
         };
-        request.deadline = Self::deadline(config, request.received, params, grpc_deadline);
 
-        let units = request.padded_units();
+        let units = rows * size.longest;
         let max_units = config.max_batch_units();
-        if request.size.longest > 1 && units > max_units {
+        if size.longest > 1 && units > max_units {
             return Err(InferError::InvalidArgument(format!(
-                "model '{}': {} texts padded to {} tokens make {units} tokens, more than max_batch_tokens \
+                "model '{}': {rows} texts padded to {} tokens make {units} tokens, more than max_batch_tokens \
                  {max_units}; send fewer texts per request",
-                version.model, request.rows, request.size.longest
+                version.model, size.longest
             )));
         }
         let now = Instant::now();
         let alone = version.estimate.predict(units);
-        if now + alone > request.deadline {
+        if now + alone > deadline {
             return Err(InferError::DeadlineUnmeetable(format!(
                 "model '{}': deadline cannot be met: {} µs left, but computing {} takes about {} µs even if run now",
                 version.model,
-                request.deadline.saturating_duration_since(now).as_micros(),
-                describe_size(request),
+                deadline.saturating_duration_since(now).as_micros(),
+                describe_size(rows, size),
                 alone.as_micros()
             )));
         }
@@ -225,25 +234,25 @@ impl Admission {
                 });
             }
         }
-        Ok(Admitted { estimate_us, tenant, deadline: request.deadline })
+        Ok(Decision { priority, charge: Charge { estimate_us, tenant } })
     }
 
     /// Reconciles the tenant's debit with what the request really cost
     /// (`None`: unknown, keep the estimate; 0: never computed, refund).
-    pub fn settle(&self, admitted: &Admitted, actual_us: Option<u64>) {
-        let (Some(name), Some(actual)) = (&admitted.tenant, actual_us) else { return };
+    pub fn settle(&self, charge: &Charge, actual_us: Option<u64>) {
+        let (Some(name), Some(actual)) = (&charge.tenant, actual_us) else { return };
         if let Some(bucket) = self.tenants.get(name) {
             let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
-            bucket.adjust(admitted.estimate_us as f64 - actual as f64, Instant::now());
+            bucket.adjust(charge.estimate_us as f64 - actual as f64, Instant::now());
         }
     }
 }
 
 /// "3 rows", or "3 texts of up to 40 tokens".
-fn describe_size(request: &InferRequest) -> String {
-    match request.size.longest {
-        1 => format!("{} rows", request.rows),
-        longest => format!("{} texts of up to {longest} tokens", request.rows),
+fn describe_size(rows: usize, size: &Prepared) -> String {
+    match size.longest {
+        1 => format!("{rows} rows"),
+        longest => format!("{rows} texts of up to {longest} tokens"),
     }
 }
 

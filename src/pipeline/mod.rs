@@ -1,0 +1,205 @@
+//! One request's path, shared by every front end. A front end decodes its
+//! message into a [`Decoded`] request for the version [`router`] picked and
+//! calls [`Pipeline::infer`], which takes it through the stages, each a
+//! type built once by the stage that knows it:
+//!
+//! `Decoded` → [`Prepared`] (tokenized, sized) → admitted ([`InferRequest`]
+//! with its priority and deadline, and the tenant's [`Charge`](admission::Charge)) → queued
+//! (a [`Ticket`](crate::batcher::scheduler::Ticket)) → answered
+//! ([`Answer`]), settling the tenant's budget whatever happens.
+
+pub mod admission;
+pub mod params;
+pub mod router;
+
+use std::time::Instant;
+
+use crate::error::InferError;
+use crate::model::{self, ModelError, Tensor};
+use crate::prepare::{PrepareError, PreparePool};
+use crate::repository::ServedVersion;
+use crate::request::{InferRequest, InferResponse};
+use admission::{Admission, VersionLimits};
+use params::RequestParams;
+
+/// Stage 1, built by a front end's decoder: inputs checked against the
+/// version's declared interface, and Kiln's parameters.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The client's request id, echoed in the answer.
+    pub id: String,
+    /// One tensor per declared input, in declared order.
+    pub inputs: Vec<Tensor>,
+    /// Rows along the batch dimension.
+    pub rows: usize,
+    /// Indices into the declared outputs, in the order to answer.
+    pub outputs: Vec<usize>,
+    pub params: RequestParams,
+}
+
+/// What a front end knows of the call beyond its message.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// When the server received it: the start of its latency and deadline.
+    pub received: Instant,
+    /// The transport's own deadline (gRPC's `grpc-timeout`).
+    pub deadline: Option<Instant>,
+    /// The tenant the transport names (`x-kiln-tenant`) when the request's
+    /// `tenant` parameter does not.
+    pub tenant: Option<String>,
+}
+
+/// Stage 2: inputs in the form the model computes on, and the size the
+/// batcher plans with (tokens for text).
+#[derive(Debug)]
+pub struct Prepared {
+    pub decoded: Decoded,
+    pub size: model::Prepared,
+}
+
+/// The last stage: a computed answer within its deadline.
+#[derive(Debug)]
+pub struct Answer {
+    pub id: String,
+    /// Indices into the declared outputs, in the order answered.
+    pub outputs: Vec<usize>,
+    pub response: InferResponse,
+    /// Receipt to answer, never past the deadline.
+    pub server_us: u64,
+}
+
+/// The stages' shared state: tenant budgets and the preparation pool.
+pub struct Pipeline {
+    admission: Admission,
+    prepare: PreparePool,
+}
+
+impl Pipeline {
+    pub fn new(admission: Admission, prepare: PreparePool) -> Self {
+        Self { admission, prepare }
+    }
+
+    /// Prepares, admits, queues and waits for one request (bounded by its
+    /// deadline), settling the tenant's budget whatever happens.
+    pub async fn infer(&self, version: &ServedVersion, decoded: Decoded, call: &Call) -> Result<Answer, InferError> {
+        let tenant = decoded.params.tenant.clone().or_else(|| call.tenant.clone());
+        let limits = VersionLimits {
+            model: &version.spec.name,
+            number: version.spec.version,
+            config: &version.config,
+            estimate: version.latency.estimate(),
+        };
+        let deadline = Admission::deadline(&version.config, call.received, &decoded.params, call.deadline);
+        let precheck = || self.admission.precheck(&limits, deadline, version.batcher.depth(), tenant.as_deref());
+        let prepared = self.prepare(version, decoded, deadline, precheck).await?;
+        let Prepared { decoded, size } = prepared;
+        let decision =
+            self.admission.admit(&limits, decoded.rows, &size, &decoded.params, deadline, tenant.as_deref())?;
+        let charge = decision.charge;
+        let outputs = decoded.outputs.clone();
+        let request = InferRequest {
+            id: decoded.id.clone(),
+            inputs: decoded.inputs,
+            rows: decoded.rows,
+            outputs: decoded.outputs,
+            received: call.received,
+            priority: decision.priority,
+            deadline,
+            size,
+        };
+        let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&charge, Some(0)))?;
+        let answer = tokio::time::timeout_at(deadline.into(), ticket.answer()).await;
+        let expired = || {
+            InferError::Expired(format!(
+                "model '{}' version {}: deadline exceeded after {} µs, before the answer was ready",
+                version.spec.name,
+                version.spec.version,
+                call.received.elapsed().as_micros()
+            ))
+        };
+        match answer {
+            Ok(Ok(response)) => {
+                let cost_us = response.timing.cost_us;
+                self.admission.settle(&charge, Some(cost_us));
+                version.metrics.add_cost(charge.tenant_label(), cost_us as f64 / 1e6);
+                // Never answer OK after the deadline, even by a hair.
+                let answered = Instant::now();
+                if answered > deadline {
+                    version.metrics.rejected("deadline").increment(1);
+                    return Err(expired());
+                }
+                let server_us = answered.saturating_duration_since(call.received).as_micros() as u64;
+                Ok(Answer { id: decoded.id, outputs, response, server_us })
+            }
+            Err(_elapsed) => {
+                // Still queued: never computed, refund it (the scheduler's
+                // own expiry races this timer). Dispatched: it may be
+                // computing now, and the estimate stands as its cost.
+                self.admission.settle(&charge, if ticket.dispatched() { None } else { Some(0) });
+                version.metrics.rejected("deadline").increment(1);
+                Err(expired())
+            }
+            Ok(Err(e)) => {
+                // Expired in the queue or refused at shutdown: never
+                // computed, nothing to charge. A model failure did compute.
+                let computed = matches!(e, InferError::ModelFailed { .. });
+                self.admission.settle(&charge, if computed { None } else { Some(0) });
+                Err(e)
+            }
+        }
+    }
+
+    /// Prepares the inputs (tokenizes text) on the pool and sizes the
+    /// request for the batcher. Refusals that need no token count (size
+    /// limits, then `precheck`: deadline, queue, tenant budget) come first,
+    /// so no tokenizer time is spent on a request refused anyway.
+    async fn prepare(
+        &self,
+        version: &ServedVersion,
+        mut decoded: Decoded,
+        deadline: Instant,
+        precheck: impl FnOnce() -> Result<(), InferError>,
+    ) -> Result<Prepared, InferError> {
+        let options = decoded.params.text;
+        if !version.model.prepares() {
+            if options != model::PrepareOptions::default() {
+                return Err(InferError::InvalidArgument(format!(
+                    "parameters 'max_tokens' and 'truncate' apply to text models; model '{}' takes {}",
+                    version.spec.name, version.spec.platform
+                )));
+            }
+            let size = model::Prepared::rows(decoded.rows);
+            return Ok(Prepared { decoded, size });
+        }
+        let failed = |reason: String| InferError::ModelFailed {
+            model: version.spec.name.clone(),
+            version: version.spec.version,
+            reason,
+        };
+        let refused = |e: ModelError| match e {
+            ModelError::Input(message) => InferError::InvalidArgument(message),
+            other => failed(other.to_string()),
+        };
+        version.model.check_size(&decoded.inputs).map_err(refused)?;
+        precheck()?;
+        let model = version.model.clone();
+        let mut inputs = std::mem::take(&mut decoded.inputs);
+        let (inputs, size) = self
+            .prepare
+            .run(deadline, move || {
+                let size = model.prepare(&mut inputs, &options);
+                (inputs, size)
+            })
+            .await
+            .map_err(|e| match e {
+                PrepareError::QueueFull { .. } => InferError::Overloaded {
+                    reason: "prepare_queue",
+                    message: format!("model '{}': {e}", version.spec.name),
+                },
+                PrepareError::Expired => InferError::Expired(format!("model '{}': {e}", version.spec.name)),
+                PrepareError::Stopped | PrepareError::Panicked(_) => failed(e.to_string()),
+            })?;
+        decoded.inputs = inputs;
+        Ok(Prepared { decoded, size: size.map_err(refused)? })
+    }
+}
