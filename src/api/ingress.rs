@@ -153,6 +153,8 @@ pub struct IngressState {
     pub budget: Arc<InflightBudget>,
     pub max_message_bytes: usize,
     pub body_timeout: Duration,
+    /// Once draining, new inference calls are answered UNAVAILABLE.
+    pub drain: Arc<crate::server::drain::Drain>,
 }
 
 /// The tower service in front of tonic's routes.
@@ -210,6 +212,11 @@ where
             let (parts, body) = request.into_parts();
             if kind == Door::Pass {
                 return inner.call(HttpRequest::from_parts(parts, tonic::body::Body::new(body))).await;
+            }
+            if kind == Door::Infer && state.drain.draining() {
+                return Ok(refusal(&InferError::Unavailable(
+                    "the server is shutting down: send this call to another replica".into(),
+                )));
             }
             let limit = if kind == Door::Infer { state.max_message_bytes } else { SMALL_MESSAGE_BYTES };
             let received = receive(body, limit, &state).await.and_then(|(bytes, reservation)| {

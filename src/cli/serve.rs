@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// `admin_token` in the config file.
     #[arg(long, env = "KILN_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// Seconds a shutdown (SIGTERM, SIGINT) may take to answer what was
+    /// admitted; past it the rest is answered UNAVAILABLE. Keep it below the
+    /// orchestrator's kill deadline (Kubernetes: 30 s by default). A second
+    /// signal exits at once.
+    #[arg(long, env = "KILN_DRAIN_TIMEOUT", default_value_t = 25.0)]
+    pub drain_timeout: f64,
 }
 
 /// Runs the server on a runtime sized by the flags.
@@ -90,7 +96,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         admin_token: args.admin_token.filter(|t| !t.is_empty()).or(file.admin_token),
         request_log: file.request_log,
         limits: file.limits,
-        ..ServeConfig::default()
+        drain_timeout: {
+            if !(args.drain_timeout.is_finite() && args.drain_timeout > 0.0 && args.drain_timeout <= 3600.0) {
+                bail!("--drain-timeout must be above 0 and at most 3600 seconds, got {}", args.drain_timeout);
+            }
+            std::time::Duration::from_secs_f64(args.drain_timeout)
+        },
     };
     // Before binding: a bad setting stops here, not after "listening".
     config.check()?;
@@ -100,24 +111,50 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding metrics on {}", args.metrics))?;
     tracing::info!(grpc = %grpc.local_addr()?, metrics = %metrics.local_addr()?, "kiln listening");
-    kiln::serve(config, grpc, Some(metrics), shutdown_signal()).await?;
+    kiln::serve(config, grpc, Some(metrics), shutdown_signal()?).await?;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes at the first SIGINT or SIGTERM; the second exits the process
+/// at once with status 130, without waiting for the drain.
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    let mut signals = Signals::new()?;
+    let (first_tx, first) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        signals.next().await;
+        let _ = first_tx.send(());
+        signals.next().await;
+        tracing::warn!("second shutdown signal: exiting now, without finishing the drain");
+        std::process::exit(130);
+    });
+    Ok(async move {
+        let _ = first.await;
+    })
+}
+
+/// SIGINT and SIGTERM, as many as come.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        let term = self.term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    }
 }

@@ -64,9 +64,10 @@ pub struct ServeConfig {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Upper bound on one request or response message, in bytes.
     pub max_message_bytes: usize,
-    /// How long shutdown waits for open calls (queued requests, health
-    /// watch streams) before closing the remaining connections.
-    pub shutdown_grace: std::time::Duration,
+    /// How long a shutdown may take to answer what was admitted; past it
+    /// the rest is answered UNAVAILABLE. Below Kubernetes' default 30 s
+    /// termination grace period, so a drain ends before SIGKILL.
+    pub drain_timeout: std::time::Duration,
     /// Threads that tokenize text requests before they queue.
     pub prepare_threads: usize,
     /// Bearer token the admin service requires; without one it is open
@@ -86,6 +87,15 @@ impl ServeConfig {
             return Err(ConfigError::new(
                 here,
                 format!("`max_message_bytes`: must be 1 to {MAX_MESSAGE_BYTES_LIMIT}, got {}", self.max_message_bytes),
+            ));
+        }
+        if self.drain_timeout.is_zero() || self.drain_timeout > std::time::Duration::from_millis(MAX_DURATION_MS) {
+            return Err(ConfigError::new(
+                here,
+                format!(
+                    "`drain_timeout`: must be above 0 and at most {MAX_DURATION_MS} ms, got {:?}",
+                    self.drain_timeout
+                ),
             ));
         }
         self.limits.check(self.max_message_bytes).map_err(|m| ConfigError::new(here, m))
@@ -166,7 +176,7 @@ impl Default for ServeConfig {
             repository: RepositorySource::BuiltIn,
             tenants: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            shutdown_grace: std::time::Duration::from_secs(30),
+            drain_timeout: std::time::Duration::from_secs(25),
             prepare_threads: 1,
             admin_token: None,
             request_log: None,

@@ -12,6 +12,7 @@ pub mod admission;
 pub mod params;
 pub mod router;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::InferError;
@@ -19,6 +20,7 @@ use crate::model::{self, ModelError, Tensor};
 use crate::prepare::{PrepareError, PreparePool};
 use crate::repository::ServedVersion;
 use crate::request::{InferRequest, InferResponse};
+use crate::server::drain::Drain;
 use admission::{Admission, VersionLimits};
 use params::RequestParams;
 
@@ -72,11 +74,12 @@ pub struct Answer {
 pub struct Pipeline {
     admission: Admission,
     prepare: PreparePool,
+    drain: Arc<Drain>,
 }
 
 impl Pipeline {
-    pub fn new(admission: Admission, prepare: PreparePool) -> Self {
-        Self { admission, prepare }
+    pub fn new(admission: Admission, prepare: PreparePool, drain: Arc<Drain>) -> Self {
+        Self { admission, prepare, drain }
     }
 
     /// Prepares, admits, queues and waits for one request (bounded by its
@@ -108,7 +111,19 @@ impl Pipeline {
             size,
         };
         let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&charge, Some(0)))?;
-        let answer = tokio::time::timeout_at(deadline.into(), ticket.answer()).await;
+        let answer = tokio::select! {
+            answer = tokio::time::timeout_at(deadline.into(), ticket.answer()) => answer,
+            _ = self.drain.expired() => {
+                // The drain timeout passed before the answer: UNAVAILABLE,
+                // counted, and refunded unless it may be computing.
+                self.admission.settle(&charge, if ticket.dispatched() { None } else { Some(0) });
+                version.metrics.rejected("drain").increment(1);
+                return Err(InferError::Unavailable(format!(
+                    "model '{}': the server shut down (drain_timeout) before the answer was ready",
+                    version.spec.name
+                )));
+            }
+        };
         let expired = || {
             InferError::Expired(format!(
                 "model '{}' version {}: deadline exceeded after {} µs, before the answer was ready",

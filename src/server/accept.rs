@@ -148,8 +148,14 @@ struct Shared<S> {
     protocol: Protocol,
 }
 
+/// After the drain timeout, how long the last answers (UNAVAILABLE) get to
+/// leave before the remaining connections are dropped.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
 /// Serves connections from `listener` until `signal` completes, then asks
-/// each to go away and waits at most `grace` for them to finish.
+/// each to go away and waits at most `grace` for them to finish; past it
+/// calls `expire` (so that waiting calls answer) and gives them
+/// [`LAST_WORDS`] more.
 pub async fn accept_loop<S>(
     listener: TcpListener,
     service: S,
@@ -157,6 +163,7 @@ pub async fn accept_loop<S>(
     limits: LimitsConfig,
     signal: impl Future<Output = ()>,
     grace: Duration,
+    expire: impl FnOnce(),
 ) where
     S: tower::Service<http::Request<Incoming>, Response = Response> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
@@ -200,11 +207,13 @@ pub async fn accept_loop<S>(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(done_tx);
-    tokio::select! {
-        _ = done_rx.recv() => {}
-        _ = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, "shutdown grace period over; closing the remaining connections");
-        }
+    if tokio::time::timeout(grace, done_rx.recv()).await.is_ok() {
+        return;
+    }
+    tracing::warn!(?grace, "drain timeout passed: answering what is still waiting UNAVAILABLE");
+    expire();
+    if tokio::time::timeout(LAST_WORDS, done_rx.recv()).await.is_err() {
+        tracing::warn!("closing the connections still open after the drain");
     }
 }
 

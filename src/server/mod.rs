@@ -4,6 +4,7 @@
 //! through the same accept loop and limits.
 
 mod accept;
+pub mod drain;
 mod io;
 
 use std::sync::Arc;
@@ -41,8 +42,9 @@ pub enum ServeError {
 }
 
 /// Serves `config` on already-bound listeners until `shutdown` completes,
-/// then stops gracefully: health turns NOT_SERVING first, new calls are
-/// refused, and every queued request is answered before this returns.
+/// then drains: health turns NOT_SERVING first (Watch streams end), new
+/// calls are refused UNAVAILABLE, and every admitted request is answered
+/// before this returns; past `drain_timeout`, UNAVAILABLE.
 ///
 /// Tests bind `127.0.0.1:0` and read the address from the listener.
 pub async fn serve(
@@ -64,8 +66,13 @@ pub async fn serve(
     };
     let repo = Arc::new(Repository::start(loaded, log)?);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let health_service = health_service.max_decoding_message_size(SMALL_MESSAGE_BYTES);
+    let drain = Arc::new(drain::Drain::default());
+    let (health, _) = tonic_health::server::health_reporter();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(drain::DrainingHealth::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        drain.clone(),
+    ))
+    .max_decoding_message_size(SMALL_MESSAGE_BYTES);
     health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
     for name in repo.models.keys() {
         health.set_service_status(name, ServingStatus::Serving).await;
@@ -80,6 +87,7 @@ pub async fn serve(
     let pipeline = Arc::new(crate::pipeline::Pipeline::new(
         crate::pipeline::admission::Admission::new(&config.tenants),
         crate::prepare::PreparePool::new(config.prepare_threads, config.limits.prepare_queue)?,
+        drain.clone(),
     ));
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), pipeline, ready.clone()))
         .max_decoding_message_size(config.max_message_bytes)
@@ -87,10 +95,12 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = {
-        let repo = repo.clone();
+        let (repo, drain) = (repo.clone(), drain.clone());
         async move {
             shutdown.await;
-            tracing::info!("shutting down: health NOT_SERVING, answering what is queued");
+            tracing::info!("shutting down: health NOT_SERVING, new calls UNAVAILABLE, answering what was admitted");
+            // Refuse new calls before anyone can see NOT_SERVING and retry.
+            drain.start();
             ready.store(false, Ordering::Release);
             health.set_not_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
             for name in repo.models.keys() {
@@ -105,13 +115,13 @@ pub async fn serve(
         let mut stop = stop_rx.clone();
         let service = monitor::metrics::MetricsService::new(prometheus.clone(), budget.clone());
         let limits = config.limits.clone();
-        let grace = config.shutdown_grace;
+        let grace = config.drain_timeout;
         tokio::spawn(async move {
             let upkeep = tokio::spawn(monitor::metrics::upkeep(prometheus));
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            accept::accept_loop(listener, service, accept::Protocol::Http1, limits, stopped, grace).await;
+            accept::accept_loop(listener, service, accept::Protocol::Http1, limits, stopped, grace, || {}).await;
             upkeep.abort();
         })
     });
@@ -129,11 +139,21 @@ pub async fn serve(
         budget,
         max_message_bytes: config.max_message_bytes,
         body_timeout: config.limits.body_timeout(),
+        drain: drain.clone(),
     });
     let service =
         tower::ServiceBuilder::new().map_request(deadline::take_grpc_timeout).service(Ingress::new(routes, ingress));
-    accept::accept_loop(grpc, service, accept::Protocol::Http2, config.limits.clone(), signal, config.shutdown_grace)
-        .await;
+    let expire = || drain.expire();
+    accept::accept_loop(
+        grpc,
+        service,
+        accept::Protocol::Http2,
+        config.limits.clone(),
+        signal,
+        config.drain_timeout,
+        expire,
+    )
+    .await;
     busy_task.abort();
     repo.mark_stopped();
     if let Some(task) = metrics_task {
