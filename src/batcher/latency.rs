@@ -39,14 +39,61 @@ impl LatencyEstimate {
     }
 }
 
-/// Exponentially weighted least squares over (units, seconds) pairs.
-#[derive(Debug, Clone)]
-pub struct LatencyModel {
+/// Least squares of a line `y = fixed + slope * x` over weighted points,
+/// kept as running sums so points can be added (and old ones decayed)
+/// one at a time. The one fit Kiln uses: the live latency model and the
+/// planner's curve both go through it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineFit {
     w: f64,
     wx: f64,
     wy: f64,
     wxx: f64,
     wxy: f64,
+}
+
+impl LineFit {
+    /// Fits `points` with equal weights.
+    pub fn of(points: impl IntoIterator<Item = (f64, f64)>) -> Self {
+        let mut fit = Self::default();
+        for (x, y) in points {
+            fit.add(x, y, 1.0);
+        }
+        fit
+    }
+
+    /// Scales the points so far by `decay` (1: keep all), then adds one.
+    pub fn add(&mut self, x: f64, y: f64, decay: f64) {
+        self.w = self.w * decay + 1.0;
+        self.wx = self.wx * decay + x;
+        self.wy = self.wy * decay + y;
+        self.wxx = self.wxx * decay + x * x;
+        self.wxy = self.wxy * decay + x * y;
+    }
+
+    /// `(fixed, slope)`, both clamped at zero (time never shrinks with
+    /// units). While the x values barely vary the slope cannot be told
+    /// apart from noise, so `fallback_slope` stands.
+    pub fn line(&self, fallback_slope: f64) -> (f64, f64) {
+        if self.w == 0.0 {
+            return (0.0, fallback_slope);
+        }
+        let (mean_x, mean_y) = (self.wx / self.w, self.wy / self.w);
+        let var_x = self.wxx / self.w - mean_x * mean_x;
+        let slope = if var_x > MIN_UNITS_VARIANCE {
+            ((self.wxy / self.w - mean_x * mean_y) / var_x).max(0.0)
+        } else {
+            fallback_slope
+        };
+        ((mean_y - slope * mean_x).max(0.0), slope)
+    }
+}
+
+/// Exponentially weighted least squares over (units, seconds) pairs.
+#[derive(Debug, Clone)]
+pub struct LatencyModel {
+    fit: LineFit,
+    /// Decayed sum of requests per batch, over the decayed batch count.
     requests: f64,
     estimate: LatencyEstimate,
 }
@@ -54,11 +101,7 @@ pub struct LatencyModel {
 impl Default for LatencyModel {
     fn default() -> Self {
         Self {
-            w: 0.0,
-            wx: 0.0,
-            wy: 0.0,
-            wxx: 0.0,
-            wxy: 0.0,
+            fit: LineFit::default(),
             requests: 0.0,
             estimate: LatencyEstimate { fixed_s: 0.0, per_unit_s: 0.0, requests_per_batch: 1.0 },
         }
@@ -68,25 +111,13 @@ impl Default for LatencyModel {
 impl LatencyModel {
     /// Adds one batch timing and refits.
     pub fn observe(&mut self, units: usize, requests: usize, compute: Duration) {
-        let (x, y) = (units as f64, compute.as_secs_f64());
-        self.w = self.w * DECAY + 1.0;
-        self.wx = self.wx * DECAY + x;
-        self.wy = self.wy * DECAY + y;
-        self.wxx = self.wxx * DECAY + x * x;
-        self.wxy = self.wxy * DECAY + x * y;
+        self.fit.add(units as f64, compute.as_secs_f64(), DECAY);
         self.requests = self.requests * DECAY + requests as f64;
-        let (mean_x, mean_y) = (self.wx / self.w, self.wy / self.w);
-        let var_x = self.wxx / self.w - mean_x * mean_x;
-        let per_unit = if var_x > MIN_UNITS_VARIANCE {
-            ((self.wxy / self.w - mean_x * mean_y) / var_x).max(0.0)
-        } else {
-            self.estimate.per_unit_s
-        };
-        let fixed = (mean_y - per_unit * mean_x).max(0.0);
+        let (fixed, per_unit) = self.fit.line(self.estimate.per_unit_s);
         self.estimate = LatencyEstimate {
             fixed_s: fixed,
             per_unit_s: per_unit,
-            requests_per_batch: (self.requests / self.w).max(1.0),
+            requests_per_batch: (self.requests / self.fit.w).max(1.0),
         };
     }
 
@@ -114,6 +145,16 @@ impl SharedLatency {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_line_fit_recovers_a_line_and_falls_back_when_x_does_not_vary() {
+        let fit = LineFit::of((1..=8).map(|x| (x as f64, 0.5 + 0.25 * x as f64)));
+        let (fixed, slope) = fit.line(9.0);
+        assert!((fixed - 0.5).abs() < 1e-9 && (slope - 0.25).abs() < 1e-9, "{fixed} {slope}");
+        let flat = LineFit::of([(4.0, 1.0), (4.0, 3.0)]);
+        assert_eq!(flat.line(0.1), (2.0 - 0.4, 0.1));
+        assert_eq!(LineFit::default().line(0.3), (0.0, 0.3));
+    }
 
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::batcher::latency::LatencyEstimate;
+use crate::batcher::latency::{LatencyEstimate, LineFit};
 use crate::batcher::policy::{Action, BatchPolicy, DispatchReason, QueuedView};
 
 /// Batch compute time against rows, measured: linear between the measured
@@ -38,20 +38,15 @@ impl BatchCurve {
     /// The straight-line fit the server's latency model would learn, for
     /// the policy's predictions.
     pub fn estimate(&self) -> LatencyEstimate {
-        let n = self.points.len() as f64;
-        if n < 2.0 {
+        if self.points.len() < 2 {
             return LatencyEstimate {
                 fixed_s: self.points.first().map_or(0.0, |p| p.1),
                 per_unit_s: 0.0,
                 requests_per_batch: 1.0,
             };
         }
-        let mx = self.points.iter().map(|p| p.0 as f64).sum::<f64>() / n;
-        let my = self.points.iter().map(|p| p.1).sum::<f64>() / n;
-        let sxx: f64 = self.points.iter().map(|p| (p.0 as f64 - mx).powi(2)).sum();
-        let sxy: f64 = self.points.iter().map(|p| (p.0 as f64 - mx) * (p.1 - my)).sum();
-        let per_unit = (sxy / sxx.max(1e-12)).max(0.0);
-        LatencyEstimate { fixed_s: (my - per_unit * mx).max(0.0), per_unit_s: per_unit, requests_per_batch: 1.0 }
+        let (fixed_s, per_unit_s) = LineFit::of(self.points.iter().map(|p| (p.0 as f64, p.1))).line(0.0);
+        LatencyEstimate { fixed_s, per_unit_s, requests_per_batch: 1.0 }
     }
 }
 
