@@ -84,6 +84,32 @@ pub enum DispatchReason {
     Draining,
 }
 
+/// Where a dispatched batch goes; the scheduler and the planner's
+/// simulator both place batches with [`place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On an idle executor, now.
+    Idle,
+    /// Staged behind a running batch, to start the moment it ends.
+    Stage,
+    /// Nowhere yet: it stays queued, where more requests may still join.
+    Hold,
+}
+
+/// The dispatch rule: an idle executor takes any batch; a full batch (or
+/// one formed while draining, when no more requests will come) may be
+/// staged behind a running one so that its executor never waits between
+/// batches; anything else waits for an idle executor.
+pub fn place(reason: DispatchReason, has_idle: bool, has_stage_slot: bool) -> Placement {
+    if has_idle {
+        Placement::Idle
+    } else if has_stage_slot && matches!(reason, DispatchReason::Full | DispatchReason::Draining) {
+        Placement::Stage
+    } else {
+        Placement::Hold
+    }
+}
+
 /// What the scheduler should do with an executor that is free.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -212,6 +238,19 @@ impl BatchPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_full_or_draining_batches_are_staged_behind_a_running_one() {
+        use DispatchReason::*;
+        for reason in [Full, Slack, MaxDelay, Draining] {
+            assert_eq!(place(reason, true, true), Placement::Idle);
+            assert_eq!(place(reason, false, false), Placement::Hold);
+        }
+        assert_eq!(place(Full, false, true), Placement::Stage);
+        assert_eq!(place(Draining, false, true), Placement::Stage);
+        assert_eq!(place(Slack, false, true), Placement::Hold);
+        assert_eq!(place(MaxDelay, false, true), Placement::Hold);
+    }
 
     const MS: Duration = Duration::from_millis(1);
     const US: Duration = Duration::from_micros(1);

@@ -15,7 +15,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::latency::SharedLatency;
-use super::policy::{Action, BatchPolicy, DispatchReason};
+use super::policy::{Action, BatchPolicy, Placement, place};
 use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::InferError;
 use crate::executor::{ExecutorPool, Reporting};
@@ -267,15 +267,10 @@ impl Scheduler {
                     return self.next_expiry;
                 }
             };
-            // A full batch may be staged behind a running one, so the
-            // executor starts it the moment it is free; anything else waits
-            // for an idle executor, since more requests may still join.
-            let instance = if can_run {
-                self.executors.idle_instance()
-            } else if can_stage && matches!(reason, DispatchReason::Full | DispatchReason::Draining) {
-                self.executors.stage_instance()
-            } else {
-                None
+            let instance = match place(reason, can_run, can_stage) {
+                Placement::Idle => self.executors.idle_instance(),
+                Placement::Stage => self.executors.stage_instance(),
+                Placement::Hold => None,
             };
             let Some(instance) = instance else {
                 self.publish_depth();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::batcher::latency::{LatencyEstimate, LineFit};
-use crate::batcher::policy::{Action, BatchPolicy, DispatchReason, QueuedView};
+use crate::batcher::policy::{Action, BatchPolicy, Placement, QueuedView, place};
 
 /// Batch compute time against rows, measured: linear between the measured
 /// points, extrapolated from the last two beyond them.
@@ -178,10 +178,11 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
                 Action::Dispatch { members: m, reason } => {
                     let idle = executors.iter().position(|e| e.busy_until.is_none());
                     let stage = executors.iter().position(|e| e.busy_until.is_some() && e.staged.is_none());
-                    let target = match (idle, stage, reason) {
-                        (Some(i), _, _) => Some((i, false)),
-                        (None, Some(i), DispatchReason::Full) => Some((i, true)),
-                        _ => None,
+                    // The scheduler's own rule.
+                    let target = match place(reason, idle.is_some(), stage.is_some()) {
+                        Placement::Idle => idle.map(|i| (i, false)),
+                        Placement::Stage => stage.map(|i| (i, true)),
+                        Placement::Hold => None,
                     };
                     if let Some((i, staged)) = target {
                         let batch: Vec<usize> = m.iter().map(|&k| queue[k]).collect();
