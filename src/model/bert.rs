@@ -9,7 +9,68 @@ use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
 
 use super::{DataType, ModelError, PrepareOptions, Prepared, Tensor, TensorData, TensorSpec};
-use crate::config::{BertSection, ConfigError, Pooling};
+use crate::config::ConfigError;
+use serde::Deserialize;
+
+/// How a sentence embedding is pooled from the token states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean over the real (unpadded) tokens, as sentence-transformers.
+    #[default]
+    Mean,
+    /// The first token's state.
+    Cls,
+}
+
+/// `[bert]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertSection {
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// L2-normalise each embedding (cosine similarity becomes a dot product).
+    #[serde(default = "crate::config::defaults::normalize")]
+    pub normalize: bool,
+    /// Most tokens per text, special tokens included; requests may lower
+    /// it with the `max_tokens` parameter.
+    #[serde(default = "crate::config::defaults::max_tokens")]
+    pub max_tokens: usize,
+    /// A longer text is cut to the limit (true, as sentence-transformers
+    /// does) or refused with INVALID_ARGUMENT (false); requests may choose
+    /// with the `truncate` parameter.
+    #[serde(default = "crate::config::defaults::truncate")]
+    pub truncate: bool,
+    /// Longest text in bytes, checked before tokenizing: a longer one is
+    /// refused whatever `truncate` says, so no client can make the
+    /// tokenizer chew on megabytes. Default: `max_tokens` ×
+    /// [`TEXT_BYTES_PER_TOKEN`].
+    pub max_text_bytes: Option<usize>,
+}
+
+/// Bytes of text allowed per token of `max_tokens` when `max_text_bytes`
+/// is not set: English runs about 4-5 bytes a token, so this leaves room
+/// for a text to be truncated while bounding what is tokenized.
+pub const TEXT_BYTES_PER_TOKEN: usize = 64;
+
+impl BertSection {
+    /// The text byte limit in force.
+    pub fn text_bytes_limit(&self) -> usize {
+        self.max_text_bytes.unwrap_or(self.max_tokens.saturating_mul(TEXT_BYTES_PER_TOKEN))
+    }
+}
+
+impl Default for BertSection {
+    fn default() -> Self {
+        Self {
+            pooling: Pooling::Mean,
+            normalize: true,
+            max_tokens: crate::config::defaults::max_tokens(),
+            truncate: true,
+            max_text_bytes: None,
+        }
+    }
+}
 
 /// A loaded BERT encoder with its tokenizer.
 pub struct Bert {

@@ -10,7 +10,35 @@ use candle_core::{DType, Device, Module, Tensor as CTensor};
 use candle_nn::Linear;
 
 use super::{ModelError, Tensor, TensorData, TensorSpec};
-use crate::config::{Activation, ConfigError, MlpSection};
+use crate::config::ConfigError;
+use serde::Deserialize;
+
+/// Activation functions an MLP may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Relu,
+    Tanh,
+    Sigmoid,
+    None,
+}
+
+/// `[mlp]` section: how the layers in the weights file are joined.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MlpSection {
+    /// Between hidden layers.
+    #[serde(default)]
+    pub activation: Activation,
+    /// After the last layer (`sigmoid` for a probability).
+    #[serde(default = "none_activation")]
+    pub output_activation: Activation,
+}
+
+fn none_activation() -> Activation {
+    Activation::None
+}
 
 /// A loaded feed-forward network on one device.
 pub struct Mlp {

@@ -4,6 +4,7 @@
 //! keeps the live window, judges it once per interval against the
 //! reference, exports the statistics, and logs each status change once.
 
+pub mod config;
 pub mod layout;
 pub mod profile;
 pub mod reference;
