@@ -1,9 +1,29 @@
 //! Kiln: a KServe V2 gRPC inference server that batches requests within
 //! each model's latency budget and runs them on candle models.
 //!
-//! The modules follow a request: `api` → `router` → `batcher` →
-//! `executor` → `model`, with `monitor` beside. `serve` is the one entry
-//! point; the binary and the tests both call it.
+//! The modules, in the order a request meets them:
+//!
+//! - [`server`]: the accept loops (HTTP/2 for gRPC, HTTP/1 for metrics),
+//!   connection limits and the drain on shutdown. [`serve`] is the one
+//!   entry point; the binary and the tests both call it.
+//! - [`api`]: the gRPC front end: the door (message size, bytes in flight,
+//!   the wire check before decoding), V2 decoding and encoding, admin and
+//!   health services, and the one error → status mapping.
+//! - [`pipeline`]: one request's path, shared by every front end: router
+//!   (which version), preparation (tokenizing, on [`prepare`]'s pool),
+//!   admission (deadline, cost caps, tenant budgets, queue bound), then the
+//!   batcher and the answer.
+//! - [`batcher`]: the queue per version, the pure batch policy (also driven
+//!   by [`plan`]), the latency model and the scheduler thread.
+//! - [`executor`]: the threads that run batches and split their outputs.
+//! - [`model`]: the model kinds (`mlp`, `bert`), tensors and specs.
+//! - [`repository`]: reads the model folders (or the built-in copy) and
+//!   starts each version's batcher and executors.
+//! - [`monitor`] beside them all: metrics, statistics, drift, request log.
+//!
+//! Tools on the same types: [`client`] (the V2 client of `kiln infer`,
+//! `kiln bench` and the tests), [`bench`] (load generation) and [`plan`]
+//! (capacity planning). [`config`] holds every setting, split by owner.
 
 pub mod api;
 pub mod batcher;
