@@ -22,7 +22,7 @@
 //! - [`monitor`] beside them all: metrics, statistics, drift, request log.
 //!
 //! Tools on the same types: [`client`] (the V2 client of `kiln infer`,
-//! `kiln bench` and the tests), [`bench`] (load generation) and [`plan`]
+//! `kiln bench` and the tests), [`bench`](mod@bench) (load generation) and [`plan`]
 //! (capacity planning). [`config`] holds every setting, split by owner.
 
 pub mod api;
