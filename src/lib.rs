@@ -14,8 +14,8 @@
 //!   admission (deadline, cost caps, tenant budgets, queue bound), then the
 //!   batcher and the answer.
 //! - [`batcher`]: the queue per version, the pure batch policy (also driven
-//!   by [`plan`]), the latency model and the scheduler thread.
-//! - [`executor`]: the threads that run batches and split their outputs.
+//!   by [`plan`]), the latency model, the scheduler thread, the executors
+//!   that run batches and split their outputs, and the per-batch observer.
 //! - [`model`]: the model kinds (`mlp`, `bert`), tensors and specs.
 //! - [`repository`]: reads the model folders (or the built-in copy) and
 //!   starts each version's batcher and executors.
@@ -31,7 +31,6 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;
-pub mod executor;
 pub mod model;
 pub mod monitor;
 pub mod pipeline;

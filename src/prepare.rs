@@ -76,7 +76,7 @@ impl PreparePool {
                 return;
             }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-                .map_err(|panic| PrepareError::Panicked(crate::executor::panic_message(panic.as_ref())));
+                .map_err(|panic| PrepareError::Panicked(crate::error::panic_message(panic.as_ref())));
             let _ = done.send(outcome);
         });
         self.jobs.try_send(job).map_err(|e| match e {

@@ -1,7 +1,11 @@
 //! Dynamic batching: a bounded queue per model version, a pure dispatch
-//! policy, and the scheduler task that owns the queue and feeds executors.
+//! policy, the scheduler thread that owns the queue and dispatches, the
+//! executors that run batches (and know nothing of the scheduler), and the
+//! per-batch observer.
 
+pub mod executor;
 pub mod latency;
+pub mod observer;
 pub mod policy;
 pub mod queue;
 pub mod scheduler;

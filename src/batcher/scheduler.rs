@@ -14,11 +14,12 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::executor::ExecutorPool;
 use super::latency::SharedLatency;
+use super::observer::BatchObserver;
 use super::policy::{Action, BatchPolicy, Placement, place};
 use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::InferError;
-use crate::executor::{ExecutorPool, Reporting};
 use crate::model::{Model, ModelSpec};
 use crate::monitor::BatchObservers;
 use crate::monitor::metrics::VersionMetrics;
@@ -152,14 +153,22 @@ pub fn spawn(
     observers: BatchObservers,
 ) -> std::io::Result<BatcherHandle> {
     let (submit, messages) = mpsc::channel();
-    let executors = ExecutorPool::start(
-        model,
-        spec.clone(),
-        settings.instances,
-        latency.clone(),
-        Reporting { stats, metrics: metrics.clone(), observers },
-        submit.clone(),
-    )?;
+    let observer = Arc::new(BatchObserver {
+        spec: spec.clone(),
+        stats,
+        metrics: metrics.clone(),
+        latency: latency.clone(),
+        drift: observers.drift,
+        log: observers.log,
+    });
+    let free = submit.clone();
+    // The scheduler is gone only at shutdown; executors keep draining what
+    // was staged, so a failed report is fine.
+    let finished = move |instance| {
+        let _ = free.send(Message::Free(instance));
+    };
+    let executors = ExecutorPool::start(model, spec.clone(), settings.instances, observer, finished)?;
+    let slots = Slots::new(executors.instances());
     let depth = Arc::new(AtomicUsize::new(0));
     let scheduler = Scheduler {
         queue: ServiceQueue::new(settings.priority_levels),
@@ -167,6 +176,7 @@ pub fn spawn(
         policy: settings.policy,
         latency,
         executors,
+        slots,
         metrics,
         spec: spec.clone(),
         next_expiry: None,
@@ -185,12 +195,56 @@ pub fn spawn(
     })
 }
 
+/// Batches sent to each executor and not finished: 0 idle, 1 running, 2
+/// running with the next one staged behind it. The scheduler's own
+/// bookkeeping: executors only report that they finished.
+struct Slots {
+    in_flight: Vec<u8>,
+}
+
+impl Slots {
+    fn new(instances: usize) -> Self {
+        Self { in_flight: vec![0; instances] }
+    }
+
+    fn has_idle(&self) -> bool {
+        self.in_flight.contains(&0)
+    }
+
+    /// Some instance runs a batch with nothing staged behind it.
+    fn has_stage_slot(&self) -> bool {
+        self.in_flight.contains(&1)
+    }
+
+    fn idle_instance(&self) -> Option<usize> {
+        self.in_flight.iter().position(|n| *n == 0)
+    }
+
+    fn stage_instance(&self) -> Option<usize> {
+        self.in_flight.iter().position(|n| *n == 1)
+    }
+
+    fn dispatched(&mut self, i: usize) {
+        if let Some(n) = self.in_flight.get_mut(i) {
+            *n += 1;
+        }
+    }
+
+    fn finished(&mut self, i: usize) {
+        if let Some(n) = self.in_flight.get_mut(i) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 struct Scheduler {
     queue: ServiceQueue,
     depth: Arc<AtomicUsize>,
     policy: BatchPolicy,
     latency: Arc<SharedLatency>,
     executors: ExecutorPool,
+    /// What each executor has been given and not finished.
+    slots: Slots,
     metrics: VersionMetrics,
     spec: Arc<ModelSpec>,
     /// The earliest instant a queued request may need expiring.
@@ -217,7 +271,7 @@ impl Scheduler {
                     self.next_expiry = Some(self.next_expiry.map_or(last_start, |n| n.min(last_start)));
                     self.queue.push(p);
                 }
-                Ok(Message::Free(i)) => self.executors.finished(i),
+                Ok(Message::Free(i)) => self.slots.finished(i),
                 Ok(Message::Sweep) => self.drop_abandoned(),
                 Ok(Message::Close) => draining = true,
                 Err(RecvTimeoutError::Timeout) => {}
@@ -238,8 +292,8 @@ impl Scheduler {
     fn step(&mut self, draining: bool) -> Option<Instant> {
         loop {
             let now = Instant::now();
-            let can_run = self.executors.has_idle();
-            let can_stage = self.executors.has_stage_slot();
+            let can_run = self.slots.has_idle();
+            let can_stage = self.slots.has_stage_slot();
             let expiry_due = self.next_expiry.is_some_and(|at| now >= at);
             if !(can_run || can_stage || expiry_due || draining) {
                 // Every executor is busy with a batch staged behind it: only
@@ -268,8 +322,8 @@ impl Scheduler {
                 }
             };
             let instance = match place(reason, can_run, can_stage) {
-                Placement::Idle => self.executors.idle_instance(),
-                Placement::Stage => self.executors.stage_instance(),
+                Placement::Idle => self.slots.idle_instance(),
+                Placement::Stage => self.slots.stage_instance(),
                 Placement::Hold => None,
             };
             let Some(instance) = instance else {
@@ -281,7 +335,9 @@ impl Scheduler {
                 p.dispatched.store(true, Ordering::Release);
             }
             self.depth.fetch_sub(requests.len(), Ordering::AcqRel);
-            self.executors.dispatch(instance, Batch { requests });
+            if self.executors.dispatch(instance, Batch { requests }) {
+                self.slots.dispatched(instance);
+            }
         }
     }
 
