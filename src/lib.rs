@@ -23,7 +23,8 @@
 //!
 //! Tools on the same types: [`client`] (the V2 client of `kiln infer`,
 //! `kiln bench` and the tests), [`bench`](mod@bench) (load generation) and [`plan`]
-//! (capacity planning). [`config`] holds every setting, split by owner.
+//! (capacity planning), drawing with [`plot`]. [`config`] holds every
+//! setting, split by owner.
 
 pub mod api;
 pub mod batcher;
@@ -35,6 +36,7 @@ pub mod model;
 pub mod monitor;
 pub mod pipeline;
 pub mod plan;
+pub mod plot;
 pub mod prepare;
 pub mod repository;
 pub mod request;

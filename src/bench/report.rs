@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Load, Recorder};
+use crate::plot::Svg;
 
 /// A whole run.
 #[derive(Debug, Clone, Serialize)]
@@ -194,142 +195,35 @@ impl Report {
     pub fn svg(&self) -> String {
         let (w, h, pad) = (900.0, 380.0, 60.0);
         let panel = (w - 3.0 * pad) / 2.0;
-        let mut svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" \
-             font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-             <text x=\"{pad}\" y=\"20\" font-size=\"14\">kiln bench: {} ({})</text>\n",
-            self.model, self.url
-        );
+        let mut svg = Svg::page(w, h, 12, pad, 20.0, &format!("kiln bench: {} ({})", self.model, self.url));
         let max_tp = self.steps.iter().map(|s| s.throughput).fold(1e-9, f64::max) * 1.1;
         let max_p99 = self.steps.iter().map(|s| s.latency_ms.p999).fold(1e-9, f64::max) * 1.1;
         let top = 40.0;
         let bottom = h - pad;
         let y_of = |ms: f64| bottom - (ms / max_p99) * (bottom - top);
         // Left panel: throughput (x) against p99 (y).
-        axes(&mut svg, pad, top, panel, bottom, "OK answers / s", "p99 latency (ms)", max_tp, max_p99);
-        let points: Vec<String> = self
-            .steps
-            .iter()
-            .map(|s| format!("{:.1},{:.1}", pad + s.throughput / max_tp * panel, y_of(s.latency_ms.p99)))
-            .collect();
-        let _ = writeln!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"#c0392b\" stroke-width=\"2\" points=\"{}\"/>",
-            points.join(" ")
-        );
+        svg.axes(pad, top, panel, bottom, "OK answers / s", "p99 latency (ms)", max_tp, max_p99);
+        let points: Vec<(f64, f64)> =
+            self.steps.iter().map(|s| (pad + s.throughput / max_tp * panel, y_of(s.latency_ms.p99))).collect();
+        svg.polyline(&points, "#c0392b");
         for (s, p) in self.steps.iter().zip(&points) {
-            let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-            let _ = writeln!(
-                svg,
-                "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"#c0392b\"/><text x=\"{x}\" y=\"{y}\" dx=\"5\" dy=\"-5\">{}</text>",
-                s.label()
-            );
+            svg.point(*p, "#c0392b", Some(&s.label()));
         }
         // Right panel: percentiles (x: p50 .. p99.9) per step.
         let left = 2.0 * pad + panel;
-        axes(&mut svg, left, top, panel, bottom, "percentile: 50 90 99 99.9", "latency (ms)", 3.0, max_p99);
+        svg.axes(left, top, panel, bottom, "percentile: 50 90 99 99.9", "latency (ms)", 3.0, max_p99);
         let colours = ["#2c3e50", "#27ae60", "#2980b9", "#8e44ad", "#d35400", "#16a085", "#7f8c8d", "#c0392b"];
         for (i, s) in self.steps.iter().enumerate() {
             let l = &s.latency_ms;
-            let pts: Vec<String> = [l.p50, l.p90, l.p99, l.p999]
+            let pts: Vec<(f64, f64)> = [l.p50, l.p90, l.p99, l.p999]
                 .iter()
                 .enumerate()
-                .map(|(k, v)| format!("{:.1},{:.1}", left + k as f64 / 3.0 * panel, y_of(*v)))
+                .map(|(k, v)| (left + k as f64 / 3.0 * panel, y_of(*v)))
                 .collect();
             let colour = colours[i % colours.len()];
-            let _ = writeln!(
-                svg,
-                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
-                pts.join(" ")
-            );
-            let _ = writeln!(
-                svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}</text>",
-                left + 8.0,
-                top + 14.0 * (i + 1) as f64,
-                s.label()
-            );
+            svg.polyline(&pts, colour);
+            svg.text((left + 8.0, top + 14.0 * (i + 1) as f64), &s.label(), Some(colour));
         }
-        svg.push_str("</svg>\n");
-        svg
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn axes(
-    svg: &mut String,
-    x: f64,
-    top: f64,
-    width: f64,
-    bottom: f64,
-    x_label: &str,
-    y_label: &str,
-    x_max: f64,
-    y_max: f64,
-) {
-    let _ = writeln!(
-        svg,
-        "<line x1=\"{x}\" y1=\"{bottom}\" x2=\"{}\" y2=\"{bottom}\" stroke=\"black\"/>\
-         <line x1=\"{x}\" y1=\"{top}\" x2=\"{x}\" y2=\"{bottom}\" stroke=\"black\"/>\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x_label}</text>\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 {} {})\">{y_label}</text>\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x_max:.0}</text>\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y_max:.1}</text>",
-        x + width,
-        x + width / 2.0,
-        bottom + 30.0,
-        x - 40.0,
-        (top + bottom) / 2.0,
-        x - 40.0,
-        (top + bottom) / 2.0,
-        x + width,
-        bottom + 15.0,
-        x - 4.0,
-        top + 4.0,
-    );
-}
-
-/// A single-series line chart with an optional horizontal line (a budget).
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64)], hline: Option<f64>) -> String {
-    let (w, h, pad, top) = (640.0, 400.0, 70.0, 40.0);
-    let (right, bottom) = (w - 20.0, h - 50.0);
-    let x_max = points.iter().map(|p| p.0).fold(1e-9, f64::max) * 1.05;
-    // An overloaded point (infinite p99) is drawn at the top edge.
-    let y_max = points.iter().map(|p| p.1).filter(|y| y.is_finite()).chain(hline).fold(1e-9, f64::max) * 1.1;
-    let x_of = |x: f64| pad + x / x_max * (right - pad);
-    let y_of = |y: f64| {
-        let shown = if y.is_finite() { y.min(y_max) } else { y_max };
-        bottom - shown / y_max * (bottom - top)
-    };
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" \
-         font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{pad}\" y=\"20\" font-size=\"14\">{title}</text>\n"
-    );
-    axes(&mut svg, pad, top, right - pad, bottom, x_label, y_label, x_max, y_max);
-    if let Some(y) = hline {
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{pad}\" y1=\"{0:.1}\" x2=\"{right}\" y2=\"{0:.1}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/>",
-            y_of(y)
-        );
-    }
-    let pts: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", x_of(*x), y_of(*y))).collect();
-    let _ =
-        writeln!(svg, "<polyline fill=\"none\" stroke=\"#2980b9\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
-    for p in &pts {
-        let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-        let _ = writeln!(svg, "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"#2980b9\"/>");
-    }
-    svg.push_str("</svg>\n");
-    svg
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn an_overloaded_point_does_not_break_the_chart() {
-        let svg = super::line_chart("t", "x", "y", &[(1.0, 2.0), (2.0, f64::INFINITY)], Some(3.0));
-        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        svg.finish()
     }
 }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use super::ClientError;
 use crate::api::admin_pb::{DriftReportRequest, DriftReportResponse, FeatureDrift, admin_client::AdminClient};
+use crate::plot::{Svg, escape};
 
 /// Fetches the drift report of `model` (its default version when
 /// `version` is empty), sending `token` as a bearer token when given.
@@ -89,26 +90,18 @@ pub fn svg(report: &DriftReportResponse, top: usize) -> String {
     let panels: Vec<&FeatureDrift> = ranked(report).into_iter().filter(|f| !f.reference.is_empty()).take(top).collect();
     let rows = panels.len().div_ceil(COLUMNS).max(1);
     let (width, height) = (PANEL_W * COLUMNS as f64 + 20.0, PANEL_H * rows as f64 + 50.0);
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" \
-         font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"18\" font-size=\"14\">{} v{}: reference (grey) vs live (orange), {} rows</text>\n",
+    let title = format!(
+        "{} v{}: reference (grey) vs live (orange), {} rows",
         escape(&report.model),
         report.version,
         report.window_rows
     );
+    let mut svg = Svg::page(width, height, 11, 10.0, 18.0, &title);
     for (i, f) in panels.iter().enumerate() {
         let x0 = 10.0 + PANEL_W * (i % COLUMNS) as f64;
         let y0 = 35.0 + PANEL_H * (i / COLUMNS) as f64;
-        let _ = writeln!(
-            out,
-            "<text x=\"{x0}\" y=\"{}\">{} — {} {:.3} ({})</text>",
-            y0 + 12.0,
-            escape(&f.name),
-            f.statistic,
-            f.value,
-            f.status
-        );
+        let heading = format!("{} — {} {:.3} ({})", escape(&f.name), f.statistic, f.value, f.status);
+        svg.text((x0, y0 + 12.0), &heading, None);
         let (plot_top, plot_h, plot_w) = (y0 + 20.0, PANEL_H - 45.0, PANEL_W - 20.0);
         let highest = f.reference.iter().chain(&f.live).fold(0.0f64, |a, b| a.max(*b)).max(1e-9);
         let bins = f.reference.len().max(1) as f64;
@@ -117,33 +110,13 @@ pub fn svg(report: &DriftReportResponse, top: usize) -> String {
             let x = x0 + slot * b as f64;
             for (offset, value, colour) in [(0.1, r, "#999999"), (0.5, l, "#e8741c")] {
                 let h = plot_h * value / highest;
-                let _ = writeln!(
-                    out,
-                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{colour}\"/>",
-                    x + slot * offset,
-                    plot_top + plot_h - h,
-                    slot * 0.4
-                );
+                svg.bar(x + slot * offset, plot_top + plot_h - h, slot * 0.4, h, colour);
             }
         }
-        let _ = writeln!(
-            out,
-            "<line x1=\"{x0}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>",
-            plot_top + plot_h,
-            x0 + plot_w
-        );
+        svg.line((x0, plot_top + plot_h), (x0 + plot_w, plot_top + plot_h), "black", false);
         if let (Some(first), Some(last)) = (f.edges.first(), f.edges.last()) {
-            let _ = writeln!(
-                out,
-                "<text x=\"{x0}\" y=\"{:.1}\">bins split at {first:.4} … {last:.4}</text>",
-                plot_top + plot_h + 14.0
-            );
+            svg.text((x0, plot_top + plot_h + 14.0), &format!("bins split at {first:.4} … {last:.4}"), None);
         }
     }
-    out.push_str("</svg>\n");
-    out
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    svg.finish()
 }

@@ -449,7 +449,7 @@ impl Plan {
     /// Predicted p99 against offered rate at the recommended settings.
     pub fn svg(&self) -> String {
         let points: Vec<(f64, f64)> = self.p99_by_rate.iter().map(|p| (p.rate, p.p99_ms)).collect();
-        crate::bench::report::line_chart(
+        crate::plot::line_chart(
             &format!("kiln plan: {} (predicted p99, budget {} ms)", self.model, self.budget_ms),
             "offered rate (requests/s)",
             "predicted p99 (ms)",
