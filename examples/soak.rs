@@ -179,20 +179,20 @@ async fn traffic(args: Args, seconds: f64, codes: Codes) {
         let mut client = clients[sent as usize % clients.len()].clone();
         let codes = codes.clone();
         let pick: f64 = rng.random();
-        if last_big.elapsed() > Duration::from_millis(500) {
+        // Twice a second an oversized message, once a second an amplifying
+        // one, each on its own connection.
+        let raw = if last_big.elapsed() > Duration::from_millis(500) {
             last_big = Instant::now();
-            let body = oversized.clone();
-            tokio::spawn(async move {
-                count(&codes, "oversized", &raw_call(args.url, body).await);
-                drop(permit);
-            });
-            continue;
-        }
-        if last_amp.elapsed() > Duration::from_secs(1) {
+            Some(("oversized", oversized.clone()))
+        } else if last_amp.elapsed() > Duration::from_secs(1) {
             last_amp = Instant::now();
-            let body = amplifier.clone();
+            Some(("amplifier", amplifier.clone()))
+        } else {
+            None
+        };
+        if let Some((kind, body)) = raw {
             tokio::spawn(async move {
-                count(&codes, "amplifier", &raw_call(args.url, body).await);
+                count(&codes, kind, &raw_call(args.url, body).await);
                 drop(permit);
             });
             continue;
