@@ -140,4 +140,31 @@ mod tests {
         assert_eq!(expired.await, Err(PrepareError::Expired));
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0, "no refused or expired work ran");
     }
+
+    #[tokio::test]
+    async fn work_whose_caller_has_gone_is_skipped() {
+        let pool = PreparePool::new(1, 4).expect("threads");
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
+        let blocker = pool.run(later(), move || {
+            let _ = started.send(());
+            gate.recv().is_ok()
+        });
+        tokio::pin!(blocker);
+        assert!(futures::poll!(blocker.as_mut()).is_pending());
+        running.await.expect("the blocker runs");
+        // Queued behind the blocker, then its caller goes away (a client
+        // that cancelled).
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = ran.clone();
+        let abandoned = Box::pin(pool.run(later(), move || counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+        let mut abandoned = abandoned;
+        assert!(futures::poll!(abandoned.as_mut()).is_pending(), "queued");
+        drop(abandoned);
+        release.send(()).expect("release");
+        assert_eq!(blocker.await, Ok(true));
+        // The pool has moved past the abandoned job once this one runs.
+        assert_eq!(pool.run(later(), || 7).await, Ok(7));
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0, "abandoned work was run");
+    }
 }
