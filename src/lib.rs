@@ -3,14 +3,14 @@
 //!
 //! The modules, in the order a request meets them:
 //!
-//! - [`server`]: the accept loops (HTTP/2 for gRPC, HTTP/1 for metrics),
+//! - `server`: the accept loops (HTTP/2 for gRPC, HTTP/1 for metrics),
 //!   connection limits and the drain on shutdown. [`serve`] is the one
 //!   entry point; the binary and the tests both call it.
 //! - [`api`]: the gRPC front end: the door (message size, bytes in flight,
 //!   the wire check before decoding), V2 decoding and encoding, admin and
 //!   health services, and the one error → status mapping.
-//! - [`pipeline`]: one request's path, shared by every front end: router
-//!   (which version), preparation (tokenizing, on [`prepare`]'s pool),
+//! - `pipeline`: one request's path, shared by every front end: router
+//!   (which version), preparation (tokenizing, on `prepare`'s pool),
 //!   admission (deadline, cost caps, tenant budgets, queue bound), then the
 //!   batcher and the answer.
 //! - [`batcher`]: the queue per version, the pure batch policy (also driven
@@ -23,8 +23,15 @@
 //!
 //! Tools on the same types: [`client`] (the V2 client of `kiln infer`,
 //! `kiln bench` and the tests), [`bench`](mod@bench) (load generation) and [`plan`]
-//! (capacity planning), drawing with [`plot`]. [`config`] holds every
+//! (capacity planning), drawing with `plot`. [`config`] holds every
 //! setting, split by owner.
+//!
+//! `server`, `pipeline`, `prepare` and `plot` are implementation details and
+//! private; of `api`, only the protocol types (`pb`, `admin_pb`), the error
+//! mapping (`status`) and the wire check (`wire`) are public. The benches
+//! and integration tests use that surface: [`serve`], [`config`],
+//! [`client`], [`api`]'s protocol types, [`model`], [`repository`],
+//! [`batcher`], [`bench`](mod@bench), [`plan`] and [`monitor`].
 
 pub mod api;
 pub mod batcher;
@@ -34,12 +41,12 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod monitor;
-pub mod pipeline;
+mod pipeline;
 pub mod plan;
-pub mod plot;
-pub mod prepare;
+mod plot;
+mod prepare;
 pub mod repository;
 pub mod request;
-pub mod server;
+mod server;
 
 pub use server::{ServeError, serve};

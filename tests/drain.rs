@@ -72,9 +72,11 @@ async fn sigterm_answers_what_was_admitted_ends_watch_and_exits_zero() {
         last = Some(update.status);
     }
     assert_eq!(last, Some(ServingStatus::NotServing as i32));
-    // A new call is refused, not admitted.
+    // A new call is refused, not admitted: the server answers UNAVAILABLE,
+    // or, once its GOAWAY has arrived, the client does not send it at all
+    // (tonic reports that as CANCELLED).
     let refused = late.raw.model_infer(wide_request(M, 1)).await.expect_err("refused while draining");
-    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    assert!(matches!(refused.code(), Code::Unavailable | Code::Cancelled), "{refused:?}");
     // Everything admitted before the signal is answered.
     for answer in admitted {
         let response = answer.await.expect("join").expect("admitted work is answered, not dropped");
@@ -110,9 +112,11 @@ async fn past_the_drain_timeout_the_rest_is_answered_unavailable() {
 async fn a_second_signal_exits_at_once_without_finishing_the_drain() {
     let (mut server, _repo) = start("60");
     let queued = queue_work(&server, 8, 1024).await;
-    server.signal("TERM");
-    // The first signal has taken effect once health says so.
+    // Connected before the signal: the listener closes with it.
     let mut health = HealthClient::new(kiln::client::channel(&server.grpc.to_string()).await.expect("channel"));
+    server.signal("TERM");
+    // The first signal has taken effect once health says so (or the
+    // connection is asked to go away).
     loop {
         match health.check(HealthCheckRequest { service: M.into() }).await {
             Ok(r) if r.get_ref().status == ServingStatus::NotServing as i32 => break,

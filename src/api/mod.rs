@@ -2,12 +2,12 @@
 //! reflection. Protocol
 //! types live here and in `client/`; everything behind works on Kiln's own.
 
-pub mod admin;
-pub mod deadline;
-pub mod decode;
-pub mod encode;
-pub mod inference;
-pub mod ingress;
+pub(crate) mod admin;
+pub(crate) mod deadline;
+pub(crate) mod decode;
+pub(crate) mod encode;
+pub(crate) mod inference;
+pub(crate) mod ingress;
 pub mod status;
 pub mod wire;
 
