@@ -46,13 +46,18 @@ async fn send_raw(
     frame.put_u8(0);
     frame.put_u32(message.len() as u32);
     frame.extend_from_slice(message);
-    let request = http::Request::post(format!("http://{addr}{INFER_PATH}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(frame.freeze()))
-        .expect("request");
+    let request = infer_post(addr, http_body_util::Full::new(frame.freeze()));
     let response = send.send_request(request).await.expect("a response");
     grpc_status(response).await
+}
+
+/// A ModelInfer call as gRPC sends it, with `body` as its frames.
+fn infer_post<B>(addr: SocketAddr, body: B) -> http::Request<B> {
+    http::Request::post(format!("http://{addr}{INFER_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .expect("request")
 }
 
 async fn grpc_status(response: http::Response<hyper::body::Incoming>) -> tonic::Status {
@@ -183,11 +188,7 @@ async fn partial_call(
     let body = http_body_util::StreamBody::new(futures::StreamExt::map(tokio_stream_from(body_rx), |b: Bytes| {
         Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))
     }));
-    let request = http::Request::post(format!("http://{addr}{INFER_PATH}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .expect("request");
+    let request = infer_post(addr, body);
     let mut head = BytesMut::new();
     head.put_u8(0);
     head.put_u32(declared as u32);
@@ -320,12 +321,7 @@ async fn the_connection_cap_closes_new_connections_while_open_ones_are_served() 
 async fn the_metrics_endpoint_answers_metrics_and_404_elsewhere() {
     let server = TestServer::built_in().await;
     for (path, status) in [("/metrics", "200 OK"), ("/other", "404 Not Found")] {
-        let mut s = TcpStream::connect(server.metrics_addr).await.expect("connect");
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
+        let out = server.metrics_get(path).await;
         assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{path}: {out:.80}");
     }
 }

@@ -68,9 +68,16 @@ impl TestServer {
 
     /// Fetches the Prometheus text.
     pub async fn metrics_text(&self) -> String {
+        self.metrics_get("/metrics").await
+    }
+
+    /// The whole HTTP/1.1 answer (status line, headers, body) of the
+    /// metrics port to `GET path`.
+    pub async fn metrics_get(&self, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(self.metrics_addr).await.expect("connect metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.expect("write");
         let mut out = String::new();
         s.read_to_string(&mut out).await.expect("read");
         out
