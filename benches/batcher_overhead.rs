@@ -9,17 +9,19 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::batcher::BatcherSettings;
+use kiln::batcher::observer::BatchObserver;
 use kiln::batcher::policy::BatchPolicy;
-use kiln::model::{Model, ModelError, ModelSpec, Tensor, TensorData, TensorSpec};
+use kiln::model::{Backend, Inputs, ModelError, ModelSpec, Tensor, TensorData, TensorSpec};
 use kiln::monitor::metrics::VersionMetrics;
 use kiln::request::InferRequest;
+use kiln::runtime::Threads;
 
 /// Answers zeros of the right shape without computing anything.
 struct NoWork;
 
-impl Model for NoWork {
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
-        let rows = inputs[0].rows();
+impl Backend for NoWork {
+    fn run(&self, inputs: &Inputs) -> Result<Vec<Tensor>, ModelError> {
+        let rows = inputs.rows();
         Ok(vec![Tensor { shape: vec![rows, 1], data: TensorData::Fp32(vec![0.0; rows]) }])
     }
 }
@@ -32,7 +34,7 @@ fn request() -> InferRequest {
     let now = Instant::now();
     InferRequest {
         id: String::new(),
-        inputs: vec![Tensor { shape: vec![1, 30], data: TensorData::Fp32(vec![0.5; 30]) }],
+        inputs: Inputs::Tensors(vec![Tensor { shape: vec![1, 30], data: TensorData::Fp32(vec![0.5; 30]) }]),
         rows: 1,
         outputs: vec![0],
         received: now,
@@ -58,16 +60,9 @@ fn overhead(c: &mut Criterion) {
             instances: 1,
             priority_levels: 1,
         };
-        let handle = kiln::batcher::scheduler::spawn(
-            Arc::new(NoWork),
-            spec(),
-            settings,
-            Arc::default(),
-            Arc::default(),
-            VersionMetrics::new("nowork", 1, 1, batch),
-            Default::default(),
-        )
-        .expect("batcher starts");
+        let observer = BatchObserver::new(spec(), VersionMetrics::new("nowork", 1, 1, batch));
+        let handle = kiln::batcher::scheduler::spawn(Arc::new(NoWork), observer, settings, &Threads::default())
+            .expect("batcher starts");
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
             b.iter(|| {

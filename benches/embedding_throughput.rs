@@ -9,7 +9,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use kiln::config::RepositorySource;
-use kiln::model::{PrepareOptions, Tensor, TensorData};
+use kiln::model::{Tensor, TensorData};
 
 fn sentences() -> Vec<Vec<u8>> {
     kiln::bench::inputs::sentences().map(|l| l.as_bytes().to_vec()).collect()
@@ -26,11 +26,11 @@ fn minilm_batches(c: &mut Criterion) {
     group.sample_size(10);
     for batch in [1usize, 8, 32, 64] {
         let texts: Vec<Vec<u8>> = corpus.iter().cycle().take(batch).cloned().collect();
-        let mut inputs = vec![Tensor { shape: vec![batch], data: TensorData::Bytes(texts) }];
-        model.prepare(&mut inputs, &PrepareOptions::default()).expect("tokenizes");
+        let inputs = vec![Tensor { shape: vec![batch], data: TensorData::Bytes(texts) }];
+        let (inputs, _) = model.prepare(inputs, &Default::default()).expect("tokenizes");
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &inputs, |b, inputs| {
-            b.iter(|| model.run(inputs).expect("runs"))
+            b.iter(|| model.backend.run(inputs).expect("runs"))
         });
     }
     group.finish();

@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::config::{DriftSection, InputLogMode, RepositorySource, RequestLogConfig};
-use kiln::model::{Tensor, TensorData};
+use kiln::model::{Inputs, Tensor, TensorData};
 use kiln::monitor::drift::DriftHandle;
 use kiln::monitor::drift::window::{Window, WindowSettings};
 use kiln::monitor::request_log::{Entry, RequestLog};
 use kiln::request::Timing;
+use kiln::runtime::Threads;
 
 fn training_rows() -> Vec<f32> {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/wdbc-train.csv")).expect("data");
@@ -37,29 +38,34 @@ fn monitor_costs(c: &mut Criterion) {
     let (model, spec, layout) = (version.model.clone(), version.spec.clone(), version.drift_layout.clone());
     let reference = version.reference.clone().expect("the risk model ships a reference");
     let rows = training_rows();
-    let drift = DriftHandle::start("risk", 1, layout.clone(), &DriftSection::default(), Some(reference.clone()))
-        .expect("drift thread starts");
+    let threads = Threads::default();
+    let drift =
+        DriftHandle::start("risk", 1, layout.clone(), &DriftSection::default(), Some(reference.clone()), &threads)
+            .expect("drift thread starts");
     let mut window = Window::new(reference, layout.clone(), WindowSettings::from(&DriftSection::default()));
     let dir = tempfile::tempdir().expect("temp dir");
-    let log = RequestLog::start(&RequestLogConfig {
-        path: dir.path().join("requests.jsonl"),
-        sample_rate: 1.0,
-        max_bytes: 16 << 20,
-        keep_files: 1,
-        inputs: InputLogMode::Hash,
-        hmac_key: Some("bench".into()),
-    })
+    let log = RequestLog::start(
+        &RequestLogConfig {
+            path: dir.path().join("requests.jsonl"),
+            sample_rate: 1.0,
+            max_bytes: 16 << 20,
+            keep_files: 1,
+            inputs: InputLogMode::Hash,
+            hmac_key: Some("bench".into()),
+        },
+        &threads,
+    )
     .expect("request log starts");
 
     let mut group = c.benchmark_group("monitor");
     group.measurement_time(Duration::from_secs(3));
     for batch in [1usize, 8, 64] {
         let input = Tensor { shape: vec![batch, 30], data: TensorData::Fp32(rows[..batch * 30].to_vec()) };
-        let inputs = vec![input];
-        let outputs = model.run(&inputs).expect("runs");
+        let inputs = Inputs::Tensors(vec![input]);
+        let outputs = model.backend.run(&inputs).expect("runs");
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::new("compute", batch), &inputs, |b, inputs| {
-            b.iter(|| model.run(inputs).expect("runs"))
+            b.iter(|| model.backend.run(inputs).expect("runs"))
         });
         group.bench_with_input(BenchmarkId::new("drift_handoff", batch), &inputs, |b, inputs| {
             b.iter(|| drift.offer(layout.sample(inputs, &outputs, vec![1; batch], 0)))
@@ -69,7 +75,7 @@ fn monitor_costs(c: &mut Criterion) {
             b.iter(|| window.ingest(Duration::from_secs(1), sample))
         });
     }
-    let one = [Tensor { shape: vec![1, 30], data: TensorData::Fp32(rows[..30].to_vec()) }];
+    let one = Inputs::Tensors(vec![Tensor { shape: vec![1, 30], data: TensorData::Fp32(rows[..30].to_vec()) }]);
     let probability = Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![0.5]) };
     group.throughput(Throughput::Elements(1));
     group.bench_function("request_log/1", |b| {

@@ -39,14 +39,17 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;
+#[cfg(any(test, feature = "test-backends"))]
+pub mod fault;
 pub mod model;
 pub mod monitor;
 mod pipeline;
 pub mod plan;
 mod plot;
-mod prepare;
 pub mod repository;
 pub mod request;
+pub mod runtime;
 mod server;
+pub mod tokenization;
 
 pub use server::{ServeError, serve};

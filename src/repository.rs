@@ -1,29 +1,25 @@
 //! The model repository: reads `NAME/model.toml` and numbered version
-//! folders from disk (or from the copy compiled into the binary), loads each
-//! version, and starts its executors and batcher.
+//! folders from disk (or from the copy compiled into the binary) and loads
+//! and warms up each version. `runtime` starts serving what it loaded; the
+//! served set is [`Repository`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
+use crate::batcher::BatcherHandle;
 use crate::batcher::latency::SharedLatency;
-use crate::batcher::policy::BatchPolicy;
-use crate::batcher::{BatcherHandle, BatcherSettings};
 use crate::config::{ConfigError, ModelToml, RepositorySource};
-use crate::model::{self, Model, ModelError, ModelSpec, Tensor, VersionFiles};
-use crate::monitor::BatchObservers;
+use crate::model::{self, Model, ModelError, ModelSpec, VersionFiles, registry};
 use crate::monitor::drift::DriftHandle;
 use crate::monitor::drift::layout::Layout;
 use crate::monitor::drift::reference::Reference;
 use crate::monitor::metrics::VersionMetrics;
-use crate::monitor::request_log::RequestLog;
 use crate::monitor::stats::VersionStats;
+use crate::tokenization::TokenizeOptions;
 
-pub use crate::model::WEIGHTS_FILE;
-
-/// Every file some kind reads from a version folder; others are ignored.
-const KNOWN_FILES: &[&str] = &["model.safetensors", "config.json", "tokenizer.json", REFERENCE_FILE];
+/// The built-in risk model's weights file.
+pub const WEIGHTS_FILE: &str = model::candle::mlp::WEIGHTS_FILE;
 
 /// A version's drift reference profile, written by `kiln profile`.
 pub const REFERENCE_FILE: &str = "reference.json";
@@ -110,7 +106,7 @@ fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
                 .into());
             }
             let mut files = VersionFiles { folder: v.path().display().to_string(), ..Default::default() };
-            for name in KNOWN_FILES {
+            for name in registry::known_files().into_iter().chain([REFERENCE_FILE]) {
                 let path = v.path().join(name);
                 if path.is_file() {
                     files.files.insert(name.to_string(), std::fs::read(&path).map_err(io_err(&path))?);
@@ -130,7 +126,8 @@ fn read_dir(dir: &Path) -> Result<Vec<ModelFiles>, RepositoryError> {
 /// A model version loaded into memory, not yet serving.
 pub struct LoadedVersion {
     pub spec: Arc<ModelSpec>,
-    pub model: Arc<dyn Model>,
+    /// Its backend and, for text models, its tokenizer.
+    pub model: Arc<Model>,
     /// Seeded by the warm-up, so the first requests are judged sensibly.
     pub latency: Arc<SharedLatency>,
     /// What drift watches, and the reference it compares with (if any).
@@ -144,27 +141,22 @@ const WARM_UP_ROUNDS: usize = 3;
 /// Runs the model a few times on one short row and on a full batch of
 /// longer rows, prepared as requests are, so that the first requests find
 /// warm caches and the latency model has a slope in units.
-fn warm_up(
-    model: &dyn Model,
-    spec: &ModelSpec,
-    max_rows: usize,
-    max_units: usize,
-) -> Result<SharedLatency, ModelError> {
+fn warm_up(model: &Model, max_rows: usize, max_units: usize) -> Result<SharedLatency, ModelError> {
     let latency = SharedLatency::default();
-    let sample = |rows: usize, words: usize| -> Result<(Vec<Tensor>, usize), ModelError> {
-        let mut inputs = model::sample_inputs(spec, rows, &|_| vec!["warm"; words].join(" ").into_bytes());
-        let size = model.prepare(&mut inputs, &model::PrepareOptions { max_tokens: None, truncate: Some(true) })?;
+    let sample = |rows: usize, words: usize| -> Result<(model::Inputs, usize), ModelError> {
+        let inputs = model::sample_inputs(&model.spec, rows, &|_| vec!["warm"; words].join(" ").into_bytes());
+        let (inputs, size) = model.prepare(inputs, &TokenizeOptions { max_tokens: None, truncate: Some(true) })?;
         Ok((inputs, rows * size.longest))
     };
     // The very first run pays one-off costs (allocation, page faults).
-    model.run(&sample(1, 1)?.0)?;
+    model.backend.run(&sample(1, 1)?.0)?;
     let (_, long_units) = sample(1, 24)?;
     let full_rows = max_rows.min(max_units / long_units.max(1)).max(1);
     for _ in 0..WARM_UP_ROUNDS {
         for (rows, words) in [(1, 1), (full_rows, 24)] {
             let (inputs, units) = sample(rows, words)?;
             let started = std::time::Instant::now();
-            model.run(&inputs)?;
+            model.backend.run(&inputs)?;
             latency.observe(units, 1, started.elapsed());
         }
     }
@@ -220,23 +212,26 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
     let mut versions = BTreeMap::new();
     for (number, version_files) in &files.versions {
         let path = &version_files.folder;
-        for needed in config.kind.version_files() {
+        let kind = registry::find(&config.kind)
+            .ok_or_else(|| ConfigError::new(&files.config_file, registry::unknown(&config.kind)))?;
+        for needed in kind.files {
             if !version_files.files.contains_key(*needed) {
                 let missing =
-                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("the {:?} kind needs it", config.kind));
+                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("the {} kind needs it", kind.name));
                 return Err(RepositoryError::Io { path: format!("{path}/{needed}"), source: missing });
             }
         }
-        let (spec, model) = model::load(&files.name, *number, &files.config_file, &config, version_files)
+        let model = model::load(&files.name, *number, &files.config_file, &config, version_files)
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
+        let spec = model.spec.clone();
         // A bad reference fails before the warm-up, which takes seconds for
         // text models.
-        let drift_layout = Layout::of(&spec, model.prepares(), config.drift.class_threshold);
+        let drift_layout = Layout::of(&spec, model.tokenizer.is_some(), config.drift.class_threshold);
         let reference = match version_files.files.get(REFERENCE_FILE) {
             None => None,
             Some(bytes) => Some(read_reference(bytes, &drift_layout, &format!("{path}/{REFERENCE_FILE}"))?),
         };
-        let latency = warm_up(model.as_ref(), &spec, config.max_batch_size, config.max_batch_units())
+        let latency = warm_up(&model, config.max_batch_size, config.max_batch_units())
             .map_err(|source| RepositoryError::Model { path: path.clone(), source })?;
         let estimate = latency.estimate();
         tracing::info!(
@@ -250,13 +245,7 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
         );
         versions.insert(
             *number,
-            LoadedVersion {
-                spec: Arc::new(spec),
-                model: Arc::from(model),
-                latency: Arc::new(latency),
-                drift_layout,
-                reference,
-            },
+            LoadedVersion { spec, model: Arc::new(model), latency: Arc::new(latency), drift_layout, reference },
         );
     }
     let highest = *versions.keys().next_back().expect("checked non-empty above");
@@ -281,8 +270,9 @@ fn load_model(files: ModelFiles) -> Result<LoadedModel, RepositoryError> {
 pub struct ServedVersion {
     pub spec: Arc<ModelSpec>,
     pub latency: Arc<SharedLatency>,
-    /// For preparing (tokenizing) requests before they queue.
-    pub model: Arc<dyn Model>,
+    /// Its backend and, for text models, the tokenizer requests go
+    /// through before they queue.
+    pub model: Arc<Model>,
     pub config: Arc<ModelToml>,
     pub batcher: BatcherHandle,
     pub stats: Arc<VersionStats>,
@@ -304,65 +294,6 @@ pub struct Repository {
 }
 
 impl Repository {
-    /// Starts executors and a batcher thread for every loaded version.
-    pub fn start(loaded: Vec<LoadedModel>, log: Option<Arc<RequestLog>>) -> Result<Self, RepositoryError> {
-        let mut models = BTreeMap::new();
-        for m in loaded {
-            let config = Arc::new(m.config);
-            let settings = BatcherSettings {
-                policy: BatchPolicy {
-                    max_batch_rows: config.max_batch_size,
-                    max_batch_units: config.max_batch_units(),
-                    max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1000.0),
-                    latency_budget: Duration::from_secs_f64(config.latency_budget_ms / 1000.0),
-                },
-                max_queue: config.max_queue,
-                instances: config.instances,
-                priority_levels: config.priority_levels,
-            };
-            let mut versions = BTreeMap::new();
-            for (number, v) in m.versions {
-                let stats = Arc::new(VersionStats::default());
-                let metrics = VersionMetrics::new(&m.name, number, config.priority_levels, config.max_batch_units());
-                metrics.publish_latency(&v.latency.estimate());
-                let threads = |source| RepositoryError::Io { path: format!("{}/{number}", m.name), source };
-                let drift = Arc::new(
-                    DriftHandle::start(&m.name, number, v.drift_layout, &config.drift, v.reference).map_err(threads)?,
-                );
-                let observers = BatchObservers { drift: Some(drift.clone()), log: log.clone() };
-                let batcher = crate::batcher::scheduler::spawn(
-                    v.model.clone(),
-                    v.spec.clone(),
-                    settings,
-                    v.latency.clone(),
-                    stats.clone(),
-                    metrics.clone(),
-                    observers,
-                )
-                .map_err(threads)?;
-                metrics.ready.set(1.0);
-                versions.insert(
-                    number,
-                    Arc::new(ServedVersion {
-                        spec: v.spec,
-                        model: v.model,
-                        latency: v.latency,
-                        config: config.clone(),
-                        batcher,
-                        stats,
-                        metrics,
-                        drift,
-                    }),
-                );
-            }
-            models.insert(
-                m.name.clone(),
-                ServedModel { name: m.name, config, default_version: m.default_version, versions },
-            );
-        }
-        Ok(Self { models })
-    }
-
     /// Marks every version not ready (metrics) as the server stops.
     pub fn mark_stopped(&self) {
         for m in self.models.values() {

@@ -3,15 +3,16 @@
 
 use std::time::Instant;
 
-use crate::model::{Prepared, Tensor};
+use crate::model::{Inputs, Prepared, Tensor};
 
 /// A validated inference request for one model version.
 #[derive(Debug)]
 pub struct InferRequest {
     /// The client's request id, echoed in the response.
     pub id: String,
-    /// One tensor per declared input, in the model's declared order.
-    pub inputs: Vec<Tensor>,
+    /// What the backend computes on: one tensor per declared input (in
+    /// declared order), or a text model's token rows.
+    pub inputs: Inputs,
     /// Rows along the batch dimension (the same for every input).
     pub rows: usize,
     /// Indices into the model's declared outputs, in the order to answer.

@@ -124,8 +124,9 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        self.version(&r.name, &r.version)?;
-        Ok(Response::new(pb::ModelReadyResponse { ready: self.ready.load(Ordering::Acquire) }))
+        let version = self.version(&r.name, &r.version)?;
+        let ready = self.ready.load(Ordering::Acquire) && version.batcher.serving();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(

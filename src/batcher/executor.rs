@@ -1,52 +1,81 @@
-//! Executor threads: each runs whole batches on the model, on a dedicated
-//! OS thread (never the tokio runtime), catching panics so that only the
-//! failing batch fails, then splits the outputs back to each request. An
-//! executor knows nothing of the scheduler: it reports each finished batch
-//! through the callback it was given, and hands what it ran to the batch
-//! observer.
+//! Executor threads: each runs whole batches on the backend, on a dedicated
+//! OS thread (never the tokio runtime), catching the backend's panics so
+//! that only the failing batch fails, then splits the outputs back to each
+//! request. An executor knows nothing of the scheduler: it reports each
+//! finished batch, and its own death, through the callback it was given,
+//! and hands what it ran to the batch observer. A dead executor is
+//! restarted by whoever owns the pool (the scheduler).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 use super::observer::{BatchObserver, Ran};
 use super::{Batch, Pending};
 use crate::error::{InferError, panic_message};
-use crate::model::{Model, ModelSpec, Tensor};
+use crate::model::{Backend, Inputs, ModelSpec, Tensor};
 use crate::request::{InferResponse, Timing};
+use crate::runtime::Threads;
+
+/// What an executor reports about itself.
+#[derive(Debug)]
+pub enum Report {
+    /// Instance `n` finished a batch and can take another.
+    Finished(usize),
+    /// Instance `n`'s thread died (a panic outside the backend's own
+    /// guard) while running a batch, whose requests were answered. Its
+    /// queue comes back with it, holding what was staged behind that batch
+    /// for the restarted thread.
+    Died { instance: usize, reason: String, queue: Queue },
+}
+
+/// An instance's queue of batches, handed from a dead thread to its
+/// successor so that nothing staged is lost.
+#[derive(Debug)]
+pub struct Queue(Receiver<Batch>);
+
+type ReportFn = Arc<dyn Fn(Report) + Send + Sync>;
 
 /// The executor threads of one model version: where batches are sent.
 pub struct ExecutorPool {
-    senders: Vec<std::sync::mpsc::Sender<Batch>>,
-    spec: Arc<ModelSpec>,
+    senders: Vec<Sender<Batch>>,
+    worker: Arc<Worker>,
+    report: ReportFn,
+    threads: Threads,
 }
 
 impl ExecutorPool {
-    /// Starts `instances` threads sharing one loaded model; each calls
-    /// `finished(instance)` after every batch it ran.
+    /// Starts `instances` threads sharing one loaded backend; each reports
+    /// through `report`.
     pub(crate) fn start(
-        model: Arc<dyn Model>,
-        spec: Arc<ModelSpec>,
+        backend: Arc<dyn Backend>,
         instances: usize,
         observer: Arc<BatchObserver>,
-        finished: impl Fn(usize) + Clone + Send + 'static,
+        report: impl Fn(Report) + Send + Sync + 'static,
+        threads: &Threads,
     ) -> std::io::Result<Self> {
-        let mut senders = Vec::with_capacity(instances);
+        let worker = Arc::new(Worker { backend, spec: observer.spec.clone(), observer });
+        let mut pool =
+            Self { senders: Vec::with_capacity(instances), worker, report: Arc::new(report), threads: threads.clone() };
         for instance in 0..instances {
             let (tx, rx) = std::sync::mpsc::channel::<Batch>();
-            let worker = Worker { model: model.clone(), spec: spec.clone(), observer: observer.clone() };
-            let finished = finished.clone();
-            std::thread::Builder::new().name(format!("kiln-exec-{}-{}-{instance}", spec.name, spec.version)).spawn(
-                move || {
-                    for batch in rx {
-                        worker.run(batch);
-                        finished(instance);
-                    }
-                },
-            )?;
-            senders.push(tx);
+            pool.spawn(instance, Queue(rx))?;
+            pool.senders.push(tx);
         }
-        Ok(Self { senders, spec })
+        Ok(pool)
+    }
+
+    fn spawn(&self, instance: usize, queue: Queue) -> std::io::Result<()> {
+        let (worker, report) = (self.worker.clone(), self.report.clone());
+        let spec = &self.worker.spec;
+        let name = format!("kiln-exec-{}-{}-{instance}", spec.name, spec.version);
+        self.threads.spawn(name, move || run_instance(&worker, instance, queue, report.as_ref()))
+    }
+
+    /// Starts a fresh thread for instance `n` on the dead one's queue.
+    pub fn restart(&self, instance: usize, queue: Queue) -> std::io::Result<()> {
+        self.spawn(instance, queue)
     }
 
     /// Instances there are.
@@ -61,15 +90,32 @@ impl ExecutorPool {
         match self.senders[instance].send(batch) {
             Ok(()) => true,
             Err(std::sync::mpsc::SendError(batch)) => {
-                fail_all(batch.requests, &self.spec, "executor thread stopped".into());
+                fail_all(batch.requests, &self.worker.spec, "executor thread stopped".into());
                 false
             }
         }
     }
 }
 
+/// One executor thread's life: batches until the pool closes its channel.
+/// A panic outside the backend's guard ends it (the requests of the batch
+/// it was running are answered as their replies drop) and its queue goes
+/// back with the report, so the pool's owner can restart the instance.
+fn run_instance(worker: &Worker, instance: usize, queue: Queue, report: &(dyn Fn(Report) + Send + Sync)) {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        for batch in &queue.0 {
+            worker.run(batch);
+            report(Report::Finished(instance));
+        }
+    }));
+    if let Err(panic) = outcome {
+        let reason = format!("executor thread panicked: {}", panic_message(panic.as_ref()));
+        report(Report::Died { instance, reason, queue });
+    }
+}
+
 struct Worker {
-    model: Arc<dyn Model>,
+    backend: Arc<dyn Backend>,
     spec: Arc<ModelSpec>,
     observer: Arc<BatchObserver>,
 }
@@ -126,20 +172,16 @@ impl Worker {
         fail_all(requests, &self.spec, reason);
     }
 
-    /// Stacks each declared input across the batch's requests.
-    fn stack_inputs(&self, requests: &[Pending]) -> Result<Vec<Tensor>, String> {
-        (0..self.spec.inputs.len())
-            .map(|i| {
-                let parts: Vec<&Tensor> = requests.iter().map(|p| &p.request.inputs[i]).collect();
-                Tensor::concat_rows(&parts).ok_or_else(|| format!("input {i} could not be stacked"))
-            })
-            .collect()
+    /// Stacks the batch's requests' inputs along the batch dimension.
+    fn stack_inputs(&self, requests: &[Pending]) -> Result<Inputs, String> {
+        let parts: Vec<&Inputs> = requests.iter().map(|p| &p.request.inputs).collect();
+        Inputs::concat(&parts).ok_or_else(|| "the batch's inputs could not be stacked".to_string())
     }
 
-    /// Runs the model and checks that every declared output came back with
-    /// one row per input row.
-    fn compute(&self, inputs: &[Tensor], rows: usize) -> Result<Vec<Tensor>, String> {
-        let outputs = self.model.run(inputs).map_err(|e| e.to_string())?;
+    /// Runs the backend and checks that every declared output came back
+    /// with one row per input row.
+    fn compute(&self, inputs: &Inputs, rows: usize) -> Result<Vec<Tensor>, String> {
+        let outputs = self.backend.run(inputs).map_err(|e| e.to_string())?;
         if outputs.len() != self.spec.outputs.len() {
             return Err(format!("model returned {} outputs, declared {}", outputs.len(), self.spec.outputs.len()));
         }

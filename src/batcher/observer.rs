@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::latency::SharedLatency;
 use super::policy::BatchShape;
 use super::{Batch, Pending};
-use crate::model::{ModelSpec, Tensor};
+use crate::model::{Inputs, ModelSpec, Tensor};
 use crate::monitor::drift::DriftHandle;
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::request_log::{Entry, RequestLog};
@@ -20,7 +20,7 @@ use crate::request::InferResponse;
 /// What one batch was and gave, as the executor ran it.
 pub struct Ran<'a> {
     pub shape: BatchShape,
-    pub inputs: &'a [Tensor],
+    pub inputs: &'a Inputs,
     pub outputs: &'a [Tensor],
     /// Each request with its answer, before the answers are sent.
     pub answers: &'a [(Pending, InferResponse)],
@@ -39,6 +39,14 @@ pub struct BatchObserver {
     pub latency: Arc<SharedLatency>,
     pub drift: Option<Arc<DriftHandle>>,
     pub log: Option<Arc<RequestLog>>,
+}
+
+impl BatchObserver {
+    /// An observer with fresh statistics and latency model, no drift and no
+    /// request log (benches and tests).
+    pub fn new(spec: Arc<ModelSpec>, metrics: VersionMetrics) -> Self {
+        Self { spec, stats: Arc::default(), metrics, latency: Arc::default(), drift: None, log: None }
+    }
 }
 
 /// Batch ids for the request log, unique in the process.

@@ -142,7 +142,7 @@ mod tests {
             dispatched: Default::default(),
             request: InferRequest {
                 id: id.into(),
-                inputs: vec![],
+                inputs: crate::model::Inputs::Tensors(vec![]),
                 rows: 1,
                 outputs: vec![],
                 received: Instant::now(),

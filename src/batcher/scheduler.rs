@@ -1,30 +1,40 @@
-//! The scheduler: sole owner of one model version's queue, on its own OS
-//! thread. Requests, cancellations and "executor free" notices arrive on one
-//! channel; the policy decides what expires and what leaves as a batch.
+//! The scheduler: sole owner of one model version's queue and of its
+//! executors, on its own OS thread. Requests, cancellations and executor
+//! reports arrive on one channel; the policy decides what expires and what
+//! leaves as a batch. It supervises the executors (a dead one is
+//! restarted); if it dies itself, or cannot keep an executor alive, the
+//! version stops serving: what it held is answered UNAVAILABLE and the
+//! version's liveness turns false for health and readiness.
 //!
 //! A thread rather than a tokio task because batching delays and expiry
 //! times are often below a millisecond and tokio's timer rounds sleeps up to
 //! whole milliseconds; `recv_timeout` waits on a futex with microsecond
 //! accuracy.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
-use super::executor::ExecutorPool;
+use super::executor::{ExecutorPool, Queue, Report};
 use super::latency::SharedLatency;
 use super::observer::BatchObserver;
 use super::policy::{Action, BatchPolicy, Placement, place};
 use super::queue::{Batch, Pending, ServiceQueue};
-use crate::error::InferError;
-use crate::model::{Model, ModelSpec};
-use crate::monitor::BatchObservers;
+use crate::error::{InferError, panic_message};
+use crate::model::{Backend, ModelSpec};
 use crate::monitor::metrics::VersionMetrics;
-use crate::monitor::stats::VersionStats;
 use crate::request::{InferRequest, InferResponse};
+use crate::runtime::Threads;
+
+/// Executor deaths within [`RESTART_WINDOW`] after which the scheduler stops
+/// restarting and the version stops serving: a crash loop would otherwise
+/// fail every batch while health says SERVING.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Queue settings of one model version.
 #[derive(Debug, Clone, Copy)]
@@ -42,8 +52,8 @@ pub struct BatcherSettings {
 pub(crate) enum Message {
     /// A newly admitted request.
     Submit(Pending),
-    /// Executor instance `n` finished a batch.
-    Free(usize),
+    /// An executor's report: finished a batch, or died.
+    Executor(Report),
     /// A caller went away: drop its request if it is still queued.
     Sweep,
     /// Every handle is gone: answer what is queued, then stop.
@@ -63,6 +73,8 @@ struct HandleInner {
     max_queue: usize,
     model: String,
     version: u64,
+    /// True while the scheduler serves; false for good once it stopped.
+    serving: Arc<watch::Sender<bool>>,
 }
 
 impl Drop for HandleInner {
@@ -78,14 +90,20 @@ pub struct Ticket {
     sweep: mpsc::Sender<Message>,
     answered: bool,
     dispatched: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    serving: Arc<watch::Sender<bool>>,
 }
 
 impl Ticket {
-    /// Waits for the answer.
+    /// Waits for the answer. A request whose holder died (a scheduler or
+    /// executor thread that panicked) is answered UNAVAILABLE here.
     pub async fn answer(&mut self) -> Result<InferResponse, InferError> {
-        let result = (&mut self.answer)
-            .await
-            .unwrap_or_else(|_| Err(InferError::Unavailable("the model stopped before answering".into())));
+        let result = (&mut self.answer).await.unwrap_or_else(|_| {
+            Err(InferError::Unavailable(if *self.serving.borrow() {
+                "the model's executor stopped before answering (it is restarted; see the server log); retry".into()
+            } else {
+                "the model version stopped serving before answering (see the server log)".into()
+            }))
+        });
         self.answered = true;
         result
     }
@@ -114,6 +132,9 @@ impl BatcherHandle {
     /// what is admitted, so memory stays bounded.
     pub fn submit(&self, request: InferRequest) -> Result<Ticket, InferError> {
         let inner = &self.inner;
+        if !self.serving() {
+            return Err(self.not_serving());
+        }
         let admitted =
             inner.depth.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < inner.max_queue).then_some(d + 1));
         if admitted.is_err() {
@@ -133,43 +154,58 @@ impl BatcherHandle {
                 inner.model, inner.version
             ))));
         }
-        Ok(Ticket { answer, sweep: inner.submit.clone(), answered: false, dispatched })
+        Ok(Ticket { answer, sweep: inner.submit.clone(), answered: false, dispatched, serving: inner.serving.clone() })
     }
 
     /// Requests admitted and not yet dispatched.
     pub fn depth(&self) -> usize {
         self.inner.depth.load(Ordering::Acquire)
     }
+
+    /// False once the scheduler has stopped for good (it died, or could
+    /// not keep its executors alive): requests are then refused.
+    pub fn serving(&self) -> bool {
+        *self.inner.serving.borrow()
+    }
+
+    /// Follows [`serving`](Self::serving), for health.
+    pub fn liveness(&self) -> watch::Receiver<bool> {
+        self.inner.serving.subscribe()
+    }
+
+    /// Asks the scheduler to answer what is queued and stop (shutdown).
+    pub fn close(&self) {
+        let _ = self.inner.submit.send(Message::Close);
+    }
+
+    fn not_serving(&self) -> InferError {
+        InferError::Unavailable(format!(
+            "model '{}' version {} is not serving: its scheduler stopped (see the server log)",
+            self.inner.model, self.inner.version
+        ))
+    }
 }
 
-/// Starts the executors and the scheduler thread of one model version.
+/// Starts the executors and the scheduler thread of one model version,
+/// registered in `threads`; `observer` watches every batch.
 pub fn spawn(
-    model: Arc<dyn Model>,
-    spec: Arc<ModelSpec>,
+    backend: Arc<dyn Backend>,
+    observer: BatchObserver,
     settings: BatcherSettings,
-    latency: Arc<SharedLatency>,
-    stats: Arc<VersionStats>,
-    metrics: VersionMetrics,
-    observers: BatchObservers,
+    threads: &Threads,
 ) -> std::io::Result<BatcherHandle> {
     let (submit, messages) = mpsc::channel();
-    let observer = Arc::new(BatchObserver {
-        spec: spec.clone(),
-        stats,
-        metrics: metrics.clone(),
-        latency: latency.clone(),
-        drift: observers.drift,
-        log: observers.log,
-    });
-    let free = submit.clone();
+    let (spec, metrics, latency) = (observer.spec.clone(), observer.metrics.clone(), observer.latency.clone());
+    let reports = submit.clone();
     // The scheduler is gone only at shutdown; executors keep draining what
     // was staged, so a failed report is fine.
-    let finished = move |instance| {
-        let _ = free.send(Message::Free(instance));
+    let report = move |r| {
+        let _ = reports.send(Message::Executor(r));
     };
-    let executors = ExecutorPool::start(model, spec.clone(), settings.instances, observer, finished)?;
+    let executors = ExecutorPool::start(backend, settings.instances, Arc::new(observer), report, threads)?;
     let slots = Slots::new(executors.instances());
     let depth = Arc::new(AtomicUsize::new(0));
+    let serving = Arc::new(watch::Sender::new(true));
     let scheduler = Scheduler {
         queue: ServiceQueue::new(settings.priority_levels),
         depth: depth.clone(),
@@ -177,13 +213,24 @@ pub fn spawn(
         latency,
         executors,
         slots,
-        metrics,
+        metrics: metrics.clone(),
         spec: spec.clone(),
         next_expiry: None,
+        deaths: Vec::new(),
     };
-    std::thread::Builder::new()
-        .name(format!("kiln-sched-{}-{}", spec.name, spec.version))
-        .spawn(move || scheduler.run(messages))?;
+    let stopped =
+        Stopped { spec: spec.clone(), serving: serving.clone(), depth: depth.clone(), ready: metrics.ready.clone() };
+    threads.spawn(format!("kiln-sched-{}-{}", spec.name, spec.version), move || {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(move || scheduler.run(messages)));
+        match outcome {
+            // Shut down: refuse from now on, quietly.
+            Ok(Exit::Closed) => {
+                stopped.serving.send_replace(false);
+            }
+            Ok(Exit::Failed(reason)) => stopped.stop(&reason),
+            Err(panic) => stopped.stop(&format!("scheduler thread panicked: {}", panic_message(panic.as_ref()))),
+        }
+    })?;
     Ok(BatcherHandle {
         inner: Arc::new(HandleInner {
             submit,
@@ -191,8 +238,42 @@ pub fn spawn(
             max_queue: settings.max_queue,
             model: spec.name.clone(),
             version: spec.version,
+            serving,
         }),
     })
+}
+
+/// How a scheduler's loop ended.
+enum Exit {
+    /// Shutdown: everything queued was answered.
+    Closed,
+    /// It could not go on serving (executors kept dying).
+    Failed(String),
+}
+
+/// Turns a version that lost its scheduler NOT_SERVING: the liveness that
+/// health and readiness follow, `kiln_model_ready`, and a log line. What
+/// the scheduler held is answered by its drop (its tickets then read
+/// UNAVAILABLE); new requests are refused.
+struct Stopped {
+    spec: Arc<ModelSpec>,
+    serving: Arc<watch::Sender<bool>>,
+    depth: Arc<AtomicUsize>,
+    ready: metrics::Gauge,
+}
+
+impl Stopped {
+    fn stop(&self, reason: &str) {
+        tracing::error!(
+            model = %self.spec.name,
+            version = self.spec.version,
+            %reason,
+            "the version stopped serving: health NOT_SERVING, its requests answered UNAVAILABLE"
+        );
+        self.serving.send_replace(false);
+        self.depth.store(0, Ordering::Release);
+        self.ready.set(0.0);
+    }
 }
 
 /// Batches sent to each executor and not finished: 0 idle, 1 running, 2
@@ -249,11 +330,14 @@ struct Scheduler {
     spec: Arc<ModelSpec>,
     /// The earliest instant a queued request may need expiring.
     next_expiry: Option<Instant>,
+    /// When executors died lately, for the restart limit.
+    deaths: Vec<Instant>,
 }
 
 impl Scheduler {
-    fn run(mut self, messages: mpsc::Receiver<Message>) {
+    fn run(mut self, messages: mpsc::Receiver<Message>) -> Exit {
         let mut draining = false;
+        let mut exit = Exit::Closed;
         loop {
             let wake = self.step(draining);
             if draining && self.queue.is_empty() {
@@ -265,26 +349,69 @@ impl Scheduler {
             };
             match message {
                 Ok(Message::Submit(p)) => {
+                    #[cfg(any(test, feature = "test-backends"))]
+                    crate::fault::inject("scheduler", &p.request.id);
                     // Its own expiry may come before anything queued.
                     let alone = self.latency.estimate().predict(p.request.padded_units());
                     let last_start = p.request.deadline.checked_sub(alone).unwrap_or(p.enqueued);
                     self.next_expiry = Some(self.next_expiry.map_or(last_start, |n| n.min(last_start)));
                     self.queue.push(p);
                 }
-                Ok(Message::Free(i)) => self.slots.finished(i),
+                Ok(Message::Executor(Report::Finished(i))) => self.slots.finished(i),
+                Ok(Message::Executor(Report::Died { instance, reason, queue })) => {
+                    if let Err(reason) = self.restart(instance, &reason, queue) {
+                        exit = Exit::Failed(reason);
+                        break;
+                    }
+                }
                 Ok(Message::Sweep) => self.drop_abandoned(),
                 Ok(Message::Close) => draining = true,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        // Only reachable with requests left if every sender vanished; they
-        // are answered, never dropped silently.
+        // Reached with requests left when every sender vanished or the
+        // version failed; they are answered, never dropped silently.
+        let message = match &exit {
+            Exit::Closed => "model is shutting down".to_string(),
+            Exit::Failed(reason) => {
+                format!("model '{}' version {} stopped serving: {reason}", self.spec.name, self.spec.version)
+            }
+        };
         for pending in self.queue.take_all() {
-            let _ = pending.reply.send(Err(InferError::Unavailable("model is shutting down".into())));
+            let _ = pending.reply.send(Err(InferError::Unavailable(message.clone())));
         }
         self.depth.store(0, Ordering::Release);
         self.publish_depth();
+        exit
+    }
+
+    /// Replaces a dead executor, unless executors die too often (or the
+    /// thread cannot start): then the version cannot serve.
+    fn restart(&mut self, instance: usize, reason: &str, queue: Queue) -> Result<(), String> {
+        let now = Instant::now();
+        self.deaths.retain(|at| now.duration_since(*at) < RESTART_WINDOW);
+        self.deaths.push(now);
+        self.metrics.executor_restarts.increment(1);
+        if self.deaths.len() > MAX_RESTARTS {
+            return Err(format!(
+                "{} executor deaths within {} s (last: {reason}); not restarting",
+                self.deaths.len(),
+                RESTART_WINDOW.as_secs()
+            ));
+        }
+        self.executors.restart(instance, queue).map_err(|e| format!("executor {instance} cannot be restarted: {e}"))?;
+        // The batch it was running is gone; what was staged behind it
+        // waits in the queue the new thread took over.
+        self.slots.finished(instance);
+        tracing::error!(
+            model = %self.spec.name,
+            version = self.spec.version,
+            instance,
+            %reason,
+            "executor died; restarted it (its batches were answered)"
+        );
+        Ok(())
     }
 
     /// Expires what can no longer be met and dispatches what the policy
@@ -382,19 +509,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::{DataType, ModelError, Tensor, TensorData, TensorSpec};
+    use crate::model::{DataType, Inputs, ModelError, Tensor, TensorData, TensorSpec};
 
     /// Doubles its input; blocks each batch until the test opens the gate,
     /// so the test controls when the executor is busy. Negative input fails
-    /// the batch; NaN panics.
+    /// the batch; NaN panics; 777 gives an output shorter than its shape,
+    /// so splitting it panics in the executor, outside the model's guard.
     struct GatedDoubler {
         gate: Mutex<std::sync::mpsc::Receiver<()>>,
         batches: AtomicUsize,
         rows: AtomicUsize,
     }
 
-    impl Model for GatedDoubler {
-        fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
+    impl Backend for GatedDoubler {
+        fn run(&self, inputs: &Inputs) -> Result<Vec<Tensor>, ModelError> {
+            let inputs = inputs.tensors()?;
             let _ = self.gate.lock().expect("gate").recv();
             self.batches.fetch_add(1, Ordering::SeqCst);
             self.rows.fetch_add(inputs[0].rows(), Ordering::SeqCst);
@@ -404,6 +533,9 @@ mod tests {
             }
             if v.iter().any(|x| *x < 0.0) {
                 return Err(ModelError::Compute("negative input".into()));
+            }
+            if v.contains(&777.0) {
+                return Ok(vec![Tensor { shape: inputs[0].shape.clone(), data: TensorData::Fp32(vec![]) }]);
             }
             Ok(vec![Tensor {
                 shape: inputs[0].shape.clone(),
@@ -435,7 +567,7 @@ mod tests {
         let now = Instant::now();
         InferRequest {
             id: String::new(),
-            inputs: vec![Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![x]) }],
+            inputs: Inputs::Tensors(vec![Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![x]) }]),
             rows: 1,
             outputs: vec![0],
             received: now,
@@ -465,8 +597,7 @@ mod tests {
         };
         let metrics = VersionMetrics::new("double", 1, 1, max_batch_size);
         let handle =
-            spawn(model.clone(), spec(), settings, Arc::default(), Arc::default(), metrics, Default::default())
-                .expect("spawn");
+            spawn(model.clone(), BatchObserver::new(spec(), metrics), settings, &Threads::default()).expect("spawn");
         (handle, model, open)
     }
 
@@ -556,5 +687,66 @@ mod tests {
         for (i, answer) in answers.into_iter().enumerate() {
             assert_eq!(value_of(answer).await, 2.0 * i as f32);
         }
+    }
+
+    #[tokio::test]
+    async fn a_dead_executor_is_restarted_and_its_batches_are_answered() {
+        let (handle, _model, open) = start(1, 8);
+        let mut breaking = handle.submit(request(777.0)).expect("admitted");
+        let after = handle.submit(request(4.0)).expect("admitted");
+        for _ in 0..2 {
+            open.send(()).expect("gate");
+        }
+        match breaking.answer().await {
+            Err(InferError::Unavailable(m)) => assert!(m.contains("executor stopped"), "{m}"),
+            other => panic!("expected UNAVAILABLE, got {:?}", other.map(|_| ())),
+        }
+        // The same instance serves on after its restart.
+        assert_eq!(value_of(after).await, 8.0);
+        assert!(handle.serving());
+    }
+
+    #[tokio::test]
+    async fn executors_dying_in_a_loop_stop_the_version_and_everything_is_answered() {
+        let (handle, _model, open) = start(1, 64);
+        let tickets: Vec<_> = (0..=MAX_RESTARTS).map(|_| handle.submit(request(777.0)).expect("admitted")).collect();
+        let queued: Vec<_> = (0..3).map(|i| handle.submit(request(i as f32)).expect("admitted")).collect();
+        let mut live = handle.liveness();
+        for _ in 0..=MAX_RESTARTS + 3 {
+            let _ = open.send(());
+        }
+        for mut t in tickets.into_iter().chain(queued) {
+            // Each broke its executor or was answered when the version stopped.
+            assert!(matches!(t.answer().await, Err(InferError::Unavailable(_)) | Ok(_)));
+        }
+        tokio::time::timeout(Duration::from_secs(10), live.wait_for(|s| !*s)).await.expect("stops").expect("watch");
+        assert!(matches!(handle.submit(request(1.0)), Err(InferError::Unavailable(m)) if m.contains("not serving")));
+    }
+
+    #[tokio::test]
+    async fn a_dead_scheduler_stops_the_version_and_answers_its_queue() {
+        let (handle, _model, open) = start(4, 8);
+        let first = handle.submit(request(1.0)).expect("admitted");
+        wait_for_depth(&handle, 0); // dispatched, executor blocked on the gate
+        let queued: Vec<_> = (0..3).map(|i| handle.submit(request(i as f32)).expect("admitted")).collect();
+        let mut live = handle.liveness();
+        let mut fault = request(0.0);
+        fault.id = crate::fault::request_id("scheduler");
+        let mut killer = handle.submit(fault).expect("admitted");
+        tokio::time::timeout(Duration::from_secs(10), live.wait_for(|s| !*s)).await.expect("stops").expect("watch");
+        for mut t in queued {
+            match t.answer().await {
+                Err(InferError::Unavailable(m)) => assert!(m.contains("stopped serving"), "{m}"),
+                other => panic!("expected UNAVAILABLE, got {:?}", other.map(|_| ())),
+            }
+        }
+        assert!(matches!(killer.answer().await, Err(InferError::Unavailable(_))));
+        match handle.submit(request(1.0)) {
+            Err(InferError::Unavailable(m)) => assert!(m.contains("not serving"), "{m}"),
+            other => panic!("expected UNAVAILABLE, got {:?}", other.map(|_| ())),
+        }
+        // The batch already running is still answered.
+        open.send(()).expect("gate");
+        assert_eq!(value_of(first).await, 2.0);
     }
 }

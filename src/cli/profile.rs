@@ -45,12 +45,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         (None, Some(repo)) => repo.join(&args.model).join(number.to_string()).join(kiln::repository::REFERENCE_FILE),
         (None, None) => bail!("the built-in repository is read-only: give --out FILE"),
     };
-    let reference = kiln::monitor::drift::profile::profile(
-        version.model.as_ref(),
-        &version.spec,
-        &version.drift_layout,
-        &args.data,
-    )?;
+    let reference = kiln::monitor::drift::profile::profile(&version.model, &version.drift_layout, &args.data)?;
     std::fs::write(&out, serde_json::to_string_pretty(&reference)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     emit(&format!(

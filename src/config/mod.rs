@@ -1,5 +1,6 @@
 //! Configuration, split by owner: the server's own (`server`, `limits`),
-//! `model.toml`'s core (`model`), each kind's section beside its model,
+//! `model.toml`'s core (`model`), each kind's section beside its model
+//! (re-exported here),
 //! `[drift]` beside drift. One serde struct per file format, defaults in
 //! one place (`defaults`), and errors that name the file and the field.
 
@@ -8,11 +9,11 @@ pub mod limits;
 pub mod model;
 pub mod server;
 
-pub use crate::model::bert::{BertSection, Pooling, TEXT_BYTES_PER_TOKEN};
-pub use crate::model::mlp::{Activation, MlpSection};
+pub use crate::model::candle::bert::{BertSection, Pooling, TEXT_BYTES_PER_TOKEN};
+pub use crate::model::candle::mlp::{Activation, MlpSection};
 pub use crate::monitor::drift::config::{DriftSection, ReferenceSource};
 pub use limits::{LimitsConfig, MAX_DURATION_MS};
-pub use model::{DeviceChoice, FeatureToml, ModelKind, ModelToml, TensorToml};
+pub use model::{DeviceChoice, FeatureToml, ModelToml, TensorToml};
 pub use server::{
     DEFAULT_MAX_MESSAGE_BYTES, InputLogMode, MAX_MESSAGE_BYTES_LIMIT, RepositorySource, RequestLogConfig, ServeConfig,
     ServerFile, TenantConfig,

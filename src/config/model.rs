@@ -1,35 +1,14 @@
 //! `model.toml`: a model's kind, interface and serving settings. Each
-//! kind's own section lives beside its model (`[mlp]` in `model::mlp`,
-//! `[bert]` in `model::bert`), `[drift]` beside drift.
+//! kind's own section (`[mlp]`, `[bert]`) is checked by the kind itself,
+//! found through the model registry; `[drift]` lives beside drift.
 
 use serde::Deserialize;
 
 use super::{ConfigError, MAX_DURATION_MS};
 use crate::model::DataType;
-use crate::model::bert::BertSection;
-use crate::model::mlp::MlpSection;
+pub use crate::model::DeviceChoice;
+use crate::model::registry::{self, SectionFacts};
 use crate::monitor::drift::config::DriftSection;
-
-/// The kinds of model Kiln can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelKind {
-    /// Feed-forward network from `model.safetensors`.
-    Mlp,
-    /// BERT-family text encoder: `config.json`, `tokenizer.json`,
-    /// `model.safetensors` (Hugging Face layout).
-    Bert,
-}
-
-impl ModelKind {
-    /// The files each version folder must hold.
-    pub fn version_files(self) -> &'static [&'static str] {
-        match self {
-            Self::Mlp => &["model.safetensors"],
-            Self::Bert => &["model.safetensors", "config.json", "tokenizer.json"],
-        }
-    }
-}
 
 /// One named feature (a column of a 2-D input).
 #[derive(Debug, Clone, Deserialize)]
@@ -59,7 +38,8 @@ pub struct TensorToml {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelToml {
-    pub kind: ModelKind,
+    /// A kind in the model registry (`mlp`, `bert`).
+    pub kind: String,
     /// Free text shown in metadata.
     #[serde(default)]
     pub description: String,
@@ -98,29 +78,36 @@ pub struct ModelToml {
     pub default_priority: Option<u32>,
     pub inputs: Vec<TensorToml>,
     pub outputs: Vec<TensorToml>,
-    #[serde(default)]
-    pub mlp: Option<MlpSection>,
-    #[serde(default)]
-    pub bert: Option<BertSection>,
     /// Drift monitoring: reference, windows and thresholds.
     #[serde(default)]
     pub drift: DriftSection,
-}
-
-/// The device a model asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// CUDA device 0 when there is one, else the CPU.
-    Auto,
-    Cpu,
-    Cuda(usize),
+    /// The kind's own section (`[mlp]`, `[bert]`), as written; the kind
+    /// reads it when it loads.
+    #[serde(skip)]
+    pub section: Option<toml::Value>,
+    /// What the kind's section says that sizing depends on.
+    #[serde(skip)]
+    pub facts: SectionFacts,
 }
 
 impl ModelToml {
     /// Parses and checks `model.toml` text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let parsed: Self = toml::from_str(text).map_err(|e| ConfigError::new(file, e.to_string()))?;
-        parsed.check().map_err(|message| ConfigError::new(file, message))?;
+        let error = |message: String| ConfigError::new(file, message);
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| error(e.to_string()))?;
+        let kind = match table.get("kind") {
+            Some(toml::Value::String(name)) => registry::find(name).ok_or_else(|| error(registry::unknown(name)))?,
+            Some(other) => return Err(error(format!("field `kind`: expected a string, got {other}"))),
+            None => return Err(error("missing field `kind`".into())),
+        };
+        // The kind's section is the kind's to check; any other section is
+        // unknown to this struct and refused by name.
+        let section = table.remove(kind.name);
+        let mut parsed: Self =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| error(e.message().to_string()))?;
+        parsed.facts = (kind.section)(section.as_ref()).map_err(error)?;
+        parsed.section = section;
+        parsed.check().map_err(error)?;
         Ok(parsed)
     }
 
@@ -140,32 +127,24 @@ impl ModelToml {
                 return Err(format!("field `{field}`: must be 1 to {max}, got {value}"));
             }
         }
-        if let Some(bert) = &self.bert {
-            if !(1..=1 << 20).contains(&bert.max_tokens) {
-                return Err(format!("field `bert.max_tokens`: must be 1 to {}, got {}", 1 << 20, bert.max_tokens));
-            }
-            if let Some(bytes) = bert.max_text_bytes
-                && !(1..=1 << 30).contains(&bytes)
-            {
-                return Err(format!("field `bert.max_text_bytes`: must be 1 to {}, got {bytes}", 1 << 30));
-            }
-        }
         if self.max_cost_us == Some(0) {
             return Err("field `max_cost_us`: must be at least 1 µs (leave it out for no cap)".into());
         }
-        match (self.kind, self.max_batch_tokens) {
-            (ModelKind::Bert, Some(tokens)) => {
-                let longest = self.bert.as_ref().map_or(crate::config::defaults::max_tokens(), |b| b.max_tokens);
-                if tokens < longest {
-                    return Err(format!(
-                        "field `max_batch_tokens`: {tokens} is less than `bert.max_tokens` {longest}, so a single \
-                         longest text could never run"
-                    ));
-                }
+        match (self.facts.max_tokens, self.max_batch_tokens) {
+            (Some(longest), Some(tokens)) if tokens < longest => {
+                return Err(format!(
+                    "field `max_batch_tokens`: {tokens} is less than `{}.max_tokens` {longest}, so a single \
+                     longest text could never run",
+                    self.kind
+                ));
             }
-            (ModelKind::Bert, None) => {}
-            (_, Some(_)) => return Err("field `max_batch_tokens`: applies to text (bert) models only".into()),
-            (_, None) => {}
+            (None, Some(_)) => {
+                return Err(format!(
+                    "field `max_batch_tokens`: applies to text models only; a {} model batches rows",
+                    self.kind
+                ));
+            }
+            _ => {}
         }
         if self.max_queue == 0 {
             return Err("field `max_queue`: must be at least 1".into());
@@ -218,12 +197,11 @@ impl ModelToml {
     /// The most units one batch may hold: padded tokens for text models,
     /// rows for the rest.
     pub fn max_batch_units(&self) -> usize {
-        match self.kind {
-            ModelKind::Bert => self.max_batch_tokens.unwrap_or_else(|| {
-                crate::config::defaults::MAX_BATCH_TOKENS
-                    .max(self.bert.as_ref().map_or(crate::config::defaults::max_tokens(), |b| b.max_tokens))
-            }),
-            ModelKind::Mlp => self.max_batch_size,
+        match self.facts.max_tokens {
+            Some(longest) => {
+                self.max_batch_tokens.unwrap_or_else(|| crate::config::defaults::MAX_BATCH_TOKENS.max(longest))
+            }
+            None => self.max_batch_size,
         }
     }
 

@@ -1,13 +1,25 @@
-//! The seam between serving and compute: what a model declares (its spec)
-//! and the trait that runs one batch. Models know nothing of gRPC.
+//! The seam between serving and compute: what a model declares (its spec),
+//! the [`Backend`] trait that runs one batch, and [`load`], which finds the
+//! model's kind in the [`registry`]. A backend sees Kiln's own tensors and
+//! token rows only: no candle, file-format or config types cross the seam,
+//! and models know nothing of gRPC.
+//!
+//! Each kind lives in its own folder with its `model.toml` section and the
+//! files it needs (`candle/mlp.rs`, `candle/bert.rs`); `registry` is the one
+//! place that lists them.
 
-pub mod bert;
-pub mod mlp;
+pub mod candle;
+pub mod registry;
 pub mod tensor;
+#[cfg(feature = "test-backends")]
+pub mod test_backend;
 
 pub use tensor::{DataType, Tensor, TensorData};
 
-use crate::config::{ConfigError, DeviceChoice, ModelKind, ModelToml, TensorToml};
+use std::sync::Arc;
+
+use crate::config::{ConfigError, ModelToml, TensorToml};
+use crate::tokenization::TextTokenizer;
 
 /// One named column of a 2-D input, with its hard limits.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,15 +117,6 @@ pub enum ModelError {
     Input(String),
 }
 
-impl From<candle_core::Error> for ModelError {
-    fn from(e: candle_core::Error) -> Self {
-        Self::Compute(e.to_string())
-    }
-}
-
-/// The file holding a version's weights; its sha256 identifies the version.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-
 /// The files of one version folder, by name.
 #[derive(Debug, Default)]
 pub struct VersionFiles {
@@ -130,16 +133,6 @@ impl VersionFiles {
             .map(Vec::as_slice)
             .ok_or_else(|| ModelError::Weights(format!("{}/{name} is missing", self.folder)))
     }
-}
-
-/// A request's own limits on preparing its inputs (request parameters).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PrepareOptions {
-    /// Most tokens per text, below the model's own limit.
-    pub max_tokens: Option<usize>,
-    /// Cut longer texts to the limit (true) or refuse them (false); `None`
-    /// takes the model's default.
-    pub truncate: Option<bool>,
 }
 
 /// What preparing one request found: the size the batcher plans with.
@@ -162,27 +155,110 @@ impl Prepared {
     }
 }
 
-/// A loaded model: runs one batch of inputs (in declared order, rows
-/// stacked) and returns every declared output with the same rows.
-pub trait Model: Send + Sync {
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError>;
+/// What a backend computes on: the request's tensors as sent, or, for a
+/// text model, the token rows its tokenizer made of them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inputs {
+    /// One tensor per declared input, in declared order, rows stacked.
+    Tensors(Vec<Tensor>),
+    /// One row of token ids per text, unpadded (the batch pads to its
+    /// longest row), special tokens included.
+    Tokens(Vec<Vec<u32>>),
+}
 
-    /// True when `prepare` does real work (tokenizing), which then runs on
-    /// the preparation pool rather than inline.
-    fn prepares(&self) -> bool {
-        false
+impl Inputs {
+    /// Rows along the batch dimension.
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Tensors(t) => t.first().map_or(0, Tensor::rows),
+            Self::Tokens(rows) => rows.len(),
+        }
     }
 
-    /// Cheap checks of a request's raw size that must pass before any
-    /// preparation work is spent on it (a text's byte length).
-    fn check_size(&self, _inputs: &[Tensor]) -> Result<(), ModelError> {
-        Ok(())
+    /// Stacks requests' inputs along the batch dimension; `None` when they
+    /// are not of one form and row shape (validation guarantees they are).
+    pub fn concat(parts: &[&Inputs]) -> Option<Inputs> {
+        match parts.first()? {
+            Self::Tensors(first) => (0..first.len())
+                .map(|i| {
+                    let column: Option<Vec<&Tensor>> = parts
+                        .iter()
+                        .map(|p| match p {
+                            Self::Tensors(t) => t.get(i),
+                            Self::Tokens(_) => None,
+                        })
+                        .collect();
+                    Tensor::concat_rows(&column?)
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Self::Tensors),
+            Self::Tokens(_) => {
+                let mut rows = Vec::with_capacity(parts.iter().map(|p| p.rows()).sum());
+                for part in parts {
+                    let Self::Tokens(r) = part else { return None };
+                    rows.extend(r.iter().cloned());
+                }
+                Some(Self::Tokens(rows))
+            }
+        }
     }
 
-    /// Turns one request's validated inputs into the form `run` takes,
-    /// before it is queued, so the executor thread only computes.
-    fn prepare(&self, inputs: &mut [Tensor], _options: &PrepareOptions) -> Result<Prepared, ModelError> {
-        Ok(Prepared::rows(inputs.first().map_or(0, Tensor::rows)))
+    /// The tensors, for a backend that takes them.
+    pub fn tensors(&self) -> Result<&[Tensor], ModelError> {
+        match self {
+            Self::Tensors(t) => Ok(t),
+            Self::Tokens(_) => Err(ModelError::Compute("this model takes tensors, not token rows".into())),
+        }
+    }
+
+    /// The token rows, for a backend that takes them.
+    pub fn tokens(&self) -> Result<&[Vec<u32>], ModelError> {
+        match self {
+            Self::Tokens(rows) => Ok(rows),
+            Self::Tensors(_) => Err(ModelError::Compute("this model takes token rows: tokenize its text first".into())),
+        }
+    }
+}
+
+/// A loaded model on its device: runs one batch and returns every declared
+/// output with one row per input row.
+pub trait Backend: Send + Sync {
+    fn run(&self, inputs: &Inputs) -> Result<Vec<Tensor>, ModelError>;
+}
+
+/// A loaded version: its spec, its backend and, for text models, the
+/// tokenizer that turns its text into the token rows the backend takes.
+pub struct Model {
+    pub spec: Arc<ModelSpec>,
+    pub backend: Arc<dyn Backend>,
+    pub tokenizer: Option<Arc<TextTokenizer>>,
+}
+
+impl Model {
+    /// Turns tensors into what the backend takes, tokenizing text with
+    /// `options` (in-process callers: warm-up, profile, plan, benches; the
+    /// server tokenizes on its tokenization service instead).
+    pub fn prepare(
+        &self,
+        inputs: Vec<Tensor>,
+        options: &crate::tokenization::TokenizeOptions,
+    ) -> Result<(Inputs, Prepared), ModelError> {
+        match &self.tokenizer {
+            None => {
+                let rows = inputs.first().map_or(0, Tensor::rows);
+                Ok((Inputs::Tensors(inputs), Prepared::rows(rows)))
+            }
+            Some(tokenizer) => {
+                let (rows, size) = tokenizer.tokenize_tensors(&inputs, options)?;
+                Ok((Inputs::Tokens(rows), size))
+            }
+        }
+    }
+
+    /// Prepares and runs `inputs` in one go.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ModelError> {
+        let (inputs, _) = self.prepare(inputs, &Default::default())?;
+        self.backend.run(&inputs)
     }
 }
 
@@ -207,90 +283,72 @@ pub fn sample_inputs(spec: &ModelSpec, rows: usize, text: &dyn Fn(usize) -> Vec<
         .collect()
 }
 
-/// Picks the candle device for a `device` setting. `file` names the config
-/// in errors; `auto` falls back to the CPU with a log line.
-pub fn select_device(choice: DeviceChoice, file: &str) -> Result<candle_core::Device, ConfigError> {
-    match choice {
-        DeviceChoice::Cpu => Ok(candle_core::Device::Cpu),
-        DeviceChoice::Auto => {
-            if candle_core::utils::cuda_is_available()
-                && let Ok(device) = candle_core::Device::new_cuda(0)
-            {
-                return Ok(device);
-            }
-            tracing::info!(file, "device = \"auto\": no CUDA device in this build or machine, running on the CPU");
-            Ok(candle_core::Device::Cpu)
-        }
-        DeviceChoice::Cuda(ordinal) => {
-            if !candle_core::utils::cuda_is_available() {
-                return Err(ConfigError::new(
-                    file,
-                    format!(
-                        "field `device`: \"cuda:{ordinal}\" needs a build with CUDA \
-                         (cargo build --release --features cuda); use \"auto\" or \"cpu\""
-                    ),
-                ));
-            }
-            candle_core::Device::new_cuda(ordinal)
-                .map_err(|e| ConfigError::new(file, format!("field `device`: cuda:{ordinal}: {e}")))
-        }
+/// The device a model asks for in `model.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when there is one, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+/// What a kind's loader is given: the declared interface, its own
+/// `model.toml` section, the version's files and the device asked for.
+pub struct LoadContext<'a> {
+    /// The `model.toml` path, for errors.
+    pub file: &'a str,
+    pub inputs: &'a [TensorSpec],
+    pub outputs: &'a [TensorSpec],
+    /// The kind's own `[section]`, as written (absent: its defaults).
+    pub section: Option<&'a toml::Value>,
+    pub files: &'a VersionFiles,
+    pub device: DeviceChoice,
+}
+
+impl LoadContext<'_> {
+    /// A config error naming the `model.toml`.
+    pub fn config_error(&self, message: impl Into<String>) -> ModelError {
+        ModelError::Config(ConfigError::new(self.file, message))
     }
 }
 
-fn device_name(device: &candle_core::Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
+/// What a kind's loader returns.
+pub struct Loaded {
+    pub backend: Box<dyn Backend>,
+    /// Text models: the tokenizer their text goes through first.
+    pub tokenizer: Option<TextTokenizer>,
+    /// The device it really runs on (`cpu`, `cuda:0`).
+    pub device: String,
 }
 
-/// Builds a model version from its config and weights bytes. `file` names
-/// the config for errors.
+/// Builds a model version from its config and files through its kind's
+/// loader. `file` names the config for errors.
 pub fn load(
     name: &str,
     version: u64,
     file: &str,
     config: &ModelToml,
     files: &VersionFiles,
-) -> Result<(ModelSpec, Box<dyn Model>), ModelError> {
-    let weights = files.get(WEIGHTS_FILE)?;
-    let choice = config.device_choice().map_err(|m| ConfigError::new(file, m))?;
-    let device = select_device(choice, file)?;
+) -> Result<Model, ModelError> {
+    let kind = registry::find(&config.kind)
+        .ok_or_else(|| ModelError::Config(ConfigError::new(file, registry::unknown(&config.kind))))?;
+    let device = config.device_choice().map_err(|m| ConfigError::new(file, m))?;
     let inputs: Vec<TensorSpec> = config.inputs.iter().map(TensorSpec::from_toml).collect();
     let outputs: Vec<TensorSpec> = config.outputs.iter().map(TensorSpec::from_toml).collect();
-    let model: Box<dyn Model> = match config.kind {
-        ModelKind::Mlp => Box::new(mlp::Mlp::load(
-            file,
-            &inputs,
-            &outputs,
-            &config.mlp.clone().unwrap_or_default(),
-            weights,
-            &device,
-        )?),
-        ModelKind::Bert => Box::new(bert::Bert::load(
-            file,
-            &inputs,
-            &outputs,
-            &config.bert.clone().unwrap_or_default(),
-            files,
-            &device,
-        )?),
-    };
+    let context =
+        LoadContext { file, inputs: &inputs, outputs: &outputs, section: config.section.as_ref(), files, device };
+    let loaded = (kind.load)(&context)?;
     let spec = ModelSpec {
         name: name.to_string(),
         version,
-        platform: match config.kind {
-            ModelKind::Mlp => "kiln_mlp".into(),
-            ModelKind::Bert => "kiln_bert".into(),
-        },
+        platform: kind.platform.into(),
         description: config.description.clone(),
         inputs,
         outputs,
-        weights_sha256: sha256_hex(weights),
-        device: device_name(&device),
+        weights_sha256: sha256_hex(files.get(kind.identity())?),
+        device: loaded.device,
     };
-    Ok((spec, model))
+    Ok(Model { spec: Arc::new(spec), backend: Arc::from(loaded.backend), tokenizer: loaded.tokenizer.map(Arc::new) })
 }
 
 /// Lower-case hex sha256 of `bytes`.

@@ -60,10 +60,6 @@ pub enum TensorData {
     Int32(Vec<i32>),
     Int64(Vec<i64>),
     Bytes(Vec<Vec<u8>>),
-    /// A BYTES text input after tokenization: one row of token ids per
-    /// string, unpadded (the batch pads to its longest row). Only models
-    /// that prepare their inputs see it; it never goes on the wire.
-    Tokens(Vec<Vec<u32>>),
 }
 
 impl TensorData {
@@ -75,7 +71,6 @@ impl TensorData {
             Self::Int32(v) => v.len(),
             Self::Int64(v) => v.len(),
             Self::Bytes(v) => v.len(),
-            Self::Tokens(v) => v.len(),
         }
     }
 
@@ -91,7 +86,7 @@ impl TensorData {
             Self::Fp64(_) => DataType::Fp64,
             Self::Int32(_) => DataType::Int32,
             Self::Int64(_) => DataType::Int64,
-            Self::Bytes(_) | Self::Tokens(_) => DataType::Bytes,
+            Self::Bytes(_) => DataType::Bytes,
         }
     }
 
@@ -103,7 +98,6 @@ impl TensorData {
             Self::Int32(_) => Self::Int32(Vec::with_capacity(capacity)),
             Self::Int64(_) => Self::Int64(Vec::with_capacity(capacity)),
             Self::Bytes(_) => Self::Bytes(Vec::with_capacity(capacity)),
-            Self::Tokens(_) => Self::Tokens(Vec::with_capacity(capacity)),
         }
     }
 
@@ -115,7 +109,6 @@ impl TensorData {
             (Self::Int32(a), Self::Int32(b)) => a.extend_from_slice(b),
             (Self::Int64(a), Self::Int64(b)) => a.extend_from_slice(b),
             (Self::Bytes(a), Self::Bytes(b)) => a.extend(b.iter().cloned()),
-            (Self::Tokens(a), Self::Tokens(b)) => a.extend(b.iter().cloned()),
             _ => return false,
         }
         true
@@ -129,7 +122,6 @@ impl TensorData {
             Self::Int32(v) => Self::Int32(v[range].to_vec()),
             Self::Int64(v) => Self::Int64(v[range].to_vec()),
             Self::Bytes(v) => Self::Bytes(v[range].to_vec()),
-            Self::Tokens(v) => Self::Tokens(v[range].to_vec()),
         }
     }
 
@@ -150,16 +142,6 @@ impl TensorData {
                     // A single element over 4 GiB cannot pass the message limit.
                     out.extend_from_slice(&(item.len() as u32).to_le_bytes());
                     out.extend_from_slice(item);
-                }
-                out
-            }
-            // Ids as length-prefixed little-endian u32 rows, for completeness:
-            // tokens are an internal form and are not sent to clients.
-            Self::Tokens(v) => {
-                let mut out = Vec::new();
-                for row in v {
-                    out.extend_from_slice(&(row.len() as u32).to_le_bytes());
-                    out.extend(row.iter().flat_map(|id| id.to_le_bytes()));
                 }
                 out
             }

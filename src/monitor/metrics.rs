@@ -39,6 +39,9 @@ pub const MODEL_READY: &str = "kiln_model_ready";
 pub const BUILD_INFO: &str = "kiln_build_info";
 /// Share of wall time the version's executors spent running batches.
 pub const EXECUTOR_BUSY: &str = "kiln_executor_busy_ratio";
+/// Executor threads that died (a panic outside the model's guard) and were
+/// restarted.
+pub const EXECUTOR_RESTARTS: &str = "kiln_executor_restarts_total";
 /// Population stability index of a watched feature, output or text
 /// statistic against the reference.
 pub const DRIFT_PSI: &str = "kiln_drift_psi";
@@ -118,6 +121,7 @@ fn describe() {
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from receipt to answer per request.");
     describe_histogram!(QUEUE_DURATION, Unit::Seconds, "Time a request waited in the queue before its batch ran.");
     describe_histogram!(COMPUTE_DURATION, Unit::Seconds, "Model compute time per batch.");
+    describe_counter!(EXECUTOR_RESTARTS, "Executor threads that died outside the model's guard and were restarted.");
     describe_histogram!(BATCH_SIZE, "Requests per formed batch.");
     describe_histogram!(BATCH_UNITS, "Units per formed batch: rows, or padded tokens for text.");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting in the queue.");
@@ -160,6 +164,7 @@ pub struct VersionMetrics {
     /// One gauge per priority level (index 0 = level 1).
     pub queue_depth: Vec<Gauge>,
     pub ready: Gauge,
+    pub executor_restarts: Counter,
     latency_fixed: Gauge,
     latency_per_unit: Gauge,
     /// The batch limit the fill ratio is measured against.
@@ -191,6 +196,7 @@ impl VersionMetrics {
                 })
                 .collect(),
             ready: metrics::gauge!(MODEL_READY, "model" => m.clone(), "version" => v.clone()),
+            executor_restarts: metrics::counter!(EXECUTOR_RESTARTS, "model" => m.clone(), "version" => v.clone()),
             busy_ns: Arc::new(AtomicU64::new(0)),
             busy_last: Arc::new(Mutex::new((Instant::now(), 0))),
             busy_ratio: metrics::gauge!(EXECUTOR_BUSY, "model" => m.clone(), "version" => v.clone()),

@@ -14,7 +14,7 @@ use metrics::Counter;
 use serde_json::{Value, json};
 
 use crate::config::{InputLogMode, RequestLogConfig};
-use crate::model::{ModelSpec, Tensor, TensorData};
+use crate::model::{Inputs, ModelSpec, Tensor, TensorData};
 use crate::monitor::metrics::REQUEST_LOG_DROPPED;
 use crate::request::Timing;
 
@@ -23,7 +23,8 @@ const CHANNEL_LINES: usize = 4096;
 
 /// The executor's side of the request log.
 pub struct RequestLog {
-    tx: SyncSender<String>,
+    /// Taken by `close`: the writer finishes the queued lines and stops.
+    tx: std::sync::Mutex<Option<SyncSender<String>>>,
     sample_rate: f64,
     inputs: InputLogMode,
     key: Vec<u8>,
@@ -39,19 +40,19 @@ pub struct Entry<'a> {
     /// Receipt to the end of its batch.
     pub server_us: u64,
     /// Its own rows of every input, in declared order.
-    pub inputs: &'a [Tensor],
+    pub inputs: &'a Inputs,
     /// (name, its rows) of each output it asked for.
     pub outputs: Vec<(&'a str, Tensor)>,
 }
 
 impl RequestLog {
     /// Opens (creating) the file and starts the writer thread.
-    pub fn start(config: &RequestLogConfig) -> std::io::Result<Self> {
+    pub fn start(config: &RequestLogConfig, threads: &crate::runtime::Threads) -> std::io::Result<Self> {
         let writer = Writer::open(config.path.clone(), config.max_bytes, config.keep_files)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_LINES);
-        std::thread::Builder::new().name("kiln-request-log".into()).spawn(move || writer.run(rx))?;
+        threads.spawn("kiln-request-log", move || writer.run(rx))?;
         Ok(Self {
-            tx,
+            tx: std::sync::Mutex::new(Some(tx)),
             sample_rate: config.sample_rate,
             inputs: config.inputs,
             key: config.hmac_key.clone().unwrap_or_default().into_bytes(),
@@ -67,9 +68,18 @@ impl RequestLog {
     /// Queues one entry's line.
     pub fn write(&self, entry: Entry<'_>) {
         let line = self.line(entry).to_string();
-        if self.tx.try_send(line).is_err() {
+        let sent = match self.tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            Some(tx) => tx.try_send(line).is_ok(),
+            None => false,
+        };
+        if !sent {
             self.dropped.increment(1);
         }
+    }
+
+    /// Stops taking lines; the writer writes what is queued, then stops.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     }
 
     fn line(&self, e: Entry<'_>) -> Value {
@@ -90,16 +100,27 @@ impl RequestLog {
             },
             "outputs": e.outputs.iter().map(|(name, t)| (name.to_string(), values(t))).collect::<serde_json::Map<_, _>>(),
         });
-        let inputs = e.spec.inputs.iter().zip(e.inputs);
+        // Each declared input's name with its values (JSON) and raw bytes
+        // (hashed); a text model's one input is logged as its token rows.
+        let inputs: Vec<(&str, Value, Vec<u8>)> = match (self.inputs, e.inputs) {
+            (InputLogMode::None, _) => Vec::new(),
+            (_, Inputs::Tensors(tensors)) => {
+                e.spec.inputs.iter().zip(tensors).map(|(s, t)| (s.name.as_str(), values(t), t.data.to_raw())).collect()
+            }
+            (_, Inputs::Tokens(rows)) => {
+                e.spec.inputs.first().map_or_else(Vec::new, |s| vec![(s.name.as_str(), json!(rows), token_raw(rows))])
+            }
+        };
         match self.inputs {
             InputLogMode::None => {}
             InputLogMode::Full => {
                 line["inputs"] =
-                    inputs.map(|(s, t)| (s.name.clone(), values(t))).collect::<serde_json::Map<_, _>>().into();
+                    inputs.into_iter().map(|(n, v, _)| (n.to_string(), v)).collect::<serde_json::Map<_, _>>().into();
             }
             InputLogMode::Hash => {
                 line["inputs_hmac_sha256"] = inputs
-                    .map(|(s, t)| (s.name.clone(), Value::from(hmac_hex(&self.key, &t.data.to_raw()))))
+                    .into_iter()
+                    .map(|(n, _, raw)| (n.to_string(), Value::from(hmac_hex(&self.key, &raw))))
                     .collect::<serde_json::Map<_, _>>()
                     .into();
             }
@@ -115,7 +136,18 @@ pub fn hmac_hex(key: &[u8], bytes: &[u8]) -> String {
     mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A tensor's values as JSON (text as strings, tokens as id lists).
+/// Token rows as bytes to hash: each row a 4-byte little-endian length,
+/// then its ids as little-endian u32.
+fn token_raw(rows: &[Vec<u32>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.iter().map(|r| 4 + 4 * r.len()).sum());
+    for row in rows {
+        out.extend_from_slice(&(row.len() as u32).to_le_bytes());
+        out.extend(row.iter().flat_map(|id| id.to_le_bytes()));
+    }
+    out
+}
+
+/// A tensor's values as JSON (text as strings).
 fn values(t: &Tensor) -> Value {
     match &t.data {
         TensorData::Fp32(v) => json!(v),
@@ -123,7 +155,6 @@ fn values(t: &Tensor) -> Value {
         TensorData::Int32(v) => json!(v),
         TensorData::Int64(v) => json!(v),
         TensorData::Bytes(v) => json!(v.iter().map(|b| String::from_utf8_lossy(b)).collect::<Vec<_>>()),
-        TensorData::Tokens(v) => json!(v),
     }
 }
 
@@ -209,16 +240,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let spec = spec();
         let x = [Tensor { shape: vec![1, 2], data: TensorData::Fp32(vec![1.5, -2.0]) }];
+        let sent = Inputs::Tensors(x.to_vec());
         let y = Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![0.25]) };
         let line = |inputs: InputLogMode| {
-            let log = RequestLog::start(&RequestLogConfig {
-                path: dir.path().join("log.jsonl"),
-                sample_rate: 1.0,
-                max_bytes: 1 << 20,
-                keep_files: 1,
-                inputs,
-                hmac_key: Some("k".into()),
-            })
+            let log = RequestLog::start(
+                &RequestLogConfig {
+                    path: dir.path().join("log.jsonl"),
+                    sample_rate: 1.0,
+                    max_bytes: 1 << 20,
+                    keep_files: 1,
+                    inputs,
+                    hmac_key: Some("k".into()),
+                },
+                &crate::runtime::Threads::default(),
+            )
             .expect("starts");
             log.line(Entry {
                 spec: &spec,
@@ -226,7 +261,7 @@ mod tests {
                 batch_id: 9,
                 timing: Timing { queue_us: 3, compute_us: 4, batch_size: 1, cost_us: 4 },
                 server_us: 10,
-                inputs: &x,
+                inputs: &sent,
                 outputs: vec![("y", y.clone())],
             })
         };

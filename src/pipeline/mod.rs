@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::InferError;
-use crate::model::{self, ModelError, Tensor};
-use crate::prepare::{PrepareError, PreparePool};
+use crate::model::{self, Inputs, Tensor};
 use crate::repository::ServedVersion;
 use crate::request::{InferRequest, InferResponse};
 use crate::server::drain::Drain;
+use crate::tokenization::{PrepareError, Tokenization, TokenizeError, TokenizeOptions};
 use admission::{Admission, VersionLimits};
 use params::RequestParams;
 
@@ -51,11 +51,15 @@ pub struct Call {
     pub tenant: Option<String>,
 }
 
-/// Stage 2: inputs in the form the model computes on, and the size the
-/// batcher plans with (tokens for text).
+/// Stage 2: inputs in the form the backend computes on (token rows for
+/// text), and the size the batcher plans with (tokens for text).
 #[derive(Debug)]
 pub struct Prepared {
-    pub decoded: Decoded,
+    pub id: String,
+    pub inputs: Inputs,
+    pub rows: usize,
+    pub outputs: Vec<usize>,
+    pub params: RequestParams,
     pub size: model::Prepared,
 }
 
@@ -70,16 +74,21 @@ pub struct Answer {
     pub server_us: u64,
 }
 
-/// The stages' shared state: tenant budgets and the preparation pool.
+/// The stages' shared state: tenant budgets and the tokenization service.
 pub struct Pipeline {
     admission: Admission,
-    prepare: PreparePool,
+    tokenization: Tokenization,
     drain: Arc<Drain>,
 }
 
 impl Pipeline {
-    pub fn new(admission: Admission, prepare: PreparePool, drain: Arc<Drain>) -> Self {
-        Self { admission, prepare, drain }
+    pub fn new(admission: Admission, tokenization: Tokenization, drain: Arc<Drain>) -> Self {
+        Self { admission, tokenization, drain }
+    }
+
+    /// Stops the tokenization service once its queued work is done.
+    pub fn close(&self) {
+        self.tokenization.close();
     }
 
     /// Prepares, admits, queues and waits for one request (bounded by its
@@ -95,20 +104,25 @@ impl Pipeline {
         let deadline = Admission::deadline(&version.config, call.received, &decoded.params, call.deadline);
         let precheck = || self.admission.precheck(&limits, deadline, version.batcher.depth(), tenant.as_deref());
         let prepared = self.prepare(version, decoded, deadline, precheck).await?;
-        let Prepared { decoded, size } = prepared;
-        let decision =
-            self.admission.admit(&limits, decoded.rows, &size, &decoded.params, deadline, tenant.as_deref())?;
+        let decision = self.admission.admit(
+            &limits,
+            prepared.rows,
+            &prepared.size,
+            &prepared.params,
+            deadline,
+            tenant.as_deref(),
+        )?;
         let charge = decision.charge;
-        let outputs = decoded.outputs.clone();
+        let (id, outputs) = (prepared.id.clone(), prepared.outputs.clone());
         let request = InferRequest {
-            id: decoded.id.clone(),
-            inputs: decoded.inputs,
-            rows: decoded.rows,
-            outputs: decoded.outputs,
+            id: prepared.id,
+            inputs: prepared.inputs,
+            rows: prepared.rows,
+            outputs: prepared.outputs,
             received: call.received,
             priority: decision.priority,
             deadline,
-            size,
+            size: prepared.size,
         };
         let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&charge, Some(0)))?;
         let answer = tokio::select! {
@@ -144,7 +158,7 @@ impl Pipeline {
                     return Err(expired());
                 }
                 let server_us = answered.saturating_duration_since(call.received).as_micros() as u64;
-                Ok(Answer { id: decoded.id, outputs, response, server_us })
+                Ok(Answer { id, outputs, response, server_us })
             }
             Err(_elapsed) => {
                 // Still queued: never computed, refund it (the scheduler's
@@ -164,57 +178,52 @@ impl Pipeline {
         }
     }
 
-    /// Prepares the inputs (tokenizes text) on the pool and sizes the
-    /// request for the batcher. Refusals that need no token count (size
-    /// limits, then `precheck`: deadline, queue, tenant budget) come first,
-    /// so no tokenizer time is spent on a request refused anyway.
+    /// Prepares the inputs (tokenizes text) on the tokenization service and
+    /// sizes the request for the batcher. Refusals that need no token count
+    /// (size limits, then `precheck`: deadline, queue, tenant budget) come
+    /// first, so no tokenizer time is spent on a request refused anyway.
     async fn prepare(
         &self,
         version: &ServedVersion,
-        mut decoded: Decoded,
+        decoded: Decoded,
         deadline: Instant,
         precheck: impl FnOnce() -> Result<(), InferError>,
     ) -> Result<Prepared, InferError> {
-        let options = decoded.params.text;
-        if !version.model.prepares() {
-            if options != model::PrepareOptions::default() {
+        let Decoded { id, inputs, rows, outputs, params } = decoded;
+        let options = params.text;
+        let prepared = |inputs, size| Prepared { id, inputs, rows, outputs, params, size };
+        let Some(tokenizer) = &version.model.tokenizer else {
+            if options != TokenizeOptions::default() {
                 return Err(InferError::InvalidArgument(format!(
                     "parameters 'max_tokens' and 'truncate' apply to text models; model '{}' takes {}",
                     version.spec.name, version.spec.platform
                 )));
             }
-            let size = model::Prepared::rows(decoded.rows);
-            return Ok(Prepared { decoded, size });
-        }
+            return Ok(prepared(Inputs::Tensors(inputs), model::Prepared::rows(rows)));
+        };
         let failed = |reason: String| InferError::ModelFailed {
             model: version.spec.name.clone(),
             version: version.spec.version,
             reason,
         };
-        let refused = |e: ModelError| match e {
-            ModelError::Input(message) => InferError::InvalidArgument(message),
+        tokenizer.check_size(&inputs).map_err(|e| match e {
+            model::ModelError::Input(message) => InferError::InvalidArgument(message),
             other => failed(other.to_string()),
-        };
-        version.model.check_size(&decoded.inputs).map_err(refused)?;
+        })?;
         precheck()?;
-        let model = version.model.clone();
-        let mut inputs = std::mem::take(&mut decoded.inputs);
-        let (inputs, size) = self
-            .prepare
-            .run(deadline, move || {
-                let size = model.prepare(&mut inputs, &options);
-                (inputs, size)
-            })
-            .await
-            .map_err(|e| match e {
-                PrepareError::QueueFull { .. } => InferError::Overloaded {
+        let (tokens, size) =
+            self.tokenization.encode(tokenizer, inputs, options, deadline).await.map_err(|e| match e {
+                TokenizeError::Input(message) => InferError::InvalidArgument(message),
+                TokenizeError::Service(e @ PrepareError::QueueFull { .. }) => InferError::Overloaded {
                     reason: "prepare_queue",
                     message: format!("model '{}': {e}", version.spec.name),
                 },
-                PrepareError::Expired => InferError::Expired(format!("model '{}': {e}", version.spec.name)),
-                PrepareError::Stopped | PrepareError::Panicked(_) => failed(e.to_string()),
+                TokenizeError::Service(e @ PrepareError::Expired) => {
+                    InferError::Expired(format!("model '{}': {e}", version.spec.name))
+                }
+                TokenizeError::Service(e) => failed(e.to_string()),
+                TokenizeError::Failed(reason) => failed(reason),
             })?;
-        decoded.inputs = inputs;
-        Ok(Prepared { decoded, size: size.map_err(refused)? })
+        Ok(prepared(Inputs::Tokens(tokens), size))
     }
 }

@@ -4,7 +4,7 @@
 //! parameters (perf_analyzer sends its own) are ignored.
 
 use crate::error::InferError;
-use crate::model::PrepareOptions;
+use crate::tokenization::TokenizeOptions;
 
 /// One parameter value as a front end received it.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,7 +39,7 @@ pub struct RequestParams {
     pub max_cost_us: Option<u64>,
     pub tenant: Option<String>,
     /// Text models: the request's own token limit and what to do above it.
-    pub text: PrepareOptions,
+    pub text: TokenizeOptions,
 }
 
 fn invalid(msg: impl Into<String>) -> InferError {

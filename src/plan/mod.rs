@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::batcher::policy::BatchPolicy;
 use crate::bench::{BenchOptions, Load};
 use crate::config::{RepositorySource, ServeConfig};
-use crate::model::{Model, ModelSpec, PrepareOptions, Tensor};
+use crate::model::{Model, ModelSpec, Tensor};
 use sim::{BatchCurve, SimResult, SimSetup, simulate};
 
 /// The highest share of a measured capacity the planner will load.
@@ -148,12 +148,12 @@ fn sample(spec: &ModelSpec, rows: usize) -> Vec<Tensor> {
 }
 
 /// Median seconds per batch at 1, 2, 4, ... `max_rows` rows.
-pub fn measure_curve(model: &dyn Model, spec: &ModelSpec, max_rows: usize) -> Result<BatchCurve, PlanError> {
+pub fn measure_curve(model: &Model, max_rows: usize) -> Result<BatchCurve, PlanError> {
     let mut points = Vec::new();
     let mut rows = 1;
     while rows <= max_rows {
-        let mut inputs = sample(spec, rows);
-        model.prepare(&mut inputs, &PrepareOptions::default())?;
+        let (inputs, _) = model.prepare(sample(&model.spec, rows), &Default::default())?;
+        let model = model.backend.as_ref();
         model.run(&inputs)?;
         // Enough runs for a stable median, bounded to about a second.
         let mut times = Vec::new();
@@ -269,11 +269,11 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
         .map_err(|e| PlanError::Serve(e.to_string()))??;
     let m = loaded.into_iter().find(|m| m.name == options.model).ok_or(PlanError::NoModel(options.model.clone()))?;
     let version = m.versions.get(&m.default_version).ok_or(PlanError::NoModel(options.model.clone()))?;
-    let (model, spec) = (version.model.clone(), version.spec.clone());
-    let on_gpu = spec.device != "cpu";
+    let model = version.model.clone();
+    let on_gpu = model.spec.device != "cpu";
     let config = m.config.clone();
     let max_queue = config.max_queue;
-    let curve = tokio::task::spawn_blocking(move || measure_curve(model.as_ref(), &spec, 64))
+    let curve = tokio::task::spawn_blocking(move || measure_curve(&model, 64))
         .await
         .map_err(|e| PlanError::Serve(e.to_string()))??;
     drop(m);

@@ -23,8 +23,13 @@ use crate::api::ingress::{InflightBudget, Ingress, IngressState, SMALL_MESSAGE_B
 use crate::api::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::config::ServeConfig;
 use crate::monitor;
-use crate::monitor::request_log::RequestLog;
 use crate::repository::{self, Repository, RepositoryError};
+use crate::runtime::{Runtime, Threads};
+use crate::tokenization::{PreparePool, Tokenization};
+
+/// How long shutdown waits for the serving threads once the calls are
+/// answered: the batchers only have leftovers by then.
+const THREAD_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +62,8 @@ pub async fn serve(
     let prometheus = monitor::metrics::install();
     let source = config.repository.clone();
     let loaded = tokio::task::spawn_blocking(move || repository::load(&source)).await??;
-    let log = match &config.request_log {
-        Some(c) => Some(Arc::new(
-            RequestLog::start(c)
-                .map_err(|source| RepositoryError::Io { path: c.path.display().to_string(), source })?,
-        )),
-        None => None,
-    };
-    let repo = Arc::new(Repository::start(loaded, log)?);
+    let runtime = Arc::new(Runtime::start(loaded, config.request_log.as_ref(), Threads::default())?);
+    let repo = runtime.repo.clone();
 
     let drain = Arc::new(drain::Drain::default());
     let (health, _) = tonic_health::server::health_reporter();
@@ -77,6 +76,7 @@ pub async fn serve(
     for name in repo.models.keys() {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
+    watch_liveness(&repo, &health);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -86,12 +86,13 @@ pub async fn serve(
     let ready = Arc::new(AtomicBool::new(true));
     let pipeline = Arc::new(crate::pipeline::Pipeline::new(
         crate::pipeline::admission::Admission::new(&config.tenants),
-        crate::prepare::PreparePool::new(config.prepare_threads, config.limits.prepare_queue)?,
+        Tokenization::new(PreparePool::new(config.prepare_threads, config.limits.prepare_queue, runtime.threads())?),
         drain.clone(),
     ));
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), pipeline, ready.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let inference =
+        GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), pipeline.clone(), ready.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal = {
@@ -155,11 +156,35 @@ pub async fn serve(
     )
     .await;
     busy_task.abort();
-    repo.mark_stopped();
+    pipeline.close();
+    let stopping = runtime.clone();
+    let joined = tokio::task::spawn_blocking(move || stopping.shutdown(THREAD_JOIN_TIMEOUT)).await?;
+    if joined.running.is_empty() {
+        tracing::info!(threads = joined.joined, "clean stop: every serving thread joined");
+    } else {
+        tracing::warn!(joined = joined.joined, running = ?joined.running, "threads still running at exit");
+    }
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Follows each version's liveness: a version whose scheduler stopped for
+/// good turns its model NOT_SERVING when it is the model's default (the
+/// version a request without one goes to); `ModelReady` and
+/// `kiln_model_ready` say so per version.
+fn watch_liveness(repo: &Repository, health: &tonic_health::server::HealthReporter) {
+    for model in repo.models.values() {
+        if let Some(version) = model.versions.get(&model.default_version) {
+            let (mut live, health, name) = (version.batcher.liveness(), health.clone(), model.name.clone());
+            tokio::spawn(async move {
+                if live.wait_for(|serving| !*serving).await.is_ok() {
+                    health.set_service_status(&name, ServingStatus::NotServing).await;
+                }
+            });
+        }
+    }
 }
 
 /// Publishes each version's executor busy ratio once a second.

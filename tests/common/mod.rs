@@ -129,7 +129,7 @@ pub fn risk_in_process(rows: &[Vec<f32>]) -> Vec<f32> {
         shape: vec![rows.len(), 30],
         data: kiln::model::TensorData::Fp32(rows.iter().flatten().copied().collect()),
     };
-    let out = version.model.run(&[input]).expect("model runs");
+    let out = version.model.run(vec![input]).expect("model runs");
     match &out[0].data {
         kiln::model::TensorData::Fp32(v) => v.clone(),
         other => panic!("unexpected output {other:?}"),

@@ -1,7 +1,7 @@
 //! Which parts of a model's inputs and outputs drift watches, and the
 //! compact per-batch sample the executor hands over after each batch.
 
-use crate::model::{DataType, ModelSpec, Tensor, TensorData};
+use crate::model::{DataType, Inputs, ModelSpec, Tensor, TensorData};
 
 /// Widest 2-D numeric input whose columns are watched one by one; wider
 /// inputs (images, raw vectors) have no per-column meaning to profile.
@@ -114,14 +114,17 @@ impl Layout {
 
     /// The compact sample of one computed batch: copies of the watched
     /// values only, so the drift task never touches the batch itself.
-    pub fn sample(&self, inputs: &[Tensor], outputs: &[Tensor], request_units: Vec<u32>, unknown: u64) -> BatchSample {
-        let rows = inputs.first().map_or(0, Tensor::rows);
-        let features = rows_of(inputs, &tracked(self.features.iter().map(|f| f.input)), rows);
+    pub fn sample(&self, inputs: &Inputs, outputs: &[Tensor], request_units: Vec<u32>, unknown: u64) -> BatchSample {
+        let rows = inputs.rows();
+        let features = match inputs {
+            Inputs::Tensors(tensors) => rows_of(tensors, &tracked(self.features.iter().map(|f| f.input)), rows),
+            Inputs::Tokens(_) => Vec::new(),
+        };
         let scores = rows_of(outputs, &tracked(self.outputs.iter().map(|o| o.output)), rows);
         let text = self.text.then(|| TextSample {
-            token_lengths: match inputs.first().map(|t| &t.data) {
-                Some(TensorData::Tokens(ids)) => ids.iter().map(|r| r.len() as u32).collect(),
-                _ => Vec::new(),
+            token_lengths: match inputs {
+                Inputs::Tokens(ids) => ids.iter().map(|r| r.len() as u32).collect(),
+                Inputs::Tensors(_) => Vec::new(),
             },
             unknown_tokens: unknown,
             embeddings: match outputs.first().map(|t| &t.data) {
@@ -162,7 +165,7 @@ fn rows_of(tensors: &[Tensor], watched: &[usize], rows: usize) -> Vec<f32> {
                 TensorData::Fp64(v) => out.extend(v[range].iter().map(|x| *x as f32)),
                 TensorData::Int32(v) => out.extend(v[range].iter().map(|x| *x as f32)),
                 TensorData::Int64(v) => out.extend(v[range].iter().map(|x| *x as f32)),
-                TensorData::Bytes(_) | TensorData::Tokens(_) => out.extend(std::iter::repeat_n(f32::NAN, range.len())),
+                TensorData::Bytes(_) => out.extend(std::iter::repeat_n(f32::NAN, range.len())),
             }
         }
     }

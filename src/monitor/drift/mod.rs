@@ -46,7 +46,9 @@ enum DriftEvent {
 
 /// The executor's and the API's side of one version's drift monitor.
 pub struct DriftHandle {
-    tx: Option<SyncSender<DriftEvent>>,
+    /// `None` when drift is off, or once closed (the thread then stops).
+    tx: Mutex<Option<SyncSender<DriftEvent>>>,
+    enabled: bool,
     layout: Arc<Layout>,
     dropped: Counter,
     state: Arc<Mutex<DriftState>>,
@@ -62,6 +64,7 @@ impl DriftHandle {
         layout: Layout,
         config: &DriftSection,
         reference: Option<Reference>,
+        threads: &crate::runtime::Threads,
     ) -> std::io::Result<Self> {
         let labels = Labels { model: model.to_string(), version: version.to_string() };
         let dropped = metrics::counter!(names::DRIFT_DROPPED, "model" => labels.model.clone(), "version" => labels.version.clone());
@@ -110,18 +113,16 @@ impl DriftHandle {
                     state: state.clone(),
                     started: Instant::now(),
                 };
-                std::thread::Builder::new()
-                    .name(format!("kiln-drift-{model}-{version}"))
-                    .spawn(move || task.run(rx))?;
+                threads.spawn(format!("kiln-drift-{model}-{version}"), move || task.run(rx))?;
                 Some(tx)
             }
         };
-        Ok(Self { tx, layout, dropped, state })
+        Ok(Self { enabled: tx.is_some(), tx: Mutex::new(tx), layout, dropped, state })
     }
 
     /// True when samples are wanted.
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.enabled
     }
 
     pub fn layout(&self) -> &Layout {
@@ -131,20 +132,38 @@ impl DriftHandle {
     /// Hands one batch's sample over, or drops and counts it when the
     /// drift thread is behind.
     pub fn offer(&self, sample: BatchSample) {
-        let Some(tx) = &self.tx else { return };
         let rows = sample.rows as u64;
-        match tx.try_send(DriftEvent::Batch(sample)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.increment(rows),
+        if !self.send(DriftEvent::Batch(sample)) {
+            self.dropped.increment(rows);
         }
+    }
+
+    /// True when the event went to the drift thread; false when drift is
+    /// off (nothing to count) or the thread is behind or closed.
+    fn send(&self, event: DriftEvent) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match tx.as_ref() {
+            None => !self.enabled,
+            Some(tx) => match tx.try_send(event) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
+        }
+    }
+
+    /// Stops the drift thread once it has taken what is queued.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Notes a request refused for a non-finite value of input `input`,
     /// column `column`.
     pub fn refused_non_finite(&self, input: usize, column: usize) {
-        let Some(tx) = &self.tx else { return };
+        if !self.enabled {
+            return;
+        }
         let feature = self.layout.features.iter().position(|f| f.input == input && f.column == column);
-        if tx.try_send(DriftEvent::Refused(feature)).is_err() {
+        if !self.send(DriftEvent::Refused(feature)) {
             self.dropped.increment(1);
         }
     }

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use super::layout::Layout;
 use super::reference::{ProfileData, Reference};
-use crate::model::{DataType, Model, ModelSpec, PrepareOptions, Tensor, TensorData};
+use crate::model::{DataType, Inputs, Model, ModelSpec, Tensor, TensorData};
+use crate::tokenization::TokenizeOptions;
 
 /// Rows run through the model at once while profiling.
 const PROFILE_BATCH: usize = 32;
@@ -23,7 +24,8 @@ pub enum ProfileError {
 
 /// Reads `data` and runs `model` over it; the reference's `source` names
 /// the file.
-pub fn profile(model: &dyn Model, spec: &ModelSpec, layout: &Layout, data: &Path) -> Result<Reference, ProfileError> {
+pub fn profile(model: &Model, layout: &Layout, data: &Path) -> Result<Reference, ProfileError> {
+    let spec = &model.spec;
     let file = data.display().to_string();
     let fail = |message: String| ProfileError::Data { file: file.clone(), message };
     let text = std::fs::read_to_string(data).map_err(|e| fail(format!("cannot read: {e}")))?;
@@ -32,12 +34,12 @@ pub fn profile(model: &dyn Model, spec: &ModelSpec, layout: &Layout, data: &Path
         return Err(fail("no rows".into()));
     }
     let mut collected = ProfileData::new(layout);
-    for mut inputs in batches {
-        let prepared = model.prepare(&mut inputs, &PrepareOptions { max_tokens: None, truncate: Some(true) })?;
-        let outputs = model.run(&inputs)?;
-        let request_units = match &inputs[0].data {
-            TensorData::Tokens(rows) => rows.iter().map(|r| r.len() as u32).collect(),
-            _ => vec![1; inputs[0].rows()],
+    for inputs in batches {
+        let (inputs, prepared) = model.prepare(inputs, &TokenizeOptions { max_tokens: None, truncate: Some(true) })?;
+        let outputs = model.backend.run(&inputs)?;
+        let request_units = match &inputs {
+            Inputs::Tokens(rows) => rows.iter().map(|r| r.len() as u32).collect(),
+            Inputs::Tensors(_) => vec![1; inputs.rows()],
         };
         collected.add(layout, &layout.sample(&inputs, &outputs, request_units, prepared.unknown as u64));
     }

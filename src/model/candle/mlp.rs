@@ -9,9 +9,30 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor as CTensor};
 use candle_nn::Linear;
 
-use super::{ModelError, Tensor, TensorData, TensorSpec};
-use crate::config::ConfigError;
+use super::compute;
+use crate::model::registry::{Kind, SectionFacts, section};
+use crate::model::{Backend, Inputs, LoadContext, Loaded, ModelError, Tensor, TensorData};
 use serde::Deserialize;
+
+/// The file holding an mlp version's weights.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The `mlp` kind in the registry.
+pub static KIND: Kind = Kind {
+    name: "mlp",
+    platform: "kiln_mlp",
+    files: &[WEIGHTS_FILE],
+    section: |value| section::<MlpSection>("mlp", value).map(|_| SectionFacts::default()),
+    load,
+};
+
+fn load(context: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+    let section: MlpSection = section("mlp", context.section).map_err(|m| context.config_error(m))?;
+    let device = super::select_device(context.device, context.file)?;
+    let weights = context.files.get(WEIGHTS_FILE)?;
+    let mlp = Mlp::load(context, &section, weights, &device)?;
+    Ok(Loaded { backend: Box::new(mlp), tokenizer: None, device: super::device_name(&device) })
+}
 
 /// Activation functions an MLP may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -53,23 +74,21 @@ pub struct Mlp {
 impl Mlp {
     /// Loads and checks the weights against the declared interface: one
     /// FP32 input `[-1, in]` and one FP32 output `[-1, out]`.
-    pub fn load(
-        file: &str,
-        inputs: &[TensorSpec],
-        outputs: &[TensorSpec],
+    fn load(
+        context: &LoadContext<'_>,
         section: &MlpSection,
         weights: &[u8],
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let config_err = |m: String| ModelError::Config(ConfigError::new(file, m));
-        let [input] = inputs else {
+        let config_err = |m: String| context.config_error(m);
+        let [input] = context.inputs else {
             return Err(config_err("field `inputs`: an mlp has exactly one input".into()));
         };
-        let [output] = outputs else {
+        let [output] = context.outputs else {
             return Err(config_err("field `outputs`: an mlp has exactly one output".into()));
         };
         for (field, t) in [("inputs", input), ("outputs", output)] {
-            if t.datatype != super::DataType::Fp32 || t.shape.len() != 2 {
+            if t.datatype != crate::model::DataType::Fp32 || t.shape.len() != 2 {
                 return Err(config_err(format!(
                     "field `{field}`: an mlp takes FP32 [-1, N], got {} {:?}",
                     t.datatype, t.shape
@@ -147,6 +166,10 @@ impl Mlp {
     /// Runs the network on `rows` rows of raw features, returning the output
     /// rows flattened.
     pub fn forward(&self, features: Vec<f32>, rows: usize) -> Result<Vec<f32>, ModelError> {
+        self.forward_candle(features, rows).map_err(compute)
+    }
+
+    fn forward_candle(&self, features: Vec<f32>, rows: usize) -> candle_core::Result<Vec<f32>> {
         let mut x = CTensor::from_vec(features, (rows, self.in_features), &self.device)?;
         if let Some((mean, std)) = &self.scaling {
             x = x.broadcast_sub(mean)?.broadcast_div(std)?;
@@ -156,7 +179,7 @@ impl Mlp {
             x = layer.forward(&x)?;
             x = activate(x, if i == last { self.output_activation } else { self.activation })?;
         }
-        Ok(x.flatten_all()?.to_vec1::<f32>()?)
+        x.flatten_all()?.to_vec1::<f32>()
     }
 }
 
@@ -169,10 +192,11 @@ fn activate(x: CTensor, activation: Activation) -> candle_core::Result<CTensor> 
     }
 }
 
-impl super::Model for Mlp {
-    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ModelError> {
-        let [input] = inputs else {
-            return Err(ModelError::Compute(format!("expected one input tensor, got {}", inputs.len())));
+impl Backend for Mlp {
+    fn run(&self, inputs: &Inputs) -> Result<Vec<Tensor>, ModelError> {
+        let tensors = inputs.tensors()?;
+        let [input] = tensors else {
+            return Err(ModelError::Compute(format!("expected one input tensor, got {}", tensors.len())));
         };
         let TensorData::Fp32(features) = &input.data else {
             return Err(ModelError::Compute("input is not FP32".into()));

@@ -1,13 +1,14 @@
-//! The preparation pool: a few OS threads that turn a request's inputs into
-//! what its model computes on (tokenizing text) before the request queues.
-//! The async runtime keeps answering calls and the executor thread only
-//! runs the model; the batcher needs the token counts to form batches.
+//! The tokenization service's threads: a fixed set taking jobs from one
+//! bounded queue, so tokenizing never runs on the async runtime and a
+//! flood of texts is refused rather than queued without bound.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
+
+use crate::runtime::Threads;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -26,20 +27,22 @@ pub enum PrepareError {
 
 /// A fixed set of threads taking jobs from one bounded queue.
 pub struct PreparePool {
-    jobs: mpsc::SyncSender<Job>,
+    /// Taken by `close`; the threads stop once the queue drains.
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
     capacity: usize,
 }
 
 impl PreparePool {
     /// Starts `threads` threads (at least one) behind a queue of `capacity`
-    /// jobs. They stop when the pool is dropped and its queue drains.
-    pub fn new(threads: usize, capacity: usize) -> std::io::Result<Self> {
+    /// jobs, registered in `registry`. They stop when the pool is closed
+    /// (or dropped) and its queue drains.
+    pub fn new(threads: usize, capacity: usize, registry: &Threads) -> std::io::Result<Self> {
         let capacity = capacity.max(1);
         let (jobs, queue) = mpsc::sync_channel::<Job>(capacity);
         let queue = Arc::new(Mutex::new(queue));
         for i in 0..threads.max(1) {
             let queue = queue.clone();
-            std::thread::Builder::new().name(format!("kiln-prepare-{i}")).spawn(move || {
+            registry.spawn(format!("kiln-prepare-{i}"), move || {
                 loop {
                     // The lock is held only while waiting for the next job.
                     let job = match queue.lock() {
@@ -53,7 +56,16 @@ impl PreparePool {
                 }
             })?;
         }
-        Ok(Self { jobs, capacity })
+        Ok(Self { jobs: Mutex::new(Some(jobs)), capacity })
+    }
+
+    /// Refuses new work; the threads finish what is queued, then stop.
+    pub fn close(&self) {
+        self.sender().take();
+    }
+
+    fn sender(&self) -> std::sync::MutexGuard<'_, Option<mpsc::SyncSender<Job>>> {
+        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `work` on the pool and waits for it without blocking the
@@ -79,7 +91,11 @@ impl PreparePool {
                 .map_err(|panic| PrepareError::Panicked(crate::error::panic_message(panic.as_ref())));
             let _ = done.send(outcome);
         });
-        self.jobs.try_send(job).map_err(|e| match e {
+        let sent = match self.sender().as_ref() {
+            Some(jobs) => jobs.try_send(job),
+            None => Err(mpsc::TrySendError::Disconnected(job)),
+        };
+        sent.map_err(|e| match e {
             mpsc::TrySendError::Full(_) => PrepareError::QueueFull { capacity: self.capacity },
             mpsc::TrySendError::Disconnected(_) => PrepareError::Stopped,
         })?;
@@ -99,7 +115,7 @@ mod tests {
 
     #[tokio::test]
     async fn runs_work_off_the_caller_and_survives_a_panic() {
-        let pool = PreparePool::new(1, 4).expect("threads");
+        let pool = PreparePool::new(1, 4, &Threads::default()).expect("threads");
         let caller = std::thread::current().id();
         let worker = pool.run(later(), || std::thread::current().id()).await.expect("ran");
         assert_ne!(worker, caller);
@@ -110,7 +126,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_and_dead_work_is_skipped() {
-        let pool = Arc::new(PreparePool::new(1, 1).expect("threads"));
+        let pool = Arc::new(PreparePool::new(1, 1, &Threads::default()).expect("threads"));
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let (started, running) = oneshot::channel::<()>();
         // Occupies the only thread until released.
@@ -126,7 +142,12 @@ mod tests {
         });
         running.await.expect("the blocker runs");
         let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        pool.jobs.try_send(Box::new(|| {})).map_err(|_| "queue empty").expect("one slot free");
+        pool.sender()
+            .as_ref()
+            .expect("open")
+            .try_send(Box::new(|| {}))
+            .map_err(|_| "queue empty")
+            .expect("one slot free");
         // The queue (capacity 1) now holds that no-op; one more is refused.
         let counted = ran.clone();
         let refused = pool.run(later(), move || counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst)).await;
@@ -143,7 +164,7 @@ mod tests {
 
     #[tokio::test]
     async fn work_whose_caller_has_gone_is_skipped() {
-        let pool = PreparePool::new(1, 4).expect("threads");
+        let pool = PreparePool::new(1, 4, &Threads::default()).expect("threads");
         let (release, gate) = std::sync::mpsc::channel::<()>();
         let (started, running) = oneshot::channel::<()>();
         let blocker = pool.run(later(), move || {
