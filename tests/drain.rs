@@ -2,7 +2,8 @@
 //! health NOT_SERVING (Watch streams receive it, then end), new calls get
 //! UNAVAILABLE, everything admitted is answered and the process exits 0,
 //! unheld by a connection stuck in its handshake; past `--drain-timeout`
-//! the rest is answered UNAVAILABLE; a second signal exits at once.
+//! the rest is answered UNAVAILABLE; a second signal exits at once. A clean
+//! stop joins every serving thread.
 
 mod common;
 
@@ -85,6 +86,10 @@ async fn sigterm_answers_what_was_admitted_ends_watch_and_exits_zero() {
     // Well before the 30 s drain timeout, and unheld by the stuck connection.
     let status = server.exited(Duration::from_secs(20)).expect("exited after the drain");
     assert_eq!(status.code(), Some(0), "{}", server.log.lock().expect("log"));
+    // Every serving thread (scheduler, executors, drift, tokenization) ended
+    // and was joined before the exit.
+    let log = server.log.lock().expect("log").clone();
+    assert!(log.contains("clean stop: every serving thread joined"), "{log}");
 }
 
 #[tokio::test]

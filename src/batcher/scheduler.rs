@@ -207,6 +207,7 @@ pub fn spawn(
     let depth = Arc::new(AtomicUsize::new(0));
     let serving = Arc::new(watch::Sender::new(true));
     let scheduler = Scheduler {
+        _liveness: Liveness(serving.clone()),
         queue: ServiceQueue::new(settings.priority_levels),
         depth: depth.clone(),
         policy: settings.policy,
@@ -241,6 +242,17 @@ pub fn spawn(
             serving,
         }),
     })
+}
+
+/// Turns the version not serving when the scheduler unwinds from a panic.
+struct Liveness(Arc<watch::Sender<bool>>);
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.send_replace(false);
+        }
+    }
 }
 
 /// How a scheduler's loop ended.
@@ -319,6 +331,9 @@ impl Slots {
 }
 
 struct Scheduler {
+    /// First, so that it drops first: a panicking scheduler turns the
+    /// version not serving before its queue drops and the tickets read why.
+    _liveness: Liveness,
     queue: ServiceQueue,
     depth: Arc<AtomicUsize>,
     policy: BatchPolicy,
