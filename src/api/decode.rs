@@ -1,14 +1,16 @@
-//! Turns a V2 `ModelInferRequest` into Kiln's `InferRequest`, checking it
-//! against the model's declared interface. Everything malformed stops here
-//! with a message naming the input and what was expected.
+//! Turns a V2 `ModelInferRequest` into the pipeline's first stage: reads
+//! each input's elements from its typed or raw contents (the gRPC wire's
+//! own forms) and hands them to the pipeline's validator, which checks them
+//! against the model's declared interface.
 
 use std::collections::HashMap;
 
 use super::pb::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use crate::error::InferError;
-use crate::model::{DataType, ModelSpec, Tensor, TensorData, TensorSpec};
+use crate::model::{DataType, ModelSpec, TensorData, TensorSpec};
 use crate::pipeline::Decoded;
 use crate::pipeline::params::{ParamValue, RequestParams};
+use crate::pipeline::validate::{SentInput, Validator};
 
 fn invalid(msg: impl Into<String>) -> InferError {
     InferError::InvalidArgument(msg.into())
@@ -31,9 +33,9 @@ pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<RequestPar
     RequestParams::parse(parameters.iter().map(|(k, v)| (k.as_str(), param_value(v))))
 }
 
-/// Validates `req` against `spec` and builds the pipeline's first stage.
+/// Reads `req`'s inputs from its typed or raw contents and validates the
+/// request against `spec`, building the pipeline's first stage.
 pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize) -> Result<Decoded, InferError> {
-    let model = &spec.name;
     let params = params(&req.parameters)?;
     let raw = !req.raw_input_contents.is_empty();
     if raw && req.raw_input_contents.len() != req.inputs.len() {
@@ -43,35 +45,10 @@ pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize) -> Res
             req.inputs.len()
         )));
     }
-    let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
-    let mut rows: Option<(usize, &str)> = None;
+    let mut validator = Validator::new(spec, max_rows);
     for (i, input) in req.inputs.iter().enumerate() {
-        let Some(slot) = spec.inputs.iter().position(|s| s.name == input.name) else {
-            let expected: Vec<&str> = spec.inputs.iter().map(|s| s.name.as_str()).collect();
-            return Err(invalid(format!(
-                "unknown input '{}' for model '{model}'; expected inputs: {}",
-                input.name,
-                expected.join(", ")
-            )));
-        };
-        if slots[slot].is_some() {
-            return Err(invalid(format!("input '{}' appears more than once", input.name)));
-        }
-        let declared = &spec.inputs[slot];
-        let shape = check_shape(declared, &input.datatype, &input.shape, max_rows)?;
-        if let Some((r, other)) = rows
-            && r != shape[0]
-        {
-            return Err(invalid(format!(
-                "input '{}' has {} rows but input '{other}' has {r}: every input needs the same batch dimension",
-                input.name, shape[0]
-            )));
-        }
-        rows = Some((shape[0], &input.name));
-        let count = shape
-            .iter()
-            .try_fold(1usize, |acc, d| acc.checked_mul(*d))
-            .ok_or_else(|| invalid(format!("input '{}': shape {:?} is too large", input.name, input.shape)))?;
+        let sent = SentInput { name: &input.name, datatype: &input.datatype, shape: &input.shape };
+        let accepted = validator.accept(sent)?;
         let data = if raw {
             if input.contents.as_ref().is_some_and(has_contents) {
                 return Err(invalid(format!(
@@ -79,69 +56,13 @@ pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize) -> Res
                     input.name
                 )));
             }
-            from_raw(declared, &req.raw_input_contents[i], count)?
+            from_raw(accepted.declared, &req.raw_input_contents[i], accepted.count)?
         } else {
-            from_typed(declared, input.contents.as_ref(), count)?
+            from_typed(accepted.declared, input.contents.as_ref(), accepted.count)?
         };
-        check_values(declared, &data).map_err(|e| match e {
-            // Which declared input it was, so drift can count the feature.
-            InferError::NonFinite { message, column, .. } => InferError::NonFinite { message, input: slot, column },
-            other => other,
-        })?;
-        slots[slot] = Some(Tensor { shape, data });
+        validator.put(accepted, data)?;
     }
-    let mut inputs = Vec::with_capacity(slots.len());
-    for (declared, slot) in spec.inputs.iter().zip(slots) {
-        inputs.push(slot.ok_or_else(|| {
-            invalid(format!(
-                "missing input '{}' ({} {:?}) for model '{model}'",
-                declared.name, declared.datatype, declared.shape
-            ))
-        })?);
-    }
-    let outputs = requested_outputs(req, spec)?;
-    let rows = rows.map(|(r, _)| r).unwrap_or(0);
-    Ok(Decoded { id: req.id.clone(), inputs, rows, outputs, params })
-}
-
-fn check_shape(
-    declared: &TensorSpec,
-    datatype: &str,
-    shape: &[i64],
-    max_rows: usize,
-) -> Result<Vec<usize>, InferError> {
-    let name = &declared.name;
-    if datatype != declared.datatype.as_v2() {
-        return Err(invalid(format!("input '{name}': datatype {datatype:?}, expected {}", declared.datatype)));
-    }
-    if shape.len() != declared.shape.len() {
-        return Err(invalid(format!(
-            "input '{name}': shape {shape:?}, expected {:?} (rank {})",
-            declared.shape,
-            declared.shape.len()
-        )));
-    }
-    if shape.iter().any(|d| *d < 0) {
-        return Err(invalid(format!("input '{name}': shape {shape:?} has a negative dimension")));
-    }
-    if shape[0] == 0 {
-        return Err(invalid(format!("input '{name}': zero rows; send at least one")));
-    }
-    if shape[0] as u64 > max_rows as u64 {
-        return Err(invalid(format!(
-            "input '{name}': {} rows, more than the model's max_batch_size {max_rows}; split the request",
-            shape[0]
-        )));
-    }
-    for (d, (got, want)) in shape.iter().zip(&declared.shape).enumerate().skip(1) {
-        if *want >= 0 && got != want {
-            return Err(invalid(format!(
-                "input '{name}': shape {shape:?}, expected {:?} (dimension {d} must be {want})",
-                declared.shape
-            )));
-        }
-    }
-    Ok(shape.iter().map(|d| *d as usize).collect())
+    validator.finish(req.id.clone(), req.outputs.iter().map(|o| o.name.as_str()), params)
 }
 
 fn has_contents(c: &super::pb::InferTensorContents) -> bool {
@@ -237,71 +158,6 @@ fn from_typed(
         )));
     }
     Ok(data)
-}
-
-fn check_values(declared: &TensorSpec, data: &TensorData) -> Result<(), InferError> {
-    // BYTES inputs are text for every kind Kiln has.
-    if let TensorData::Bytes(items) = data {
-        for (i, item) in items.iter().enumerate() {
-            if item.is_empty() {
-                return Err(invalid(format!("input '{}' element {i} is an empty string", declared.name)));
-            }
-            if let Err(e) = std::str::from_utf8(item) {
-                return Err(invalid(format!("input '{}' element {i} is not valid UTF-8 ({e})", declared.name)));
-            }
-        }
-        return Ok(());
-    }
-    let values: Box<dyn Iterator<Item = f64> + '_> = match data {
-        TensorData::Fp32(v) => Box::new(v.iter().map(|x| *x as f64)),
-        TensorData::Fp64(v) => Box::new(v.iter().copied()),
-        _ => return Ok(()),
-    };
-    let row_len = declared.row_len().max(1);
-    for (i, x) in values.enumerate() {
-        let (row, col) = (i / row_len, i % row_len);
-        let feature = declared.features.get(col);
-        let label = match feature {
-            Some(f) => format!("input '{}' row {row} feature '{}'", declared.name, f.name),
-            None => format!("input '{}' element {i}", declared.name),
-        };
-        if !x.is_finite() {
-            return Err(InferError::NonFinite {
-                message: format!("{label} is {x}: NaN and infinity are not accepted"),
-                input: 0,
-                column: col,
-            });
-        }
-        if let Some((low, high)) = feature.and_then(|f| f.valid_range)
-            && !(low..=high).contains(&x)
-        {
-            return Err(invalid(format!("{label} = {x} is outside its valid_range [{low}, {high}]")));
-        }
-    }
-    Ok(())
-}
-
-fn requested_outputs(req: &ModelInferRequest, spec: &ModelSpec) -> Result<Vec<usize>, InferError> {
-    if req.outputs.is_empty() {
-        return Ok((0..spec.outputs.len()).collect());
-    }
-    let mut out = Vec::with_capacity(req.outputs.len());
-    for o in &req.outputs {
-        let Some(idx) = spec.outputs.iter().position(|s| s.name == o.name) else {
-            let known: Vec<&str> = spec.outputs.iter().map(|s| s.name.as_str()).collect();
-            return Err(invalid(format!(
-                "unknown requested output '{}'; model '{}' has outputs: {}",
-                o.name,
-                spec.name,
-                known.join(", ")
-            )));
-        };
-        if out.contains(&idx) {
-            return Err(invalid(format!("requested output '{}' appears more than once", o.name)));
-        }
-        out.push(idx);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -402,15 +258,6 @@ mod tests {
             InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) },
         );
         assert!(decode(&req, &spec(), 8).is_ok());
-    }
-
-    #[test]
-    fn text_must_be_non_empty_utf8() {
-        let declared = TensorSpec { name: "text".into(), datatype: DataType::Bytes, shape: vec![-1], features: vec![] };
-        let empty = check_values(&declared, &TensorData::Bytes(vec![b"ok".to_vec(), vec![]]));
-        assert!(matches!(empty, Err(InferError::InvalidArgument(m)) if m.contains("element 1 is an empty string")));
-        let bad = check_values(&declared, &TensorData::Bytes(vec![vec![0xff, 0xfe]]));
-        assert!(matches!(bad, Err(InferError::InvalidArgument(m)) if m.contains("not valid UTF-8")));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod params;
 pub mod router;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Instant;
