@@ -6,32 +6,41 @@
 //! - `server`: the accept loops (HTTP/2 for gRPC, HTTP/1 for metrics),
 //!   connection limits and the drain on shutdown. [`serve`] is the one
 //!   entry point; the binary and the tests both call it.
-//! - [`api`]: the gRPC front end: the door (message size, bytes in flight,
-//!   the wire check before decoding), V2 decoding and encoding, admin and
-//!   health services, and the one error → status mapping.
-//! - `pipeline`: one request's path, shared by every front end: router
-//!   (which version), preparation (tokenizing, on `prepare`'s pool),
-//!   admission (deadline, cost caps, tenant budgets, queue bound), then the
-//!   batcher and the answer.
+//! - [`api`]: the front ends. `api::grpc` holds the door (message size,
+//!   bytes in flight, the [`wire`](api::wire) check before decoding), the V2
+//!   and admin services and V2 decoding and encoding; beside it, health and
+//!   the one error → status mapping ([`api::status`]).
+//! - `pipeline`: one request's path, shared by every front end: validation
+//!   against the declared interface, the router (which version),
+//!   tokenizing on the [`model::tokenize`] service, admission (deadline,
+//!   cost caps, tenant budgets, queue bound), then the batcher and the
+//!   answer.
 //! - [`batcher`]: the queue per version, the pure batch policy (also driven
-//!   by [`plan`]), the latency model, the scheduler thread, the executors
-//!   that run batches and split their outputs, and the per-batch observer.
-//! - [`model`]: the model kinds (`mlp`, `bert`), tensors and specs.
+//!   by [`plan`]), the latency model, the scheduler thread (which owns and
+//!   supervises the executors), the executors that run batches and split
+//!   their outputs, and the per-batch observer.
+//! - [`model`]: the [`Backend`](model::Backend) seam (Kiln's own tensors
+//!   and token rows, no candle or config types), the kind registry, the
+//!   candle kinds (`model::candle`: `mlp`, `bert`), tokenization, specs.
 //! - [`repository`]: reads the model folders (or the built-in copy) and
-//!   starts each version's batcher and executors.
+//!   loads and warms up each version; [`runtime`] wires each version's
+//!   threads, registers every thread, and joins them all on shutdown.
 //! - [`monitor`] beside them all: metrics, statistics, drift, request log.
 //!
 //! Tools on the same types: [`client`] (the V2 client of `kiln infer`,
 //! `kiln bench` and the tests), [`bench`](mod@bench) (load generation) and [`plan`]
 //! (capacity planning), drawing with `plot`. [`config`] holds every
-//! setting, split by owner.
+//! setting, split by owner. `fault` (test builds and the `test-backends`
+//! feature only) injects panics for the supervision tests.
 //!
-//! `server`, `pipeline`, `prepare` and `plot` are implementation details and
-//! private; of `api`, only the protocol types (`pb`, `admin_pb`), the error
-//! mapping (`status`) and the wire check (`wire`) are public. The benches
-//! and integration tests use that surface: [`serve`], [`config`],
-//! [`client`], [`api`]'s protocol types, [`model`], [`repository`],
-//! [`batcher`], [`bench`](mod@bench), [`plan`] and [`monitor`].
+//! `server`, `pipeline` and `plot` are implementation details and private;
+//! of `api`, only the protocol types (`pb`, `admin_pb`), the error mapping
+//! (`status`) and the wire check (`wire`) are public. The benches and
+//! integration tests use that surface: [`serve`], [`config`], [`client`],
+//! [`api`]'s protocol types, [`model`] (tensors, specs, the `Backend`
+//! trait), [`repository::load`], [`runtime::Threads`], [`batcher`]
+//! (`scheduler::spawn`, settings, the observer), [`bench`](mod@bench),
+//! [`plan`] and [`monitor`].
 
 pub mod api;
 pub mod batcher;
@@ -50,6 +59,5 @@ pub mod repository;
 pub mod request;
 pub mod runtime;
 mod server;
-pub mod tokenization;
 
 pub use server::{ServeError, serve};

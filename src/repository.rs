@@ -10,13 +10,13 @@ use std::sync::Arc;
 use crate::batcher::BatcherHandle;
 use crate::batcher::latency::SharedLatency;
 use crate::config::{ConfigError, ModelToml, RepositorySource};
+use crate::model::tokenize::TokenizeOptions;
 use crate::model::{self, Model, ModelError, ModelSpec, VersionFiles, registry};
 use crate::monitor::drift::DriftHandle;
 use crate::monitor::drift::layout::Layout;
 use crate::monitor::drift::reference::Reference;
 use crate::monitor::metrics::VersionMetrics;
 use crate::monitor::stats::VersionStats;
-use crate::tokenization::TokenizeOptions;
 
 /// The built-in risk model's weights file.
 pub const WEIGHTS_FILE: &str = model::candle::mlp::WEIGHTS_FILE;

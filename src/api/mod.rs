@@ -1,15 +1,13 @@
-//! The gRPC border: V2 inference service, Kiln's admin service, health and
-//! reflection. Protocol
-//! types live here and in `client/`; everything behind works on Kiln's own.
+//! The front ends: the gRPC border (`grpc/`: V2 inference, Kiln's admin
+//! service, the door before decoding, the wire check, V2 decoding and
+//! encoding, the deadline header), health and reflection, and the one
+//! error → status mapping. Protocol types live here and in `client/`;
+//! everything behind works on Kiln's own, through the pipeline.
 
-pub(crate) mod admin;
-pub(crate) mod deadline;
-pub(crate) mod decode;
-pub(crate) mod encode;
-pub(crate) mod inference;
-pub(crate) mod ingress;
+pub(crate) mod grpc;
 pub mod status;
-pub mod wire;
+
+pub use grpc::wire;
 
 /// Types and stubs generated from `proto/` (package `inference`).
 pub mod pb {

@@ -13,13 +13,14 @@ pub mod registry;
 pub mod tensor;
 #[cfg(feature = "test-backends")]
 pub mod test_backend;
+pub mod tokenize;
 
 pub use tensor::{DataType, Tensor, TensorData};
 
 use std::sync::Arc;
 
 use crate::config::{ConfigError, ModelToml, TensorToml};
-use crate::tokenization::TextTokenizer;
+use crate::model::tokenize::TextTokenizer;
 
 /// One named column of a 2-D input, with its hard limits.
 #[derive(Debug, Clone, PartialEq)]
@@ -241,7 +242,7 @@ impl Model {
     pub fn prepare(
         &self,
         inputs: Vec<Tensor>,
-        options: &crate::tokenization::TokenizeOptions,
+        options: &crate::model::tokenize::TokenizeOptions,
     ) -> Result<(Inputs, Prepared), ModelError> {
         match &self.tokenizer {
             None => {

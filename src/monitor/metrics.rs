@@ -294,11 +294,11 @@ pub async fn upkeep(handle: PrometheusHandle) {
 #[derive(Clone)]
 pub struct MetricsService {
     handle: PrometheusHandle,
-    inflight: Arc<crate::api::ingress::InflightBudget>,
+    inflight: Arc<crate::api::grpc::ingress::InflightBudget>,
 }
 
 impl MetricsService {
-    pub fn new(handle: PrometheusHandle, inflight: Arc<crate::api::ingress::InflightBudget>) -> Self {
+    pub fn new(handle: PrometheusHandle, inflight: Arc<crate::api::grpc::ingress::InflightBudget>) -> Self {
         Self { handle, inflight }
     }
 }

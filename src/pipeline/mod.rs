@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::InferError;
+use crate::model::tokenize::{PrepareError, Tokenization, TokenizeError, TokenizeOptions};
 use crate::model::{self, Inputs, Tensor};
 use crate::repository::ServedVersion;
 use crate::request::{InferRequest, InferResponse};
 use crate::server::drain::Drain;
-use crate::tokenization::{PrepareError, Tokenization, TokenizeError, TokenizeOptions};
 use admission::{Admission, VersionLimits};
 use params::RequestParams;
 

@@ -4,7 +4,7 @@
 //! parameters (perf_analyzer sends its own) are ignored.
 
 use crate::error::InferError;
-use crate::tokenization::TokenizeOptions;
+use crate::model::tokenize::TokenizeOptions;
 
 /// One parameter value as a front end received it.
 #[derive(Debug, Clone, PartialEq)]

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::io::GuardedIo;
-use crate::api::ingress::Guarded;
+use crate::api::grpc::ingress::Guarded;
 use crate::config::LimitsConfig;
 
 /// Which HTTP a listener speaks.

@@ -15,17 +15,17 @@ use tonic_health::ServingStatus;
 
 use std::time::Duration;
 
-use crate::api::admin::AdminService;
 use crate::api::admin_pb::admin_server::AdminServer;
-use crate::api::deadline;
-use crate::api::inference::InferenceService;
-use crate::api::ingress::{InflightBudget, Ingress, IngressState, SMALL_MESSAGE_BYTES};
+use crate::api::grpc::admin::AdminService;
+use crate::api::grpc::deadline;
+use crate::api::grpc::inference::InferenceService;
+use crate::api::grpc::ingress::{InflightBudget, Ingress, IngressState, SMALL_MESSAGE_BYTES};
 use crate::api::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::config::ServeConfig;
+use crate::model::tokenize::{PreparePool, Tokenization};
 use crate::monitor;
 use crate::repository::{self, Repository, RepositoryError};
 use crate::runtime::{Runtime, Threads};
-use crate::tokenization::{PreparePool, Tokenization};
 
 /// How long shutdown waits for the serving threads once the calls are
 /// answered: the batchers only have leftovers by then.

@@ -9,8 +9,8 @@ use candle_transformers::models::bert::{BertModel, Config};
 
 use super::compute;
 use crate::model::registry::{Kind, SectionFacts, section};
+use crate::model::tokenize::{TextLimits, TextTokenizer, TokenizerError};
 use crate::model::{Backend, DataType, Inputs, LoadContext, Loaded, ModelError, Tensor, TensorData};
-use crate::tokenization::{TextLimits, TextTokenizer, TokenizerError};
 use serde::Deserialize;
 
 /// The files of a bert version: weights first (they identify it).
@@ -221,9 +221,9 @@ mod tests {
     use candle_nn::VarMap;
 
     use super::*;
+    use crate::model::tokenize::TokenizeOptions;
+    use crate::model::tokenize::tests::{HIDDEN_WORDS, tokenizer_json};
     use crate::model::{DeviceChoice, TensorSpec, VersionFiles};
-    use crate::tokenization::TokenizeOptions;
-    use crate::tokenization::tests::{HIDDEN_WORDS, tokenizer_json};
 
     const HIDDEN: usize = 16;
 

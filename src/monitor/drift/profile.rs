@@ -7,8 +7,8 @@ use std::path::Path;
 
 use super::layout::Layout;
 use super::reference::{ProfileData, Reference};
+use crate::model::tokenize::TokenizeOptions;
 use crate::model::{DataType, Inputs, Model, ModelSpec, Tensor, TensorData};
-use crate::tokenization::TokenizeOptions;
 
 /// Rows run through the model at once while profiling.
 const PROFILE_BATCH: usize = 32;

@@ -20,8 +20,8 @@ use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::status;
 use super::wire::{self, WireLimits};
+use crate::api::status;
 use crate::error::InferError;
 use crate::pipeline::router;
 use crate::repository::Repository;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::pb::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
+use crate::api::pb::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use crate::error::InferError;
 use crate::model::{DataType, ModelSpec, TensorData, TensorSpec};
 use crate::pipeline::Decoded;
@@ -65,7 +65,7 @@ pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize) -> Res
     validator.finish(req.id.clone(), req.outputs.iter().map(|o| o.name.as_str()), params)
 }
 
-fn has_contents(c: &super::pb::InferTensorContents) -> bool {
+fn has_contents(c: &crate::api::pb::InferTensorContents) -> bool {
     !(c.bool_contents.is_empty()
         && c.int_contents.is_empty()
         && c.int64_contents.is_empty()
@@ -137,12 +137,12 @@ fn from_raw(declared: &TensorSpec, bytes: &[u8], count: usize) -> Result<TensorD
 
 fn from_typed(
     declared: &TensorSpec,
-    contents: Option<&super::pb::InferTensorContents>,
+    contents: Option<&crate::api::pb::InferTensorContents>,
     count: usize,
 ) -> Result<TensorData, InferError> {
     let name = &declared.name;
     let dt = declared.datatype;
-    let empty = super::pb::InferTensorContents::default();
+    let empty = crate::api::pb::InferTensorContents::default();
     let c = contents.unwrap_or(&empty);
     let (data, field) = match dt {
         DataType::Fp32 => (TensorData::Fp32(c.fp32_contents.clone()), "fp32_contents"),

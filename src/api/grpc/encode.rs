@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::pb::{
+use crate::api::pb::{
     self, InferParameter, ModelConfig, ModelInferResponse, ModelMetadataResponse, infer_parameter::ParameterChoice,
     model_infer_response::InferOutputTensor, model_metadata_response::TensorMetadata,
 };

@@ -9,7 +9,7 @@
 
 use std::mem::size_of;
 
-use super::pb::{InferParameter, ModelInferRequest, model_infer_request as req};
+use crate::api::pb::{InferParameter, ModelInferRequest, model_infer_request as req};
 use crate::model::ModelSpec;
 
 /// Most entries in one `parameters` map. Kiln reads six names; clients

@@ -7,8 +7,8 @@ use std::time::UNIX_EPOCH;
 
 use tonic::{Request, Response, Status};
 
-use super::admin_pb::{self, admin_server::Admin};
-use super::status;
+use crate::api::admin_pb::{self, admin_server::Admin};
+use crate::api::status;
 use crate::monitor::drift::DriftState;
 use crate::pipeline::router;
 use crate::repository::Repository;

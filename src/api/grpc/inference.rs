@@ -9,8 +9,9 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::deadline::GrpcDeadline;
-use super::pb::{self, grpc_inference_service_server::GrpcInferenceService};
-use super::{decode, encode, status};
+use super::{decode, encode};
+use crate::api::pb::{self, grpc_inference_service_server::GrpcInferenceService};
+use crate::api::status;
 use crate::error::InferError;
 use crate::monitor::stats::{DurationStat, VersionStats};
 use crate::pipeline::{Call, Pipeline, router};

@@ -1,0 +1,12 @@
+//! The gRPC front end: the door every call passes before tonic decodes it
+//! (`ingress`, with the allocation-free `wire` check), the V2 inference
+//! service and Kiln's admin service, V2 decoding into the pipeline's first
+//! stage and encoding of its answer, and the `grpc-timeout` header.
+
+pub(crate) mod admin;
+pub(crate) mod deadline;
+pub(crate) mod decode;
+pub(crate) mod encode;
+pub(crate) mod inference;
+pub(crate) mod ingress;
+pub mod wire;
