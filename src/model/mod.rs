@@ -75,7 +75,7 @@ impl TensorSpec {
 pub struct ModelSpec {
     pub name: String,
     pub version: u64,
-    /// Shown as `platform` in metadata, e.g. `kiln_mlp`.
+    /// Shown as `platform` in metadata, the kind's (`kiln_mlp`, `kiln_bert`).
     pub platform: String,
     pub description: String,
     pub inputs: Vec<TensorSpec>,
@@ -93,7 +93,7 @@ impl ModelSpec {
         Self {
             name: name.into(),
             version: 1,
-            platform: "kiln_mlp".into(),
+            platform: "in_memory".into(),
             description: String::new(),
             inputs,
             outputs,
