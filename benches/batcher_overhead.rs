@@ -55,6 +55,7 @@ fn overhead(c: &mut Criterion) {
                 max_batch_units: batch,
                 max_queue_delay: Duration::from_secs(10),
                 latency_budget: Duration::from_secs(10),
+                wait: kiln::batcher::policy::QueueWait::Fixed,
             },
             max_queue: 4096,
             instances: 1,

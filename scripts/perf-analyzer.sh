@@ -4,6 +4,7 @@
 #
 #   scripts/perf-analyzer.sh                         # a short run, as CI does
 #   KILN_URL=host:8001 scripts/perf-analyzer.sh --concurrency-range 1:32:2
+#   scripts/perf-analyzer.sh --install-only        # fetch it and the input, run nothing
 #
 # perf_analyzer's PyPI wheel (2.60.0, platform manylinux_2_38) needs glibc
 # 2.38, newer than Debian bookworm's. It runs through Debian trixie's
@@ -13,7 +14,9 @@
 # (git-ignored); the system is untouched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${KILN_URL:-}" ]; then
+install_only=false
+[ "${1:-}" = "--install-only" ] && install_only=true
+if [ -z "${KILN_URL:-}" ] && ! $install_only; then
   exec scripts/with-server.sh "$0" "$@"
 fi
 
@@ -80,6 +83,7 @@ heldout = json.load(open("data/wdbc-split.json"))["heldout_rows"]
 data = [{"features": {"content": [float(v) for v in rows[i][:30]], "shape": [30]}} for i in heldout]
 json.dump({"data": data}, open(sys.argv[1], "w"))
 PY
+$install_only && exit 0
 
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then

@@ -283,3 +283,30 @@ async fn bench_sends_rows_from_a_file_several_per_request_within_its_in_flight_b
         step["sent"].as_u64().expect("sent")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn find_max_rate_reports_a_rate_that_met_the_target_and_one_that_did_not() {
+    let _turn = SERIAL.lock().await;
+    let server = TestServer::built_in().await;
+    let report = tokio::task::block_in_place(|| {
+        bench_json(&server, &["--find-max-rate", "--p99-ms", "5", "--rate", "400", "--duration", "0.3"])
+    });
+    let found = &report["found"];
+    let steps = report["steps"].as_array().expect("steps");
+    assert_eq!(found["steps"].as_u64(), Some(steps.len() as u64), "{found}");
+    let passed = |step: &serde_json::Value| {
+        let sent = step["sent"].as_u64().expect("sent");
+        step["answered"].as_object().expect("codes").len() == 1
+            && step["answered"]["OK"].as_u64() == Some(sent)
+            && step["latency_ms"]["p99"].as_f64().expect("p99") <= 5.0
+    };
+    let at = |rate: f64| steps.iter().find(|s| s["level"].as_f64() == Some(rate)).expect("a step at that rate");
+    let rate = found["rate"].as_f64().expect("some rate met 5 ms on a built-in risk model");
+    assert!(passed(at(rate)), "the reported rate's own step: {}", at(rate));
+    if let Some(failed) = found["failed_at"].as_f64() {
+        assert!(failed > rate && !passed(at(failed)), "{found}");
+        assert!((failed - rate) / failed <= 0.05 || steps.len() == 30, "bracketed within 5 %: {found}");
+    }
+    // Every step ran open-loop: rates, never clients.
+    assert!(steps.iter().all(|s| s["mode"] == "rate"));
+}

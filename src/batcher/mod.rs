@@ -3,6 +3,7 @@
 //! executors that run batches (and know nothing of the scheduler), and the
 //! per-batch observer.
 
+pub mod arrivals;
 pub mod executor;
 pub mod latency;
 pub mod observer;

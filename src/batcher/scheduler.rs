@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
+use super::arrivals::ArrivalRate;
 use super::executor::{ExecutorPool, Queue, Report};
 use super::latency::SharedLatency;
 use super::observer::BatchObserver;
-use super::policy::{Action, BatchPolicy, Placement, place};
+use super::policy::{Action, BatchPolicy, Placement, Traffic, place};
 use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::{InferError, panic_message};
 use crate::model::{Backend, ModelSpec};
@@ -218,6 +219,7 @@ pub fn spawn(
         spec: spec.clone(),
         next_expiry: None,
         deaths: Vec::new(),
+        arrivals: ArrivalRate::new(Instant::now()),
     };
     let stopped =
         Stopped { spec: spec.clone(), serving: serving.clone(), depth: depth.clone(), ready: metrics.ready.clone() };
@@ -347,6 +349,8 @@ struct Scheduler {
     next_expiry: Option<Instant>,
     /// When executors died lately, for the restart limit.
     deaths: Vec<Instant>,
+    /// Arrivals while there was work: the adaptive wait's evidence.
+    arrivals: ArrivalRate,
 }
 
 impl Scheduler {
@@ -364,6 +368,8 @@ impl Scheduler {
             };
             match message {
                 Ok(Message::Submit(p)) => {
+                    let busy = self.busy();
+                    self.arrivals.arrived(p.enqueued, busy);
                     #[cfg(any(test, feature = "test-backends"))]
                     crate::fault::inject("scheduler", &p.request.id);
                     // Its own expiry may come before anything queued.
@@ -372,7 +378,10 @@ impl Scheduler {
                     self.next_expiry = Some(self.next_expiry.map_or(last_start, |n| n.min(last_start)));
                     self.queue.push(p);
                 }
-                Ok(Message::Executor(Report::Finished(i))) => self.slots.finished(i),
+                Ok(Message::Executor(Report::Finished(i))) => {
+                    self.slots.finished(i);
+                    self.arrivals.set_busy(Instant::now(), self.busy());
+                }
                 Ok(Message::Executor(Report::Died { instance, reason, queue })) => {
                     if let Err(reason) = self.restart(instance, &reason, queue) {
                         exit = Exit::Failed(reason);
@@ -445,7 +454,9 @@ impl Scheduler {
             }
             let estimate = self.latency.estimate();
             let (keys, views) = self.queue.views();
-            let plan = self.policy.plan(&views, now, &estimate, draining);
+            self.arrivals.set_busy(now, self.busy());
+            let traffic = Traffic { rate_per_s: self.arrivals.per_second() };
+            let plan = self.policy.plan(&views, now, &estimate, &traffic, draining);
             for &i in &plan.expired {
                 if let Some(p) = self.queue.take(&keys[i]) {
                     self.expire(p, &estimate, now);
@@ -497,6 +508,11 @@ impl Scheduler {
             left.as_micros(),
             estimate.predict(pending.request.padded_units()).as_micros()
         ))));
+    }
+
+    /// Something is queued or with an executor.
+    fn busy(&self) -> bool {
+        !self.queue.is_empty() || self.slots.in_flight.iter().any(|n| *n > 0)
     }
 
     /// Removes requests whose caller has gone, counting each.
@@ -605,6 +621,7 @@ mod tests {
                 max_batch_units: max_batch_size,
                 max_queue_delay: Duration::ZERO,
                 latency_budget: Duration::from_secs(1),
+                wait: crate::batcher::policy::QueueWait::Fixed,
             },
             max_queue,
             instances: 1,

@@ -5,6 +5,7 @@
 //! client: no coordinated omission). Every request sent is accounted for,
 //! by gRPC code.
 
+pub mod find;
 pub mod inputs;
 pub mod report;
 
@@ -135,39 +136,82 @@ pub fn code_name(code: tonic::Code) -> String {
     out
 }
 
-/// Runs every step in order and reports each.
-pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
-    if options.steps.is_empty() {
-        return Err(BenchError::Options("no load steps: give --concurrency and/or --rate".into()));
+/// Connected clients and the requests to send, shared by every step.
+struct Session {
+    clients: Vec<Client>,
+    pool: Arc<RequestPool>,
+}
+
+impl Session {
+    async fn open(options: &BenchOptions) -> Result<Self, BenchError> {
+        let mut clients = Vec::new();
+        for _ in 0..options.connections.max(1) {
+            clients.push(Client::connect(&options.url).await?);
+        }
+        let metadata = clients[0]
+            .raw
+            .model_metadata(pb::ModelMetadataRequest { name: options.model.clone(), version: options.version.clone() })
+            .await
+            .map_err(|s| BenchError::Metadata(options.model.clone(), s.message().to_string()))?
+            .into_inner();
+        let pool = Arc::new(RequestPool::new(
+            &metadata,
+            &options.version,
+            options.rows.max(1),
+            options.input_file.as_deref(),
+            256,
+        )?);
+        Ok(Self { clients, pool })
     }
-    let mut clients = Vec::new();
-    for _ in 0..options.connections.max(1) {
-        clients.push(Client::connect(&options.url).await?);
+
+    async fn step(&self, options: &BenchOptions, load: Load) -> StepReport {
+        run_step(options, load, &self.clients, &self.pool).await
     }
-    let metadata = clients[0]
-        .raw
-        .model_metadata(pb::ModelMetadataRequest { name: options.model.clone(), version: options.version.clone() })
-        .await
-        .map_err(|s| BenchError::Metadata(options.model.clone(), s.message().to_string()))?
-        .into_inner();
-    let pool = Arc::new(RequestPool::new(
-        &metadata,
-        &options.version,
-        options.rows.max(1),
-        options.input_file.as_deref(),
-        256,
-    )?);
-    let mut steps = Vec::new();
-    for load in &options.steps {
-        steps.push(run_step(options, *load, &clients, &pool).await);
-    }
-    Ok(Report {
+}
+
+fn report(options: &BenchOptions, steps: Vec<StepReport>) -> Report {
+    Report {
         url: options.url.clone(),
         model: options.model.clone(),
         version: options.version.clone(),
         rows_per_request: options.rows.max(1),
         steps,
-    })
+    }
+}
+
+/// Runs every step in order and reports each.
+pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
+    if options.steps.is_empty() {
+        return Err(BenchError::Options("no load steps: give --concurrency and/or --rate".into()));
+    }
+    let session = Session::open(options).await?;
+    let mut steps = Vec::new();
+    for load in &options.steps {
+        steps.push(session.step(options, *load).await);
+    }
+    Ok(report(options, steps))
+}
+
+/// Open-loop steps searching for the highest rate that meets `target`:
+/// doubling from `start` until a step fails, then bisecting. Every step
+/// run is in the report, in the order run.
+pub async fn find_max_rate(
+    options: &BenchOptions,
+    target: &find::Target,
+    start: f64,
+) -> Result<(find::Found, Report), BenchError> {
+    if !(start.is_finite() && start > 0.0) {
+        return Err(BenchError::Options(format!("starting rate {start}: must be a positive number")));
+    }
+    let session = Session::open(options).await?;
+    let mut bracket = find::Bracket::default();
+    let mut steps = Vec::new();
+    while let Some(rate) = bracket.next(start, target) {
+        let step = session.step(options, Load::Rate(rate)).await;
+        bracket.record(rate, target.met_by(&step));
+        steps.push(step);
+    }
+    Ok((bracket.found(), report(options, steps)))
 }
 
 async fn run_step(options: &BenchOptions, load: Load, clients: &[Client], pool: &Arc<RequestPool>) -> StepReport {

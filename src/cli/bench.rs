@@ -48,6 +48,15 @@ pub struct BenchArgs {
     /// Draw throughput against p99 and the latency percentiles (SVG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Search for the highest Poisson rate whose p99 meets --p99-ms with
+    /// every request answered OK: doubling from the first --rate (default
+    /// 100/s) until a step fails, then bisecting to within 5 %. Each step
+    /// lasts --duration; the report lists every step run.
+    #[arg(long, requires = "p99_ms", conflicts_with = "concurrency")]
+    pub find_max_rate: bool,
+    /// The p99 target of --find-max-rate, in milliseconds.
+    #[arg(long)]
+    pub p99_ms: Option<f64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -80,13 +89,45 @@ async fn bench(args: BenchArgs) -> Result<()> {
         max_in_flight: args.max_in_flight.max(1),
         progress: true,
     };
-    let report = kiln::bench::run(&options).await?;
-    emit(&report.table());
+    let (report, found) = match (args.find_max_rate, args.p99_ms) {
+        (true, Some(p99_ms)) => {
+            if !(p99_ms.is_finite() && p99_ms > 0.0) {
+                bail!("--p99-ms {p99_ms}: must be a positive number of milliseconds");
+            }
+            let target = kiln::bench::find::Target { p99_ms, precision: 0.05, max_steps: 30 };
+            let start = args.rate.first().copied().unwrap_or(100.0);
+            let (found, report) = kiln::bench::find_max_rate(&options, &target, start).await?;
+            emit(&report.table());
+            emit(&match (found.rate, found.failed_at) {
+                (Some(rate), Some(failed)) => format!(
+                    "highest rate meeting p99 <= {p99_ms} ms with every request OK: {rate:.0} requests/s \
+                     (failed at {failed:.0}/s; {} steps)\n",
+                    found.steps
+                ),
+                (Some(rate), None) => format!(
+                    "every step met p99 <= {p99_ms} ms up to {rate:.0} requests/s; the search stopped after {} \
+                     steps without finding the limit\n",
+                    found.steps
+                ),
+                (None, _) => format!("no rate down to 1 request/s met p99 <= {p99_ms} ms with every request OK\n"),
+            });
+            (report, Some(found))
+        }
+        _ => {
+            let report = kiln::bench::run(&options).await?;
+            emit(&report.table());
+            (report, None)
+        }
+    };
     let write = |path: &PathBuf, text: String| {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     };
     if let Some(path) = &args.json {
-        write(path, serde_json::to_string_pretty(&report)?)?;
+        let mut json = serde_json::to_value(&report)?;
+        if let Some(found) = found {
+            json["found"] = serde_json::to_value(found)?;
+        }
+        write(path, serde_json::to_string_pretty(&json)?)?;
     }
     if let Some(path) = &args.csv {
         write(path, report.csv())?;

@@ -56,6 +56,11 @@ pub struct ModelToml {
     /// Longest a request waits for others to join its batch.
     #[serde(default = "crate::config::defaults::max_queue_delay_ms")]
     pub max_queue_delay_ms: f64,
+    /// `fixed`: a batch that is not full waits until its slack or
+    /// `max_queue_delay_ms` runs out; `adaptive`: only as long as the
+    /// requests expected meanwhile pay for the wait, within those bounds.
+    #[serde(default)]
+    pub queue_delay: crate::batcher::policy::QueueWait,
     /// Most requests waiting; beyond it requests are refused at once.
     #[serde(default = "crate::config::defaults::max_queue")]
     pub max_queue: usize,

@@ -4,6 +4,7 @@
 //! 127.0.0.1, then simulates the server's own batch policy (see `sim`)
 //! under Poisson arrivals for each candidate configuration.
 
+pub mod ceiling;
 pub mod sim;
 
 use std::time::{Duration, Instant};
@@ -56,9 +57,12 @@ pub struct Measurements {
     pub curve: Vec<(usize, f64)>,
     /// Mean time a request spends outside queue and compute, at one client.
     pub overhead_ms: f64,
-    /// Answers per second a real server gave with 32 clients: beyond it the
-    /// serving path (gRPC, decode, encode, the client) saturates first.
+    /// Answers per second a real server gave where raising its closed-loop
+    /// clients stopped raising throughput: beyond it the serving path
+    /// (gRPC, decode, encode, the client) saturates first.
     pub serving_ceiling: f64,
+    /// How that ceiling was found: every reading, the level and the spread.
+    pub serving_search: ceiling::Ceiling,
     /// Time outside queue and compute under open-loop load at fractions of
     /// the ceiling: on a small machine its tail, not the model, sets p99.
     pub serving_tail: Vec<ServingPoint>,
@@ -171,7 +175,7 @@ pub fn measure_curve(model: &Model, max_rows: usize) -> Result<BatchCurve, PlanE
 }
 
 /// Serving overhead and ceiling, through a real server on 127.0.0.1.
-async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64, Vec<ServingPoint>), PlanError> {
+async fn measure_serving(options: &PlanOptions) -> Result<(f64, ceiling::Ceiling, Vec<ServingPoint>), PlanError> {
     let err = |e: &dyn std::fmt::Display| PlanError::Serve(e.to_string());
     // The server gets its own runtime, as a separate `kiln serve` process
     // would, so the client's tasks do not share its worker threads.
@@ -220,10 +224,17 @@ async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64, Vec<Serving
         }
     }
     let one = report.ok_or_else(|| PlanError::Serve("the server did not start".into()))?;
-    bench.steps = vec![Load::Concurrency(32)];
-    bench.duration = Duration::from_secs(2);
-    let many = crate::bench::run(&bench).await.map_err(|e| err(&e))?;
-    let ceiling = many.steps[0].throughput;
+    // Clients doubled until throughput stops rising, the best level then
+    // read again until two readings agree.
+    let mut search = ceiling::CeilingSearch::default();
+    bench.duration = Duration::from_secs(1);
+    while let Some(clients) = search.next() {
+        bench.steps = vec![Load::Concurrency(clients)];
+        let reading = crate::bench::run(&bench).await.map_err(|e| err(&e))?;
+        search.record(clients, reading.steps[0].throughput);
+    }
+    let found = search.result();
+    let ceiling = found.throughput;
     bench.steps = TAIL_LOADS.iter().map(|f| Load::Rate((f * ceiling).max(1.0))).collect();
     bench.duration = Duration::from_millis(1500);
     let loaded = crate::bench::run(&bench).await.map_err(|e| err(&e))?;
@@ -232,7 +243,7 @@ async fn measure_serving(options: &PlanOptions) -> Result<(f64, f64, Vec<Serving
     let _ = tokio::task::spawn_blocking(move || server.join()).await;
     let s = &one.steps[0];
     let overhead_ms = (s.latency_ms.mean - s.server.queue_ms - s.server.compute_ms).max(0.0);
-    Ok((overhead_ms, ceiling, tail))
+    Ok((overhead_ms, found, tail))
 }
 
 /// Largest rate (to 2 %) whose predicted p99 meets `budget`, and the
@@ -277,7 +288,8 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
         .await
         .map_err(|e| PlanError::Serve(e.to_string()))??;
     drop(m);
-    let (overhead_ms, serving_ceiling, serving_tail) = measure_serving(options).await?;
+    let (overhead_ms, serving_search, serving_tail) = measure_serving(options).await?;
+    let serving_ceiling = serving_search.throughput;
     let budget = options.budget.as_secs_f64();
     let setup = |max_batch: usize, delay_ms: f64, instances: usize, rate: f64| SimSetup {
         policy: BatchPolicy {
@@ -285,6 +297,7 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
             max_batch_units: max_batch,
             max_queue_delay: Duration::from_secs_f64(delay_ms / 1e3),
             latency_budget: options.budget,
+            wait: config.queue_delay,
         },
         instances,
         curve: curve.clone(),
@@ -370,7 +383,13 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
     Ok(Plan {
         model: options.model.clone(),
         budget_ms: budget * 1e3,
-        measured: Measurements { curve: curve.points.clone(), overhead_ms, serving_ceiling, serving_tail },
+        measured: Measurements {
+            curve: curve.points.clone(),
+            overhead_ms,
+            serving_ceiling,
+            serving_search,
+            serving_tail,
+        },
         recommended,
         current,
         current_p99_by_rate,
@@ -394,8 +413,13 @@ impl Plan {
         let _ = writeln!(out, "{}", curve.join(", "));
         let _ = writeln!(
             out,
-            "measured through a server on 127.0.0.1: {:.3} ms per request outside queue and compute; {:.0} answers/s at 32 clients",
-            self.measured.overhead_ms, self.measured.serving_ceiling
+            "measured through a server on 127.0.0.1: {:.3} ms per request outside queue and compute; ceiling {:.0} \
+             answers/s at {} clients (readings there {:.0} to {:.0})",
+            self.measured.overhead_ms,
+            self.measured.serving_ceiling,
+            self.measured.serving_search.clients,
+            self.measured.serving_search.spread.0,
+            self.measured.serving_search.spread.1
         );
         let tail: Vec<String> =
             self.measured.serving_tail.iter().map(|p| format!("{:.0}/s: {:.2}", p.rate, p.outside_ms.p99)).collect();

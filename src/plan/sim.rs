@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::batcher::latency::{LatencyEstimate, LineFit};
-use crate::batcher::policy::{Action, BatchPolicy, Placement, QueuedView, place};
+use crate::batcher::policy::{Action, BatchPolicy, Placement, QueuedView, Traffic, place};
 
 /// Batch compute time against rows, measured: linear between the measured
 /// points, extrapolated from the last two beyond them.
@@ -171,7 +171,9 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
                     units: 1,
                 })
                 .collect();
-            let plan = setup.policy.plan(&views, now, &estimate, false);
+            // Poisson arrivals: the rate seen while busy is the rate itself.
+            let traffic = Traffic { rate_per_s: setup.rate };
+            let plan = setup.policy.plan(&views, now, &estimate, &traffic, false);
             let mut members = Vec::new();
             let mut wait = None;
             match plan.action {
@@ -309,6 +311,7 @@ mod tests {
                 max_batch_units: max_batch,
                 max_queue_delay: Duration::from_secs_f64(delay_ms / 1000.0),
                 latency_budget: Duration::from_secs(10),
+                wait: crate::batcher::policy::QueueWait::Fixed,
             },
             instances: 1,
             curve,

@@ -37,6 +37,7 @@ pub fn batcher_settings(config: &ModelToml) -> BatcherSettings {
             max_batch_units: config.max_batch_units(),
             max_queue_delay: Duration::from_secs_f64(config.max_queue_delay_ms / 1000.0),
             latency_budget: Duration::from_secs_f64(config.latency_budget_ms / 1000.0),
+            wait: config.queue_delay,
         },
         max_queue: config.max_queue,
         instances: config.instances,

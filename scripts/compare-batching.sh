@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Batching side by side, in one run on this machine: three settings of the
+# same model.toml served at once by a release build,
+#   zero      queue_delay = "fixed", max_queue_delay_ms = 0
+#   fixed     queue_delay = "fixed", the shipped max_queue_delay_ms
+#   adaptive  queue_delay = "adaptive", the shipped max_queue_delay_ms as its bound
+# driven at 1, 2, 4, 8, 16, 32 and 64 clients, three interleaved
+# repetitions, medians: the risk model with perf_analyzer, MiniLM with
+# `kiln bench`. Then `kiln plan` against `kiln bench --find-max-rate` for
+# the shipped settings of both. Prints the ratios; writes the raw readings
+# to OUTDIR (default target/compare-batching). Not a CI step: it takes
+# about a quarter of an hour.
+#   scripts/compare-batching.sh [OUTDIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/compare-batching}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+levels=(1 2 4 8 16 32 64)
+reps=${REPS:-3}
+settings=(zero fixed adaptive)
+
+cargo build --release --quiet --bin kiln
+kiln=$(pwd)/target/release/kiln
+scripts/fetch-minilm.sh >/dev/null
+# perf_analyzer and its loader, installed by its own script.
+scripts/perf-analyzer.sh --install-only
+tools=$(pwd)/.tools/perf_analyzer
+libs=$tools/trixie/usr/lib/x86_64-linux-gnu
+pa() { "$libs/ld-linux-x86-64.so.2" --library-path "$libs:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" \
+  "$tools/wheel/perf_analyzer/bin/perf_analyzer" "$@"; }
+
+# One repository per setting, each holding both models.
+for s in "${settings[@]}"; do
+  repo=$out/repo-$s
+  rm -rf "$repo"
+  mkdir -p "$repo"
+  cp -r models/risk "$repo/risk"
+  mkdir -p "$repo/minilm"
+  cp models/minilm/model.toml "$repo/minilm/"
+  ln -s "$(pwd)/models/minilm/1" "$repo/minilm/1"
+  for m in risk minilm; do
+    toml=$repo/$m/model.toml
+    case $s in
+      zero) sed -i 's/^max_queue_delay_ms = .*/max_queue_delay_ms = 0/; s/^kind = .*/&\nqueue_delay = "fixed"/' "$toml" ;;
+      fixed) sed -i 's/^kind = .*/&\nqueue_delay = "fixed"/' "$toml" ;;
+      adaptive) sed -i 's/^kind = .*/&\nqueue_delay = "adaptive"/' "$toml" ;;
+    esac
+  done
+done
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+declare -A url
+for s in "${settings[@]}"; do
+  port=$(free_port)
+  "$kiln" serve --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 >"$out/serve-$s.log" 2>&1 &
+  pids+=($!)
+  url[$s]=127.0.0.1:$port
+done
+for s in "${settings[@]}"; do
+  for _ in $(seq 1 600); do
+    grep -q "kiln listening" "$out/serve-$s.log" && break
+    sleep 0.1
+  done
+done
+
+input=$tools/risk-input.json
+readings=$out/readings.csv
+echo "model,setting,clients,rep,throughput,p50_us" >"$readings"
+for rep in $(seq 1 "$reps"); do
+  for c in "${levels[@]}"; do
+    for s in "${settings[@]}"; do
+      pa -m risk -u "${url[$s]}" -i grpc --input-data "$input" --concurrency-range "$c:$c" \
+        --measurement-interval 1500 --stability-percentage 10000 --max-trials 2 \
+        -f "$out/pa.csv" >/dev/null 2>&1
+      python3 - "$out/pa.csv" "$s" "$c" "$rep" >>"$readings" <<'PY'
+import csv, sys
+row = next(csv.DictReader(open(sys.argv[1])))
+print(f"risk,{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{row['Inferences/Second']},{row['p50 latency']}")
+PY
+      "$kiln" bench --url "${url[$s]}" --model minilm --concurrency "$c" --duration 3 \
+        --json "$out/bench.json" >/dev/null
+      python3 - "$out/bench.json" "$s" "$c" "$rep" >>"$readings" <<'PY'
+import json, sys
+step = json.load(open(sys.argv[1]))["steps"][0]
+print(f"minilm,{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{step['throughput']},{step['latency_ms']['p50'] * 1000}")
+PY
+    done
+  done
+done
+
+python3 - "$readings" <<'PY'
+import csv, statistics, sys
+from collections import defaultdict
+cell = defaultdict(list)
+for r in csv.DictReader(open(sys.argv[1])):
+    cell[(r["model"], r["setting"], int(r["clients"]))].append((float(r["throughput"]), float(r["p50_us"])))
+med = lambda xs, i: statistics.median(x[i] for x in xs)
+for model in ("risk", "minilm"):
+    print(f"\n{model}: medians of the repetitions; adaptive against the better fixed setting")
+    print(f"{'clients':>7} {'zero/s':>9} {'fixed/s':>9} {'adapt/s':>9} {'thr ratio':>9}   "
+          f"{'zero p50':>9} {'fixed p50':>9} {'adapt p50':>9} {'p50 ratio':>9}")
+    for c in sorted({k[2] for k in cell if k[0] == model}):
+        t = {s: med(cell[(model, s, c)], 0) for s in ("zero", "fixed", "adaptive")}
+        p = {s: med(cell[(model, s, c)], 1) for s in ("zero", "fixed", "adaptive")}
+        tr = t["adaptive"] / max(t["zero"], t["fixed"])
+        pr = p["adaptive"] / min(p["zero"], p["fixed"])
+        flag = "" if tr >= 0.95 and pr <= 1.1 else "  <- goal missed"
+        print(f"{c:>7} {t['zero']:>9.0f} {t['fixed']:>9.0f} {t['adaptive']:>9.0f} {tr:>9.2f}   "
+              f"{p['zero']:>8.0f}µ {p['fixed']:>8.0f}µ {p['adaptive']:>8.0f}µ {pr:>9.2f}{flag}")
+PY
+
+# The planner against the measured ceiling, shipped settings.
+for m in risk minilm; do
+  budget=$([ "$m" = risk ] && echo 10 || echo 500)
+  "$kiln" plan --repo "$out/repo-fixed" --model "$m" --budget-ms "$budget" --json "$out/plan-$m.json" >/dev/null
+  "$kiln" bench --url "${url[fixed]}" --model "$m" --find-max-rate --p99-ms "$budget" --duration 2 \
+    --rate "$([ "$m" = risk ] && echo 1000 || echo 20)" --json "$out/find-$m.json" >/dev/null
+  python3 - "$m" "$out/plan-$m.json" "$out/find-$m.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[2]))
+found = json.load(open(sys.argv[3]))["found"]
+planned = plan["current"]["max_rate"]
+measured = found["rate"] or 0.0
+ratio = planned / measured if measured else float("inf")
+print(f"\n{sys.argv[1]}: kiln plan predicts {planned:.0f} req/s at the shipped settings; "
+      f"--find-max-rate measured {measured:.0f} (failed at {found['failed_at']}); plan/measured {ratio:.2f}")
+PY
+done
+echo "raw readings in $readings"
