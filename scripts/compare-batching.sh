@@ -73,7 +73,7 @@ for rep in $(seq 1 "$reps"); do
   for c in "${levels[@]}"; do
     for s in "${settings[@]}"; do
       pa -m risk -u "${url[$s]}" -i grpc --input-data "$input" --concurrency-range "$c:$c" \
-        --measurement-interval 1500 --stability-percentage 10000 --max-trials 2 \
+        --measurement-interval 1000 --stability-percentage 10000 --max-trials 3 \
         -f "$out/pa.csv" >/dev/null 2>&1
       python3 - "$out/pa.csv" "$s" "$c" "$rep" >>"$readings" <<'PY'
 import csv, sys
