@@ -104,8 +104,15 @@ impl ExecutorPool {
 fn run_instance(worker: &Worker, instance: usize, queue: Queue, report: &(dyn Fn(Report) + Send + Sync)) {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         for batch in &queue.0 {
-            worker.run(batch);
+            let answers = worker.run(batch);
+            // Free before the answers go out: a client that sends its next
+            // request the moment it is answered must find this instance
+            // free, or the scheduler would count it as company.
             report(Report::Finished(instance));
+            for (p, response) in answers {
+                // A caller that has gone simply does not read its answer.
+                let _ = p.reply.send(Ok(response));
+            }
         }
     }));
     if let Err(panic) = outcome {
@@ -121,7 +128,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(&self, batch: Batch) {
+    /// Runs one batch: a failed batch is answered here; a computed one's
+    /// answers are returned for the caller to send.
+    fn run(&self, batch: Batch) -> Vec<(Pending, InferResponse)> {
         let shape = batch.shape();
         let (rows, size) = (shape.rows, batch.requests.len());
         // Queue time ends when the batch starts, staged or not.
@@ -129,7 +138,10 @@ impl Worker {
         self.observer.started(&batch, started);
         let inputs = match guarded(|| self.stack_inputs(&batch.requests)) {
             Ok(inputs) => inputs,
-            Err(reason) => return self.fail(batch.requests, reason),
+            Err(reason) => {
+                self.fail(batch.requests, reason);
+                return Vec::new();
+            }
         };
         let stacked = Instant::now();
         let outcome = guarded(|| self.compute(&inputs, rows));
@@ -139,7 +151,8 @@ impl Worker {
             Ok(outputs) => outputs,
             Err(reason) => {
                 self.observer.failed(rows, compute);
-                return self.fail(batch.requests, reason);
+                self.fail(batch.requests, reason);
+                return Vec::new();
             }
         };
         let mut offset = 0;
@@ -161,10 +174,7 @@ impl Worker {
         }
         let ran = Ran { shape, inputs: &inputs, outputs: &outputs, answers: &answers, started, stacked, computed };
         self.observer.ran(&ran);
-        for (p, response) in answers {
-            // A caller that has gone simply does not read its answer.
-            let _ = p.reply.send(Ok(response));
-        }
+        answers
     }
 
     fn fail(&self, requests: Vec<Pending>, reason: String) {
