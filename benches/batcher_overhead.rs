@@ -5,7 +5,7 @@
 //!   cargo bench --bench batcher_overhead
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::batcher::BatcherSettings;
@@ -31,17 +31,7 @@ fn spec() -> Arc<ModelSpec> {
 }
 
 fn request() -> InferRequest {
-    let now = Instant::now();
-    InferRequest {
-        id: String::new(),
-        inputs: Inputs::Tensors(vec![Tensor { shape: vec![1, 30], data: TensorData::Fp32(vec![0.5; 30]) }]),
-        rows: 1,
-        outputs: vec![0],
-        received: now,
-        priority: 1,
-        deadline: now + Duration::from_secs(60),
-        size: kiln::model::Prepared::rows(1),
-    }
+    InferRequest::row(Tensor { shape: vec![1, 30], data: TensorData::Fp32(vec![0.5; 30]) })
 }
 
 fn overhead(c: &mut Criterion) {

@@ -292,14 +292,3 @@ pub struct ServedModel {
 pub struct Repository {
     pub models: BTreeMap<String, ServedModel>,
 }
-
-impl Repository {
-    /// Marks every version not ready (metrics) as the server stops.
-    pub fn mark_stopped(&self) {
-        for m in self.models.values() {
-            for v in m.versions.values() {
-                v.metrics.ready.set(0.0);
-            }
-        }
-    }
-}

@@ -33,6 +33,23 @@ impl InferRequest {
     pub fn padded_units(&self) -> usize {
         self.rows * self.size.longest
     }
+
+    /// A one-row request of `input` (a row model's one input), answering
+    /// output 0 at priority 1 within 60 s: for in-process callers (tests,
+    /// benches) that drive a batcher directly.
+    pub fn row(input: Tensor) -> Self {
+        let now = Instant::now();
+        Self {
+            id: String::new(),
+            inputs: Inputs::Tensors(vec![input]),
+            rows: 1,
+            outputs: vec![0],
+            received: now,
+            priority: 1,
+            deadline: now + std::time::Duration::from_secs(60),
+            size: Prepared::rows(1),
+        }
+    }
 }
 
 /// Where a request's time went, returned as response parameters.

@@ -595,17 +595,7 @@ mod tests {
     }
 
     fn request(x: f32) -> InferRequest {
-        let now = Instant::now();
-        InferRequest {
-            id: String::new(),
-            inputs: Inputs::Tensors(vec![Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![x]) }]),
-            rows: 1,
-            outputs: vec![0],
-            received: now,
-            priority: 1,
-            deadline: now + Duration::from_secs(60),
-            size: crate::model::Prepared::rows(1),
-        }
+        InferRequest::row(Tensor { shape: vec![1, 1], data: TensorData::Fp32(vec![x]) })
     }
 
     fn start(

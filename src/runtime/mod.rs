@@ -160,20 +160,7 @@ mod tests {
             .map(|_| {
                 let input =
                     crate::model::Tensor { shape: vec![1, 30], data: crate::model::TensorData::Fp32(vec![1.0; 30]) };
-                let now = std::time::Instant::now();
-                version
-                    .batcher
-                    .submit(crate::request::InferRequest {
-                        id: String::new(),
-                        inputs: crate::model::Inputs::Tensors(vec![input]),
-                        rows: 1,
-                        outputs: vec![0],
-                        received: now,
-                        priority: 1,
-                        deadline: now + Duration::from_secs(60),
-                        size: crate::model::Prepared::rows(1),
-                    })
-                    .expect("admitted")
+                version.batcher.submit(crate::request::InferRequest::row(input)).expect("admitted")
             })
             .collect();
         let stopper = std::thread::spawn(move || runtime.shutdown(Duration::from_secs(30)));
