@@ -48,6 +48,13 @@ pub enum InferError {
     /// The server is shutting down or the model is not serving.
     #[error("{0}")]
     Unavailable(String),
+    /// The call names no caller, or one the server does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this (a model its key does not list, another
+    /// tenant, admin without being an admin).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The model failed on the batch this request was in.
     #[error("model '{model}' version {version} failed on this batch: {reason}")]
     ModelFailed { model: String, version: u64, reason: String },

@@ -58,6 +58,7 @@ mod plot;
 pub mod repository;
 pub mod request;
 pub mod runtime;
+pub mod security;
 mod server;
 
 pub use server::{ServeError, serve};

@@ -32,6 +32,10 @@ enum Command {
     /// Print a model's drift report from a running server, most drifted
     /// first, and plot reference against live histograms.
     Drift(cli::drift::DriftArgs),
+    /// Make API keys for the keys file.
+    Keys(cli::keys::KeysArgs),
+    /// Make throwaway certificates to try TLS locally.
+    Certs(cli::certs::CertsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +51,8 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cli::plan::run(args),
         Command::Profile(args) => cli::profile::run(args),
         Command::Drift(args) => cli::drift::run(args),
+        Command::Keys(args) => cli::keys::run(args),
+        Command::Certs(args) => cli::certs::run(args),
     };
     // The message alone: a user error is not a crash, and anyhow's Debug
     // form would append a backtrace whenever RUST_BACKTRACE is set.

@@ -3,8 +3,10 @@
 //! reports, the one place that sets the model's thread count.
 
 pub mod bench;
+pub mod certs;
 pub mod drift;
 pub mod infer;
+pub mod keys;
 pub mod plan;
 pub mod profile;
 pub mod serve;

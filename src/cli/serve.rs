@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use kiln::config::{DEFAULT_MAX_MESSAGE_BYTES, RepositorySource, ServeConfig, ServerFile};
+use kiln::config::{DEFAULT_MAX_MESSAGE_BYTES, RepositorySource, ServeConfig, ServerFile, TlsConfig, read_secret_file};
+use kiln::security::Secret;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -47,11 +48,36 @@ pub struct ServeArgs {
     /// compute, so one is enough on a small machine.
     #[arg(long, env = "KILN_PREPARE_THREADS", default_value_t = 1)]
     pub prepare_threads: usize,
-    /// Bearer token the admin service (kiln.admin.v1) requires; without it
-    /// the admin service answers anyone (it only reads, for now). Also
-    /// `admin_token` in the config file.
-    #[arg(long, env = "KILN_ADMIN_TOKEN")]
+    /// File holding the admin token (kiln.admin.v1 accepts it as
+    /// `authorization: Bearer <token>`); the `KILN_ADMIN_TOKEN` environment
+    /// variable and `[auth] admin_token_file` are the other ways in. At
+    /// least 16 characters. Without a token or `[auth] admins`, admin is
+    /// closed.
+    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token itself. Discouraged (it shows in the process list,
+    /// and a warning says so): use --admin-token-file or KILN_ADMIN_TOKEN.
+    #[arg(long)]
     pub admin_token: Option<String>,
+    /// Opens the admin service to anyone, for local use; logged as a warning.
+    #[arg(long)]
+    pub admin_insecure: bool,
+    /// PEM certificate chain: TLS on every listener (with --tls-key).
+    /// Reloaded when the file changes. Also `[tls] cert`.
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert. Also `[tls] key`.
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: mutual TLS, every client must present a
+    /// certificate one of them signed. Also `[tls] client_ca`.
+    #[arg(long, env = "KILN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// API keys file (`kiln keys new` prints its entries): every call but
+    /// health checks needs a key. Reloaded when it changes. Also
+    /// `[auth] keys_file`.
+    #[arg(long, env = "KILN_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
     /// Seconds a shutdown (SIGTERM, SIGINT) may take to answer what was
     /// admitted; past it the rest is answered UNAVAILABLE. Keep it below the
     /// orchestrator's kill deadline (Kubernetes: 30 s by default). A second
@@ -84,16 +110,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let file = match &args.config {
+    let mut file = match &args.config {
         Some(path) => ServerFile::load(path)?,
         None => ServerFile::default(),
     };
+    let admin_token = admin_token(&args, &file)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(TlsConfig { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() })
+        }
+        _ => file.tls.take(),
+    };
+    if args.api_keys.is_some() {
+        file.auth.keys_file = args.api_keys.clone();
+    }
     let config = ServeConfig {
         repository: args.repo.map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         tenants: file.tenants,
         prepare_threads: args.prepare_threads.max(1),
-        admin_token: args.admin_token.filter(|t| !t.is_empty()).or(file.admin_token),
+        admin_token,
+        admin_insecure: args.admin_insecure,
+        tls,
+        auth: file.auth,
         request_log: file.request_log,
         limits: file.limits,
         drain_timeout: {
@@ -113,6 +152,35 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(grpc = %grpc.local_addr()?, metrics = %metrics.local_addr()?, "kiln listening");
     kiln::serve(config, grpc, Some(metrics), shutdown_signal()?).await?;
     Ok(())
+}
+
+/// The admin token from the first source given: --admin-token-file,
+/// KILN_ADMIN_TOKEN, --admin-token (with a warning), `[auth]
+/// admin_token_file`. Empty is refused from every source.
+fn admin_token(args: &ServeArgs, file: &ServerFile) -> Result<Option<Secret>> {
+    if let Some(path) = &args.admin_token_file {
+        return Ok(Some(read_secret_file(path, "admin token")?));
+    }
+    if let Ok(token) = std::env::var("KILN_ADMIN_TOKEN") {
+        if token.trim().is_empty() {
+            bail!("KILN_ADMIN_TOKEN is set but empty");
+        }
+        return Ok(Some(Secret::new(token.trim())));
+    }
+    if let Some(token) = &args.admin_token {
+        if token.is_empty() {
+            bail!("--admin-token must not be empty");
+        }
+        tracing::warn!(
+            "--admin-token puts the token in the process list, where any local user can read it; use \
+             --admin-token-file or KILN_ADMIN_TOKEN"
+        );
+        return Ok(Some(Secret::new(token.clone())));
+    }
+    match &file.auth.admin_token_file {
+        Some(path) => Ok(Some(read_secret_file(path, "admin token")?)),
+        None => Ok(None),
+    }
 }
 
 /// Completes at the first SIGINT or SIGTERM; the second exits the process

@@ -7,6 +7,58 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{ConfigError, LimitsConfig, MAX_DURATION_MS};
+use crate::security::Secret;
+
+/// The shortest admin token accepted: 16 characters of a random token
+/// (`openssl rand -hex 32` gives 64) leave nothing to guess online.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// `[tls]`, or `--tls-cert`/`--tls-key`/`--tls-client-ca`: TLS on every
+/// listener; with a client CA, mutual TLS.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's own first. Reloaded on change.
+    pub cert: PathBuf,
+    /// PEM private key of the first certificate. Reloaded on change.
+    pub key: PathBuf,
+    /// PEM CA certificates: when set, every client must present a
+    /// certificate one of them signed.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[auth]`: who may call.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// TOML file of `[[key]]` entries (`kiln keys new` prints them):
+    /// with it, every call but health checks needs an API key. Reloaded
+    /// when it changes.
+    pub keys_file: Option<PathBuf>,
+    /// Identities that may call the admin service: `key:<id>` or
+    /// `cert:<common name>`.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Under mutual TLS, a client certificate's common name is its tenant
+    /// (and calls without a key are let in on the certificate).
+    #[serde(default)]
+    pub tenant_from_client_cert: bool,
+    /// File holding the admin token (the `KILN_ADMIN_TOKEN` environment
+    /// variable is the other way in).
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Reads a secret from a file: surrounding whitespace trimmed, and
+/// refused when empty.
+pub fn read_secret_file(path: &std::path::Path, what: &str) -> Result<Secret, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, format!("cannot read {what}: {e}")))?;
+    let secret = Secret::new(text.trim());
+    if secret.is_empty() {
+        return Err(ConfigError::new(file, format!("{what} file is empty")));
+    }
+    Ok(secret)
+}
 
 /// Default bound on one gRPC message, both directions: gRPC's own default.
 /// The largest request the built-in models take is far smaller (64 risk
@@ -42,7 +94,8 @@ pub struct TenantConfig {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub repository: RepositorySource,
-    /// Tenants with a compute budget; others are not limited.
+    /// Tenants with a compute budget. A tenant not listed spends
+    /// `default`'s budget when `default` is listed, else is not limited.
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Upper bound on one request or response message, in bytes.
     pub max_message_bytes: usize,
@@ -52,9 +105,14 @@ pub struct ServeConfig {
     pub drain_timeout: std::time::Duration,
     /// Threads that tokenize text requests before they queue.
     pub prepare_threads: usize,
-    /// Bearer token the admin service requires; without one it is open
-    /// (it only reads, for now).
-    pub admin_token: Option<String>,
+    /// Bearer token the admin service accepts.
+    pub admin_token: Option<Secret>,
+    /// Opens the admin service to anyone (local use only).
+    pub admin_insecure: bool,
+    /// TLS on every listener.
+    pub tls: Option<TlsConfig>,
+    /// API keys, admins, tenants from client certificates.
+    pub auth: AuthConfig,
     /// The sampled request log, when configured.
     pub request_log: Option<RequestLogConfig>,
     /// Bytes in flight, connections, HTTP/2 settings and timeouts.
@@ -80,6 +138,31 @@ impl ServeConfig {
                 ),
             ));
         }
+        if let Some(token) = &self.admin_token
+            && token.len() < MIN_ADMIN_TOKEN_CHARS
+        {
+            return Err(ConfigError::new(
+                here,
+                format!("admin token: must be at least {MIN_ADMIN_TOKEN_CHARS} characters"),
+            ));
+        }
+        if self.auth.tenant_from_client_cert && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+            return Err(ConfigError::new(
+                here,
+                "`auth.tenant_from_client_cert`: needs mutual TLS (a client CA: --tls-client-ca or `tls.client_ca`)",
+            ));
+        }
+        for admin in &self.auth.admins {
+            if !(admin.starts_with("key:") || admin.starts_with("cert:")) {
+                return Err(ConfigError::new(
+                    here,
+                    format!("`auth.admins`: '{admin}' must be key:<key id> or cert:<common name>"),
+                ));
+            }
+        }
+        if let Some(log) = &self.request_log {
+            log.check_key(here)?;
+        }
         self.limits.check(self.max_message_bytes).map_err(|m| ConfigError::new(here, m))
     }
 }
@@ -104,6 +187,10 @@ pub enum InputLogMode {
 pub struct RequestLogConfig {
     /// JSON-lines file; rotated to `FILE.1`, `FILE.2`, ... past `max_bytes`.
     pub path: PathBuf,
+    /// Log outputs when `inputs = "none"` (they are always logged with
+    /// inputs): by default a log without inputs holds no outputs either.
+    #[serde(default)]
+    pub outputs: Option<bool>,
     /// Share of answered requests logged, in [0, 1].
     #[serde(default = "crate::config::defaults::log_sample_rate")]
     pub sample_rate: f64,
@@ -117,7 +204,7 @@ pub struct RequestLogConfig {
     pub inputs: InputLogMode,
     /// HMAC key for `inputs = "hash"`; the `KILN_REQUEST_LOG_KEY`
     /// environment variable is read when absent, so it need not sit in a file.
-    pub hmac_key: Option<String>,
+    pub hmac_key: Option<Secret>,
 }
 
 impl RequestLogConfig {
@@ -139,7 +226,24 @@ impl RequestLogConfig {
             ));
         }
         if self.hmac_key.is_none() {
-            self.hmac_key = std::env::var("KILN_REQUEST_LOG_KEY").ok().filter(|k| !k.is_empty());
+            self.hmac_key = std::env::var("KILN_REQUEST_LOG_KEY").ok().map(Secret::new);
+        }
+        self.check_key(file)
+    }
+
+    /// Whether outputs are logged.
+    pub fn logs_outputs(&self) -> bool {
+        self.outputs.unwrap_or(self.inputs != InputLogMode::None)
+    }
+
+    /// An empty key is refused from every source (file, environment, a
+    /// config built in code); hashing needs one.
+    pub fn check_key(&self, file: &str) -> Result<(), ConfigError> {
+        if self.hmac_key.as_ref().is_some_and(Secret::is_empty) {
+            return Err(ConfigError::new(
+                file,
+                "field `request_log.hmac_key` (or KILN_REQUEST_LOG_KEY): must not be empty; an empty key is no key",
+            ));
         }
         if self.inputs == InputLogMode::Hash && self.hmac_key.is_none() {
             return Err(ConfigError::new(
@@ -161,6 +265,9 @@ impl Default for ServeConfig {
             drain_timeout: std::time::Duration::from_secs(25),
             prepare_threads: 1,
             admin_token: None,
+            admin_insecure: false,
+            tls: None,
+            auth: AuthConfig::default(),
             request_log: None,
             limits: LimitsConfig::default(),
         }
@@ -176,8 +283,11 @@ pub struct ServerFile {
     /// `[tenants.NAME]` sections: `budget` and `burst` in compute-seconds.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
-    /// Bearer token for the admin service.
-    pub admin_token: Option<String>,
+    /// `[tls]`: certificate, key, client CA.
+    pub tls: Option<TlsConfig>,
+    /// `[auth]`: API keys, admins, the admin token's file.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// `[request_log]`: the sampled request log.
     pub request_log: Option<RequestLogConfig>,
     /// `[limits]`: bytes in flight, connections, HTTP/2 settings, timeouts.
@@ -193,9 +303,6 @@ impl ServerFile {
         let mut parsed: Self = toml::from_str(&text).map_err(|e| ConfigError::new(&file, e.to_string()))?;
         if let Some(log) = parsed.request_log.as_mut() {
             log.check(&file)?;
-        }
-        if parsed.admin_token.as_deref() == Some("") {
-            return Err(ConfigError::new(file, "field `admin_token`: must not be empty"));
         }
         if let Some(bytes) = parsed.max_message_bytes
             && !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&bytes)

@@ -64,10 +64,15 @@ pub const REQUEST_LOG_DROPPED: &str = "kiln_request_log_dropped_total";
 /// Request bytes held by calls now, against `max_inflight_bytes`.
 pub const INFLIGHT_BYTES: &str = "kiln_inflight_bytes";
 /// Calls refused at the door before decoding, by `reason`
-/// (`inflight_bytes`, `message_size`, `wire`, `body_timeout`).
+/// (`inflight_bytes`, `message_size`, `wire`, `body_timeout`,
+/// `unauthenticated`, `permission_denied`).
 pub const INGRESS_REFUSED: &str = "kiln_ingress_refused_total";
 /// Reasons of [`INGRESS_REFUSED`], registered at start so they export as 0.
-pub const INGRESS_REASONS: [&str; 4] = ["inflight_bytes", "message_size", "wire", "body_timeout"];
+pub const INGRESS_REASONS: [&str; 6] =
+    ["inflight_bytes", "message_size", "wire", "body_timeout", "unauthenticated", "permission_denied"];
+/// TLS handshakes that failed (no or an untrusted client certificate, a
+/// client that does not trust the server, a protocol mismatch).
+pub const TLS_HANDSHAKE_FAILURES: &str = "kiln_tls_handshake_failures_total";
 /// Connections closed at once because `max_connections` were open.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "kiln_connections_refused_total";
 
@@ -107,6 +112,7 @@ pub fn install() -> PrometheusHandle {
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             metrics::gauge!(INFLIGHT_BYTES).set(0.0);
             metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(0);
+            metrics::counter!(TLS_HANDSHAKE_FAILURES).increment(0);
             for reason in INGRESS_REASONS {
                 metrics::counter!(INGRESS_REFUSED, "reason" => reason).increment(0);
             }
@@ -132,6 +138,7 @@ fn describe() {
     describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Request bytes held by calls in flight.");
     describe_counter!(INGRESS_REFUSED, "Calls refused before decoding, by reason.");
     describe_counter!(CONNECTIONS_REFUSED_TOTAL, "Connections closed at once because max_connections were open.");
+    describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes that failed (untrusted or missing client certificate, protocol mismatch).");
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
     describe_gauge!(BUILD_INFO, "Kiln build information.");
     describe_gauge!(EXECUTOR_BUSY, "Share of wall time the executors spent running batches (last second).");

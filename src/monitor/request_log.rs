@@ -2,12 +2,18 @@
 //! (request id, model version, batch id, timings, outputs, and inputs as
 //! configured), written by its own thread and rotated by size. A full
 //! channel drops the line and counts it; inference never waits on disk.
+//!
+//! Privacy: the files are mode 0600; without inputs no outputs are logged
+//! either unless asked for; a request id is cut to [`MAX_ID_BYTES`]. A
+//! failed write (a full disk) cuts its partial line off again, or when it
+//! cannot, starts the next line on a line of its own, so a reader never
+//! finds two records glued together. Failures warn at most once a minute.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use metrics::Counter;
@@ -21,12 +27,19 @@ use crate::request::Timing;
 /// Lines waiting for the writer before new ones are dropped.
 const CHANNEL_LINES: usize = 4096;
 
+/// Longest request id logged: ids are the client's, of any length.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// The least time between two warnings about the log file.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// The executor's side of the request log.
 pub struct RequestLog {
     /// Taken by `close`: the writer finishes the queued lines and stops.
     tx: std::sync::Mutex<Option<SyncSender<String>>>,
     sample_rate: f64,
     inputs: InputLogMode,
+    outputs: bool,
     key: Vec<u8>,
     dropped: Counter,
 }
@@ -48,14 +61,15 @@ pub struct Entry<'a> {
 impl RequestLog {
     /// Opens (creating) the file and starts the writer thread.
     pub fn start(config: &RequestLogConfig, threads: &crate::runtime::Threads) -> std::io::Result<Self> {
-        let writer = Writer::open(config.path.clone(), config.max_bytes, config.keep_files)?;
+        let writer = Writer::open(config.path.clone(), config.max_bytes, config.keep_files, open_private)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_LINES);
         threads.spawn("kiln-request-log", move || writer.run(rx))?;
         Ok(Self {
             tx: std::sync::Mutex::new(Some(tx)),
             sample_rate: config.sample_rate,
             inputs: config.inputs,
-            key: config.hmac_key.clone().unwrap_or_default().into_bytes(),
+            outputs: config.logs_outputs(),
+            key: config.hmac_key.as_ref().map(|k| k.expose().as_bytes().to_vec()).unwrap_or_default(),
             dropped: metrics::counter!(REQUEST_LOG_DROPPED),
         })
     }
@@ -86,7 +100,7 @@ impl RequestLog {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mut line = json!({
             "time_ms": now_ms,
-            "request_id": e.request_id,
+            "request_id": capped(e.request_id),
             "model": e.spec.name,
             "version": e.spec.version,
             "weights_sha256": e.spec.weights_sha256,
@@ -98,8 +112,14 @@ impl RequestLog {
                 "batch_size": e.timing.batch_size,
                 "server_us": e.server_us,
             },
-            "outputs": e.outputs.iter().map(|(name, t)| (name.to_string(), values(t))).collect::<serde_json::Map<_, _>>(),
         });
+        if e.request_id.len() > MAX_ID_BYTES {
+            line["request_id_truncated"] = true.into();
+        }
+        if self.outputs {
+            line["outputs"] =
+                e.outputs.iter().map(|(name, t)| (name.to_string(), values(t))).collect::<serde_json::Map<_, _>>().into();
+        }
         // Each declared input's name with its values (JSON) and raw bytes
         // (hashed); a text model's one input is logged as its token rows.
         let inputs: Vec<(&str, Value, Vec<u8>)> = match (self.inputs, e.inputs) {
@@ -127,6 +147,15 @@ impl RequestLog {
         }
         line
     }
+}
+
+/// The first [`MAX_ID_BYTES`] of a request id, cut at a character.
+fn capped(id: &str) -> &str {
+    let mut end = id.len().min(MAX_ID_BYTES);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &id[..end]
 }
 
 /// Keyed HMAC-SHA256 of `bytes`, in hex.
@@ -158,39 +187,108 @@ fn values(t: &Tensor) -> Value {
     }
 }
 
+/// The file under the writer: appended to, and cut back after a failed
+/// write. Tests inject one that fails mid-line.
+pub trait LogFile: Write + Send {
+    fn set_len(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl LogFile for File {
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
+/// Opens a log file to append, mode 0600 (tightened if it existed).
+fn open_private(path: &Path) -> std::io::Result<(Box<dyn LogFile>, u64)> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    crate::security::restrict(&mut options);
+    let file = options.open(path)?;
+    crate::security::tighten(&file)?;
+    let len = file.metadata()?.len();
+    Ok((Box::new(file), len))
+}
+
+type Opener = fn(&Path) -> std::io::Result<(Box<dyn LogFile>, u64)>;
+
+/// At most one warning per [`WARN_EVERY`], counting the ones held back.
+#[derive(Default)]
+struct Warnings {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Warnings {
+    fn warn(&mut self, path: &Path, what: &str, error: &std::io::Error) {
+        if self.last.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            self.held += 1;
+            return;
+        }
+        tracing::warn!(path = %path.display(), error = %error, similar_since_last = self.held, "request log: {what}");
+        self.last = Some(Instant::now());
+        self.held = 0;
+    }
+}
+
 /// Appends lines to the file, rotating it past `max_bytes`.
 struct Writer {
     path: PathBuf,
-    file: File,
+    file: Box<dyn LogFile>,
+    open: Opener,
+    /// Bytes of whole lines in the file.
     bytes: u64,
     max_bytes: u64,
     keep_files: usize,
+    /// A failed write left a partial line that could not be cut off.
+    torn: bool,
+    warnings: Warnings,
 }
 
 impl Writer {
-    fn open(path: PathBuf, max_bytes: u64, keep_files: usize) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let bytes = file.metadata()?.len();
-        Ok(Self { path, file, bytes, max_bytes, keep_files })
+    fn open(path: PathBuf, max_bytes: u64, keep_files: usize, open: Opener) -> std::io::Result<Self> {
+        let (file, bytes) = open(&path)?;
+        Ok(Self { path, file, open, bytes, max_bytes, keep_files, torn: false, warnings: Warnings::default() })
     }
 
     fn run(mut self, rx: Receiver<String>) {
         for line in rx {
             if let Err(e) = self.append(&line) {
-                tracing::warn!(path = %self.path.display(), error = %e, "request log: write failed; line lost");
+                self.warnings.warn(&self.path, "write failed; line lost", &e);
             }
         }
     }
 
     fn append(&mut self, line: &str) -> std::io::Result<()> {
         let size = line.len() as u64 + 1;
-        if self.bytes > 0 && self.bytes + size > self.max_bytes {
-            self.rotate()?;
+        if self.bytes > 0
+            && self.bytes + size > self.max_bytes
+            && let Err(e) = self.rotate()
+        {
+            // Keep logging into the current file rather than lose lines.
+            self.warnings.warn(&self.path, "rotation failed; writing on past max_bytes", &e);
         }
-        self.file.write_all(line.as_bytes())?;
-        self.file.write_all(b"\n")?;
-        self.bytes += size;
-        Ok(())
+        if self.torn && self.file.set_len(self.bytes).is_ok() {
+            self.torn = false;
+        }
+        let mut record = Vec::with_capacity(line.len() + 2);
+        if self.torn {
+            record.push(b'\n');
+        }
+        record.extend_from_slice(line.as_bytes());
+        record.push(b'\n');
+        match self.file.write_all(&record).and_then(|()| self.file.flush()) {
+            Ok(()) => {
+                self.bytes += record.len() as u64;
+                self.torn = false;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the record may be in the file: cut it off.
+                self.torn = self.file.set_len(self.bytes).is_err();
+                Err(e)
+            }
+        }
     }
 
     /// FILE → FILE.1 → FILE.2 …, keeping `keep_files` old files.
@@ -207,8 +305,10 @@ impl Writer {
             }
             std::fs::rename(&self.path, numbered(1))?;
         }
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
-        self.bytes = 0;
+        let (file, bytes) = (self.open)(&self.path)?;
+        self.file = file;
+        self.bytes = bytes;
+        self.torn = false;
         Ok(())
     }
 }
@@ -250,7 +350,8 @@ mod tests {
                     max_bytes: 1 << 20,
                     keep_files: 1,
                     inputs,
-                    hmac_key: Some("k".into()),
+                    hmac_key: Some(crate::security::Secret::new("k")),
+                    outputs: None,
                 },
                 &crate::runtime::Threads::default(),
             )
@@ -270,9 +371,10 @@ mod tests {
         assert_eq!(none["version"], 2);
         assert_eq!(none["batch_id"], 9);
         assert_eq!(none["timings"]["queue_us"], 3);
-        assert_eq!(none["outputs"]["y"], json!([0.25]));
+        assert!(none.get("outputs").is_none(), "no inputs, no outputs unless asked: {none}");
         assert!(none.get("inputs").is_none() && none.get("inputs_hmac_sha256").is_none());
         let full = line(InputLogMode::Full);
+        assert_eq!(full["outputs"]["y"], json!([0.25]));
         assert_eq!(full["inputs"]["x"], json!([1.5, -2.0]));
         let hashed = line(InputLogMode::Hash);
         assert_eq!(hashed["inputs_hmac_sha256"]["x"], hmac_hex(b"k", &x[0].data.to_raw()).as_str());
@@ -283,7 +385,7 @@ mod tests {
     fn rotation_keeps_the_newest_files() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("requests.jsonl");
-        let mut w = Writer::open(path.clone(), 25, 2).expect("open");
+        let mut w = Writer::open(path.clone(), 25, 2, open_private).expect("open");
         for i in 0..10 {
             w.append(&format!("line number {i:02}")).expect("append");
         }
@@ -292,5 +394,93 @@ mod tests {
         assert_eq!(read(&dir.path().join("requests.jsonl.1")), "line number 08\n");
         assert_eq!(read(&dir.path().join("requests.jsonl.2")), "line number 07\n");
         assert!(!dir.path().join("requests.jsonl.3").exists());
+    }
+
+    #[test]
+    fn long_ids_are_cut_at_a_character() {
+        let id = "é".repeat(100);
+        let cut = capped(&id);
+        assert!(cut.len() <= MAX_ID_BYTES && cut.len() >= MAX_ID_BYTES - 1 && id.starts_with(cut));
+        assert_eq!(capped("short"), "short");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_are_private_even_if_they_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("requests.jsonl");
+        std::fs::write(&path, "").expect("create");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut w = Writer::open(path.clone(), 10, 1, open_private).expect("open");
+        w.append("one line").expect("append");
+        w.append("rotated").expect("append");
+        for p in [path.clone(), dir.path().join("requests.jsonl.1")] {
+            let mode = std::fs::metadata(&p).expect("exists").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+    }
+
+    /// A file that takes only `room` more bytes (part of a write, then an
+    /// error, as a full disk does), and whose `set_len` may fail too.
+    struct FullDisk {
+        file: File,
+        room: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        cut_fails: bool,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            use std::sync::atomic::Ordering;
+            let room = self.room.load(Ordering::SeqCst);
+            if room == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
+            }
+            let n = self.file.write(&buf[..buf.len().min(room)])?;
+            self.room.fetch_sub(n, Ordering::SeqCst);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    impl LogFile for FullDisk {
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            if self.cut_fails { Err(std::io::Error::other("cannot truncate")) } else { self.file.set_len(len) }
+        }
+    }
+
+    #[test]
+    fn a_write_failing_mid_line_never_glues_two_lines() {
+        for cut_fails in [false, true] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("requests.jsonl");
+            let room = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+            let file = OpenOptions::new().create(true).append(true).open(&path).expect("open");
+            let mut w = Writer {
+                path: path.clone(),
+                file: Box::new(FullDisk { file, room: room.clone(), cut_fails }),
+                open: open_private,
+                bytes: 0,
+                max_bytes: 1 << 20,
+                keep_files: 1,
+                torn: false,
+                warnings: Warnings::default(),
+            };
+            w.append("{\"first\":1}").expect("fits");
+            room.store(5, std::sync::atomic::Ordering::SeqCst);
+            w.append("{\"second\":2}").expect_err("the disk fills mid-line");
+            room.store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+            w.append("{\"third\":3}").expect("space again");
+            let text = std::fs::read_to_string(&path).expect("read");
+            let whole: Vec<&str> = text.lines().filter(|l| serde_json::from_str::<Value>(l).is_ok()).collect();
+            assert_eq!(whole, ["{\"first\":1}", "{\"third\":3}"], "cut_fails={cut_fails}: {text:?}");
+            if cut_fails {
+                assert_eq!(text, "{\"first\":1}\n{\"sec\n{\"third\":3}\n", "the torn line stands alone");
+            } else {
+                assert_eq!(text, "{\"first\":1}\n{\"third\":3}\n", "the partial line was cut off");
+            }
+        }
     }
 }

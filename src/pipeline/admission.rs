@@ -111,6 +111,15 @@ impl Admission {
         Self { tenants: tenants.iter().map(|(k, v)| (k.clone(), Mutex::new(TokenBucket::new(*v, now)))).collect() }
     }
 
+    /// The budget a tenant spends: its own when configured, else the
+    /// `default` tenant's when that is configured (so an unlisted or
+    /// missing name escapes no budget), else none.
+    fn bucket(&self, tenant: Option<&str>) -> Option<(&String, &Mutex<TokenBucket>)> {
+        tenant
+            .and_then(|t| self.tenants.get_key_value(t))
+            .or_else(|| self.tenants.get_key_value(crate::security::DEFAULT_TENANT))
+    }
+
     /// The request's deadline: the earliest of the model's default timeout,
     /// the `timeout` parameter and the call's own deadline.
     pub fn deadline(
@@ -148,7 +157,7 @@ impl Admission {
                 max_queue: version.config.max_queue,
             });
         }
-        if let Some((name, bucket)) = tenant.and_then(|t| self.tenants.get_key_value(t)) {
+        if let Some((name, bucket)) = self.bucket(tenant) {
             let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
             let available = bucket.balance(now);
             if available <= 0.0 {
@@ -222,9 +231,10 @@ impl Admission {
             return Err(InferError::CostCap { model: version.model.into(), estimate_us, cap_us, source_of_cap });
         }
 
-        let tenant = tenant.filter(|t| self.tenants.contains_key(*t)).map(str::to_string);
-        if let Some(name) = &tenant {
-            let mut bucket = self.tenants[name].lock().unwrap_or_else(|p| p.into_inner());
+        let bucket = self.bucket(tenant);
+        let tenant = bucket.map(|(name, _)| name.clone());
+        if let Some((name, bucket)) = bucket {
+            let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(available) = bucket.try_take(estimate_us as f64, now) {
                 return Err(InferError::TenantBudget {
                     tenant: name.clone(),

@@ -47,6 +47,8 @@ pub struct Call {
     pub received: Instant,
     /// The transport's own deadline (gRPC's `grpc-timeout`).
     pub deadline: Option<Instant>,
+    /// Who is calling: its tenant is the one it spends (auth on).
+    pub caller: crate::security::Caller,
     /// The tenant the transport names (`x-kiln-tenant`) when the request's
     /// `tenant` parameter does not.
     pub tenant: Option<String>,
@@ -95,7 +97,7 @@ impl Pipeline {
     /// Prepares, admits, queues and waits for one request (bounded by its
     /// deadline), settling the tenant's budget whatever happens.
     pub async fn infer(&self, version: &ServedVersion, decoded: Decoded, call: &Call) -> Result<Answer, InferError> {
-        let tenant = decoded.params.tenant.clone().or_else(|| call.tenant.clone());
+        let tenant = Some(call.caller.tenant_for(decoded.params.tenant.as_deref(), call.tenant.as_deref())?);
         let limits = VersionLimits {
             model: &version.spec.name,
             number: version.spec.version,

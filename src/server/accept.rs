@@ -4,6 +4,12 @@
 //! settings and keepalive pings, and a write-stall timeout. On stop every
 //! connection is asked to go away (GOAWAY) and given `grace` to finish.
 //!
+//! With TLS the handshake runs within the same handshake timeout; a
+//! verified client certificate's name goes on each of its requests. A
+//! plaintext client on a TLS port is answered, in its own protocol, that
+//! the port needs TLS (a gRPC status, or an HTTP 400), rather than left to
+//! guess from a closed connection.
+//!
 //! Kiln runs this loop itself rather than tonic's `Server` because tonic
 //! wraps every service in its own grpc-timeout enforcement, which answers
 //! CANCELLED; Kiln must own that deadline and answer DEADLINE_EXCEEDED.
@@ -19,13 +25,15 @@ use futures::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use super::io::GuardedIo;
 use crate::api::grpc::ingress::Guarded;
 use crate::config::LimitsConfig;
+use crate::security::ClientCertificate;
 
 /// Which HTTP a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,11 +92,13 @@ impl Activity {
 }
 
 /// Counts a connection's calls from their start until their response body
-/// is finished or dropped.
+/// is finished or dropped, and puts the connection's client certificate
+/// (mutual TLS) on each.
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    client: Option<ClientCertificate>,
 }
 
 type Response = http::Response<tonic::body::Body>;
@@ -106,8 +116,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
         let open = OpenCall::new(&self.activity);
+        if let Some(client) = &self.client {
+            request.extensions_mut().insert(client.clone());
+        }
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
@@ -146,6 +159,7 @@ struct Shared<S> {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     h1: hyper::server::conn::http1::Builder,
     protocol: Protocol,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// After the drain timeout, how long the last answers (UNAVAILABLE) get to
@@ -156,10 +170,12 @@ const LAST_WORDS: Duration = Duration::from_secs(2);
 /// each to go away and waits at most `grace` for them to finish; past it
 /// calls `expire` (so that waiting calls answer) and gives them
 /// [`LAST_WORDS`] more.
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_loop<S>(
     listener: TcpListener,
     service: S,
     protocol: Protocol,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limits: LimitsConfig,
     signal: impl Future<Output = ()>,
     grace: Duration,
@@ -170,7 +186,7 @@ pub async fn accept_loop<S>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let shared = Arc::new(Shared { service, h2: http2(&limits), h1: http1(&limits), limits, protocol });
+    let shared = Arc::new(Shared { service, h2: http2(&limits), h1: http1(&limits), limits, protocol, tls });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a sender; recv() returns None once all
     // have ended (mini-redis's shutdown_complete).
@@ -217,26 +233,46 @@ pub async fn accept_loop<S>(
     }
 }
 
-/// Waits for the start of the protocol within the handshake timeout (or
-/// until stop); returns the bytes read, to be replayed.
-async fn handshake(stream: &mut TcpStream, protocol: Protocol, timeout: Duration) -> Option<Bytes> {
-    match protocol {
-        Protocol::Http2 => {
-            let mut preface = [0u8; PREFACE.len()];
-            match tokio::time::timeout(timeout, stream.read_exact(&mut preface)).await {
-                Ok(Ok(_)) if &preface == PREFACE => Some(Bytes::copy_from_slice(&preface)),
-                _ => None,
-            }
-        }
-        // hyper's header_read_timeout bounds the rest of the head.
-        Protocol::Http1 => match tokio::time::timeout(timeout, stream.readable()).await {
-            Ok(Ok(())) => Some(Bytes::new()),
-            _ => None,
-        },
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Reads the HTTP/2 client preface before `deadline`; returns it, to be
+/// replayed.
+async fn preface<IO: AsyncRead + Unpin>(stream: &mut IO, deadline: Instant) -> Option<Bytes> {
+    let mut preface = [0u8; PREFACE.len()];
+    match tokio::time::timeout_at(deadline, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if &preface == PREFACE => Some(Bytes::copy_from_slice(&preface)),
+        _ => None,
     }
 }
 
-async fn connection<S>(mut stream: TcpStream, shared: &Shared<S>, mut stop: watch::Receiver<bool>)
+/// Waits until the client has sent something (or `deadline` passes).
+async fn first_byte(stream: &TcpStream, deadline: Instant) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout_at(deadline, stream.peek(&mut byte)).await {
+        Ok(Ok(1)) => Some(byte[0]),
+        _ => None,
+    }
+}
+
+/// What a plaintext client on a TLS port is told.
+const NEEDS_TLS: &str = "this port accepts TLS only: connect with TLS (grpcs:// or https://, tritonclient ssl=True, \
+                         perf_analyzer --ssl-grpc-use-ssl)";
+
+fn needs_tls(protocol: Protocol) -> Response {
+    match protocol {
+        Protocol::Http2 => tonic::Status::failed_precondition(NEEDS_TLS).into_http(),
+        Protocol::Http1 => {
+            let mut response = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(Bytes::from(
+                format!("{NEEDS_TLS}\n"),
+            ))));
+            *response.status_mut() = http::StatusCode::BAD_REQUEST;
+            response
+        }
+    }
+}
+
+async fn connection<S>(stream: TcpStream, shared: &Shared<S>, mut stop: watch::Receiver<bool>)
 where
     S: tower::Service<http::Request<Incoming>, Response = Response> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -244,21 +280,98 @@ where
 {
     // Nagle's algorithm with delayed ACKs stalls small responses by ~40 ms.
     let _ = stream.set_nodelay(true);
-    let limits = &shared.limits;
-    let replay = tokio::select! {
-        replay = handshake(&mut stream, shared.protocol, limits.handshake_timeout()) => replay,
+    let deadline = Instant::now() + shared.limits.handshake_timeout();
+    let stopped = stop.clone();
+    let opened = async {
+        let Some(tls) = &shared.tls else {
+            return Some(Opened::Plain(stream));
+        };
+        match first_byte(&stream, deadline).await? {
+            TLS_HANDSHAKE => {}
+            _ => return Some(Opened::NeedsTls(stream)),
+        }
+        match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+            Ok(Ok(stream)) => Some(Opened::Tls(Box::new(stream))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                metrics::counter!(crate::monitor::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
+                None
+            }
+            Err(_) => None,
+        }
+    };
+    let opened = tokio::select! {
+        opened = opened => opened,
         _ = stop.wait_for(|s| *s) => None,
     };
+    let Some(opened) = opened else {
+        tracing::debug!("connection closed: no handshake within handshake_timeout_ms");
+        return;
+    };
+    match opened {
+        Opened::Plain(mut stream) => {
+            let replay = match shared.protocol {
+                Protocol::Http2 => preface(&mut stream, deadline).await,
+                // hyper's header_read_timeout bounds the rest of the head.
+                Protocol::Http1 => first_byte(&stream, deadline).await.map(|_| Bytes::new()),
+            };
+            serve_io(stream, replay, shared.service.clone(), None, shared, stopped).await;
+        }
+        Opened::Tls(mut stream) => {
+            let client = stream.get_ref().1.peer_certificates().is_some().then(|| ClientCertificate {
+                common_name: crate::security::tls::client_name(&stream),
+            });
+            let replay = match shared.protocol {
+                Protocol::Http2 => preface(&mut stream, deadline).await,
+                Protocol::Http1 => Some(Bytes::new()),
+            };
+            serve_io(stream, replay, shared.service.clone(), client, shared, stopped).await;
+        }
+        Opened::NeedsTls(mut stream) => {
+            let replay = match shared.protocol {
+                Protocol::Http2 => preface(&mut stream, deadline).await,
+                Protocol::Http1 => Some(Bytes::new()),
+            };
+            let protocol = shared.protocol;
+            let refuse = tower::service_fn(move |_: http::Request<Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(needs_tls(protocol))
+            });
+            serve_io(stream, replay, refuse, None, shared, stopped).await;
+        }
+    }
+}
+
+/// A connection once its transport is settled.
+enum Opened {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Plaintext on a TLS port.
+    NeedsTls(TcpStream),
+}
+
+/// Serves HTTP on an open stream (after its preface, `replay`) until it
+/// ends or is asked to go away.
+async fn serve_io<IO, S, X>(
+    io: IO,
+    replay: Option<Bytes>,
+    service: X,
+    client: Option<ClientCertificate>,
+    shared: &Shared<S>,
+    stop: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    X: tower::Service<http::Request<Incoming>, Response = Response> + Clone + Send + 'static,
+    X::Future: Send + 'static,
+    X::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let Some(replay) = replay else {
         tracing::debug!("connection closed: no handshake within handshake_timeout_ms");
         return;
     };
-    let io = TokioIo::new(GuardedIo::new(stream, replay, limits.write_timeout()));
+    let limits = &shared.limits;
+    let io = TokioIo::new(GuardedIo::new(io, replay, limits.write_timeout()));
     let activity = Arc::new(Activity::default());
-    let service = hyper_util::service::TowerToHyperService::new(Tracked {
-        inner: shared.service.clone(),
-        activity: activity.clone(),
-    });
+    let service = hyper_util::service::TowerToHyperService::new(Tracked { inner: service, activity: activity.clone(), client });
     match shared.protocol {
         Protocol::Http2 => drive(shared.h2.serve_connection(io, service), &activity, limits, stop).await,
         Protocol::Http1 => drive(shared.h1.serve_connection(io, service), &activity, limits, stop).await,

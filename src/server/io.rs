@@ -1,6 +1,7 @@
-//! The socket under each connection: replays bytes read during the
-//! handshake check, and ends a connection whose writes stall (a client
-//! that never reads its answers would otherwise hold buffers forever).
+//! The stream under each connection (TCP, or TLS over TCP): replays bytes
+//! read during the handshake check, and ends a connection whose writes
+//! stall (a client that never reads its answers would otherwise hold
+//! buffers forever).
 
 use std::io;
 use std::pin::Pin;
@@ -9,19 +10,18 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-/// A TCP stream with replayed leading bytes and a write-stall timeout.
-pub struct GuardedIo {
-    inner: TcpStream,
+/// A stream with replayed leading bytes and a write-stall timeout.
+pub struct GuardedIo<IO> {
+    inner: IO,
     replay: Bytes,
     write_timeout: Duration,
     stall: Option<Pin<Box<Sleep>>>,
 }
 
-impl GuardedIo {
-    pub fn new(inner: TcpStream, replay: Bytes, write_timeout: Duration) -> Self {
+impl<IO> GuardedIo<IO> {
+    pub fn new(inner: IO, replay: Bytes, write_timeout: Duration) -> Self {
         Self { inner, replay, write_timeout, stall: None }
     }
 
@@ -46,7 +46,7 @@ impl GuardedIo {
     }
 }
 
-impl AsyncRead for GuardedIo {
+impl<IO: AsyncRead + Unpin> AsyncRead for GuardedIo<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if self.replay.has_remaining() {
             let n = self.replay.len().min(buf.remaining());
@@ -58,7 +58,7 @@ impl AsyncRead for GuardedIo {
     }
 }
 
-impl AsyncWrite for GuardedIo {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for GuardedIo<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.watch(cx, poll)
@@ -91,6 +91,7 @@ impl AsyncWrite for GuardedIo {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn replays_then_reads_and_times_out_a_stalled_write() {

@@ -44,6 +44,8 @@ pub enum ServeError {
     Threads(#[from] std::io::Error),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Tls(#[from] crate::security::TlsError),
 }
 
 /// Serves `config` on already-bound listeners until `shutdown` completes,
@@ -59,6 +61,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.check()?;
+    // Certificates and keys before the models: a bad file fails fast.
+    let tls = config.tls.as_ref().map(crate::security::Tls::load).transpose()?;
+    let auth = Arc::new(crate::security::Auth::new(&config.auth, config.admin_token.clone(), config.admin_insecure)?);
+    announce_security(&config, tls.as_deref(), &auth);
     let prometheus = monitor::metrics::install();
     let source = config.repository.clone();
     let loaded = tokio::task::spawn_blocking(move || repository::load(&source)).await??;
@@ -117,17 +123,18 @@ pub async fn serve(
         let service = monitor::metrics::MetricsService::new(prometheus.clone(), budget.clone());
         let limits = config.limits.clone();
         let grace = config.drain_timeout;
+        let tls = tls.as_ref().map(|t| t.acceptor(false));
         tokio::spawn(async move {
             let upkeep = tokio::spawn(monitor::metrics::upkeep(prometheus));
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            accept::accept_loop(listener, service, accept::Protocol::Http1, limits, stopped, grace, || {}).await;
+            accept::accept_loop(listener, service, accept::Protocol::Http1, tls, limits, stopped, grace, || {}).await;
             upkeep.abort();
         })
     });
 
-    let admin = AdminServer::new(AdminService::new(repo.clone(), config.admin_token.clone()))
+    let admin = AdminServer::new(AdminService::new(repo.clone()))
         .max_decoding_message_size(SMALL_MESSAGE_BYTES);
     let busy_task = tokio::spawn(publish_busy(repo.clone()));
     let routes = tonic::service::Routes::new(inference)
@@ -135,7 +142,12 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .prepare();
+    if let Some(tls) = &tls {
+        tls.watch();
+    }
+    auth.watch();
     let ingress = Arc::new(IngressState {
+        auth,
         repo: repo.clone(),
         budget,
         max_message_bytes: config.max_message_bytes,
@@ -149,6 +161,7 @@ pub async fn serve(
         grpc,
         service,
         accept::Protocol::Http2,
+        tls.as_ref().map(|t| t.acceptor(true)),
         config.limits.clone(),
         signal,
         config.drain_timeout,
@@ -168,6 +181,23 @@ pub async fn serve(
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Says at start what protects the server, and warns about what does not.
+fn announce_security(config: &ServeConfig, tls: Option<&crate::security::Tls>, auth: &crate::security::Auth) {
+    match tls {
+        Some(tls) if tls.mutual() => tracing::info!("TLS on every listener; clients must present a certificate"),
+        Some(_) => tracing::info!("TLS on every listener"),
+        None => tracing::warn!("no TLS: calls, keys and tokens cross the network in clear text (--tls-cert, --tls-key)"),
+    }
+    if auth.enabled() {
+        tracing::info!("auth on: every call but health checks needs an API key or client certificate");
+    } else {
+        tracing::info!("auth off: a tenant name is the client's claim, not an identity ([auth] keys_file)");
+    }
+    if config.admin_insecure {
+        tracing::warn!("--admin-insecure: the admin service answers anyone; for local use only");
+    }
 }
 
 /// Follows each version's liveness: a version whose scheduler stopped for

@@ -16,9 +16,20 @@ use crate::error::InferError;
 use crate::monitor::stats::{DurationStat, VersionStats};
 use crate::pipeline::{Call, Pipeline, router};
 use crate::repository::{Repository, ServedVersion};
+use crate::security::Caller;
 
 /// Metadata naming the tenant when the request parameter does not.
 const TENANT_HEADER: &str = "x-kiln-tenant";
+
+/// The caller the door identified (anonymous when auth is off, or for a
+/// service called without the door, as in-process tests do).
+fn caller<T>(request: &Request<T>) -> Caller {
+    request.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
+}
+
+fn denied(e: InferError) -> Status {
+    status::to_status(&e)
+}
 
 /// Shared state of the inference service.
 pub struct InferenceService {
@@ -31,6 +42,7 @@ pub struct InferenceService {
 struct CallContext {
     received: Instant,
     grpc_deadline: Option<GrpcDeadline>,
+    caller: Caller,
     tenant: Option<String>,
 }
 
@@ -64,7 +76,8 @@ impl InferenceService {
                 version.drift.refused_non_finite(*input, *column);
             }
         })?;
-        let call = Call { received: call.received, deadline, tenant: call.tenant.clone() };
+        let call =
+            Call { received: call.received, deadline, caller: call.caller.clone(), tenant: call.tenant.clone() };
         let answer = self.pipeline.infer(version, decoded, &call).await?;
         Ok(encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us))
     }
@@ -124,7 +137,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
+        who.permit(&r.name).map_err(denied)?;
         let version = self.version(&r.name, &r.version)?;
         let ready = self.ready.load(Ordering::Acquire) && version.batcher.serving();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
@@ -147,7 +162,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
+        who.permit(&r.name).map_err(denied)?;
         let version = self.version(&r.name, &r.version)?;
         let model = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
         Ok(Response::new(encode::model_metadata(model, &version.spec)))
@@ -157,7 +174,9 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
+        who.permit(&r.name).map_err(denied)?;
         let version = self.version(&r.name, &r.version)?;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(encode::model_config(&version.spec, &version.config)),
@@ -168,20 +187,23 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let who = caller(&request);
         let r = request.into_inner();
         let mut model_stats = Vec::new();
         if r.name.is_empty() {
-            for m in self.repo.models.values() {
+            for m in self.repo.models.values().filter(|m| who.permit(&m.name).is_ok()) {
                 for (v, served) in &m.versions {
                     model_stats.push(statistics(&m.name, *v, &served.stats));
                 }
             }
         } else if r.version.is_empty() {
+            who.permit(&r.name).map_err(denied)?;
             let m = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
             for (v, served) in &m.versions {
                 model_stats.push(statistics(&m.name, *v, &served.stats));
             }
         } else {
+            who.permit(&r.name).map_err(denied)?;
             let served = self.version(&r.name, &r.version)?;
             model_stats.push(statistics(&r.name, served.spec.version, &served.stats));
         }
@@ -190,12 +212,14 @@ impl GrpcInferenceService for InferenceService {
 
     async fn repository_index(
         &self,
-        _: Request<pb::RepositoryIndexRequest>,
+        request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let who = caller(&request);
         let models = self
             .repo
             .models
             .values()
+            .filter(|m| who.permit(&m.name).is_ok())
             .flat_map(|m| {
                 m.versions.keys().map(|v| pb::repository_index_response::ModelIndex {
                     name: m.name.clone(),
@@ -215,6 +239,7 @@ impl GrpcInferenceService for InferenceService {
         let call = CallContext {
             received: Instant::now(),
             grpc_deadline: request.extensions().get::<GrpcDeadline>().copied(),
+            caller: caller(&request),
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
         };
         let req = request.into_inner();

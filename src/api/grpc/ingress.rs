@@ -8,6 +8,13 @@
 //! request that would outgrow its size. Streaming calls (health Watch,
 //! reflection) pass through; their services cap each message at
 //! [`SMALL_MESSAGE_BYTES`].
+//!
+//! The door also asks who is calling before a byte of the body is read:
+//! health checks (gRPC Health, ServerLive, ServerReady) are open so that
+//! probes work; admin calls need an admin; every other call needs a caller
+//! (with auth on), which is put on the request for the services, and a
+//! ModelInfer body is refused PERMISSION_DENIED for a model its key does
+//! not list before it is decoded.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +32,7 @@ use crate::api::status;
 use crate::error::InferError;
 use crate::pipeline::router;
 use crate::repository::Repository;
+use crate::security::{Auth, Caller, ClientCertificate};
 
 /// Most bytes of any request message but ModelInfer's: names and versions.
 /// At prost's worst expansion (~150× for empty repeated entries) this
@@ -147,8 +155,32 @@ fn door(path: &str) -> Door {
     }
 }
 
+/// Who may make a call, by its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Health checks: probes must work without credentials.
+    Open,
+    /// `kiln.admin.v1`: the admin token or an admin identity.
+    Admin,
+    /// Everything else: a caller (anyone, with auth off).
+    Caller,
+}
+
+fn access(path: &str) -> Access {
+    match path {
+        "/grpc.health.v1.Health/Check"
+        | "/grpc.health.v1.Health/Watch"
+        | "/inference.GRPCInferenceService/ServerLive"
+        | "/inference.GRPCInferenceService/ServerReady" => Access::Open,
+        p if p.starts_with("/kiln.admin.v1.Admin/") => Access::Admin,
+        _ => Access::Caller,
+    }
+}
+
 /// What the door needs: the models (for wire limits) and the bounds.
 pub struct IngressState {
+    /// Who may call.
+    pub auth: Arc<Auth>,
     pub repo: Arc<Repository>,
     pub budget: Arc<InflightBudget>,
     pub max_message_bytes: usize,
@@ -178,6 +210,8 @@ fn refusal(err: &InferError) -> HttpResponse {
         InferError::Overloaded { reason, .. } => Some(*reason),
         InferError::Expired(_) => Some("body_timeout"),
         InferError::InvalidArgument(_) | InferError::Unimplemented(_) => Some("wire"),
+        InferError::Unauthenticated(_) => Some("unauthenticated"),
+        InferError::PermissionDenied(_) => Some("permission_denied"),
         _ => None,
     };
     if let Some(reason) = reason {
@@ -208,8 +242,24 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
         let kind = door(request.uri().path());
+        let access = access(request.uri().path());
         Box::pin(async move {
-            let (parts, body) = request.into_parts();
+            let (mut parts, body) = request.into_parts();
+            let client = parts.extensions.get::<ClientCertificate>();
+            let caller = match access {
+                Access::Open => None,
+                Access::Admin => match state.auth.admin(&parts.headers, client) {
+                    Ok(()) => None,
+                    Err(e) => return Ok(refusal(&e)),
+                },
+                Access::Caller => match state.auth.caller(&parts.headers, client) {
+                    Ok(caller) => Some(caller),
+                    Err(e) => return Ok(refusal(&e)),
+                },
+            };
+            if let Some(caller) = &caller {
+                parts.extensions.insert(caller.clone());
+            }
             if kind == Door::Pass {
                 return inner.call(HttpRequest::from_parts(parts, tonic::body::Body::new(body))).await;
             }
@@ -221,7 +271,7 @@ where
             let limit = if kind == Door::Infer { state.max_message_bytes } else { SMALL_MESSAGE_BYTES };
             let received = receive(body, limit, &state).await.and_then(|(bytes, reservation)| {
                 if kind == Door::Infer {
-                    check_infer(&bytes, &state.repo)?;
+                    check_infer(&bytes, &state.repo, caller.as_ref())?;
                 }
                 Ok((bytes, reservation))
             });
@@ -308,12 +358,16 @@ fn too_large(len: usize, limit: usize) -> InferError {
     }
 }
 
-/// The wire check of a ModelInfer message against its model. An unknown
-/// model is answered NOT_FOUND here, as the handler would.
-fn check_infer(frame: &[u8], repo: &Repository) -> Result<(), InferError> {
+/// The wire check of a ModelInfer message against its model, after the
+/// caller's permission for that model. An unknown model is answered
+/// NOT_FOUND here, as the handler would.
+fn check_infer(frame: &[u8], repo: &Repository, caller: Option<&Caller>) -> Result<(), InferError> {
     let Some(message) = frame.get(FRAME_HEADER..) else { return Ok(()) };
     let malformed = |e: wire::WireError| InferError::InvalidArgument(e.to_string());
     let (model, version) = wire::model_and_version(message).map_err(malformed)?;
+    if let Some(caller) = caller {
+        caller.permit(&model)?;
+    }
     let served = router::route(repo, &model, &version)?;
     let limits = WireLimits::for_model(&served.spec, served.config.max_batch_size);
     wire::check_infer_request(message, &limits).map_err(malformed)
@@ -331,6 +385,17 @@ mod tests {
         assert_eq!(door("/kiln.admin.v1.Admin/DriftReport"), Door::SmallUnary);
         assert_eq!(door("/grpc.health.v1.Health/Watch"), Door::Pass);
         assert_eq!(door("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Door::Pass);
+    }
+
+    #[test]
+    fn probes_are_open_admin_is_admin_and_the_rest_needs_a_caller() {
+        assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Open);
+        assert_eq!(access("/inference.GRPCInferenceService/ServerReady"), Access::Open);
+        assert_eq!(access("/kiln.admin.v1.Admin/DriftReport"), Access::Admin);
+        assert_eq!(access(INFER_PATH), Access::Caller);
+        assert_eq!(access("/inference.GRPCInferenceService/ModelReady"), Access::Caller);
+        assert_eq!(access("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Access::Caller);
+        assert_eq!(access("/unknown.Service/Call"), Access::Caller);
     }
 
     #[test]
