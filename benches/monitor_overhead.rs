@@ -52,6 +52,7 @@ fn monitor_costs(c: &mut Criterion) {
             keep_files: 1,
             inputs: InputLogMode::Hash,
             hmac_key: Some("bench".into()),
+            outputs: None,
         },
         &threads,
     )

@@ -16,7 +16,7 @@ use kiln::client::{self, Client, ParameterChoice};
 use kiln::config::{InputLogMode, RepositorySource, RequestLogConfig, ServeConfig};
 use rand::{Rng, SeedableRng};
 
-const TOKEN: &str = "s3cret-admin";
+const TOKEN: &str = "s3cret-admin-token";
 const LOG_KEY: &str = "log-key";
 /// area_mean: the feature the test scales.
 const SCALED: usize = 3;
@@ -91,7 +91,7 @@ async fn report_until(
     let url = server.addr.to_string();
     let mut last = None;
     for _ in 0..600 {
-        let report = client::drift::fetch(&url, model, "", Some(TOKEN)).await.expect("connects").expect("report");
+        let report = client::drift::fetch(&url, model, "", &admin(Some(TOKEN))).await.expect("connects").expect("report");
         if done(&report) {
             return report;
         }
@@ -150,6 +150,7 @@ async fn drift_is_reported_alerted_exported_and_logged_on_a_live_server() {
             keep_files: 1,
             inputs: InputLogMode::Hash,
             hmac_key: Some(LOG_KEY.into()),
+            outputs: None,
         }),
         ..ServeConfig::default()
     })
@@ -224,14 +225,19 @@ async fn drift_is_reported_alerted_exported_and_logged_on_a_live_server() {
     metrics_match_the_readme_catalogue(&server.metrics_text().await);
 }
 
+/// Credentials carrying `token` as the bearer, over plain HTTP/2.
+fn admin(token: Option<&str>) -> client::Credentials {
+    client::Credentials { tls: None, bearer: token.map(Into::into) }
+}
+
 async fn admin_calls_need_the_token(server: &TestServer) {
     let url = server.addr.to_string();
     for token in [None, Some("wrong")] {
-        let answer = client::drift::fetch(&url, "risk", "", token).await.expect("connects");
+        let answer = client::drift::fetch(&url, "risk", "", &admin(token)).await.expect("connects");
         let status = answer.expect_err("refused without the right token");
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     }
-    let unknown = client::drift::fetch(&url, "nope", "", Some(TOKEN)).await.expect("connects");
+    let unknown = client::drift::fetch(&url, "nope", "", &admin(Some(TOKEN))).await.expect("connects");
     assert_eq!(unknown.expect_err("unknown model").code(), tonic::Code::NotFound);
 }
 
@@ -241,9 +247,9 @@ async fn kiln_drift_prints_and_plots(server: &TestServer, scaled: &str) {
     let run = |token: Option<&str>| {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
         command.args(["drift", "--url", &server.addr.to_string(), "--model", "risk", "--plot"]).arg(&plot);
-        command.env_remove("KILN_ADMIN_TOKEN");
+        command.env_remove("KILN_ADMIN_TOKEN").env_remove("KILN_API_KEY");
         if let Some(t) = token {
-            command.args(["--admin-token", t]);
+            command.env("KILN_ADMIN_TOKEN", t);
         }
         tokio::task::block_in_place(|| command.output().expect("kiln runs"))
     };

@@ -29,7 +29,12 @@ fn two_versions(drift: &str) -> tempfile::TempDir {
 }
 
 async fn serve(dir: &tempfile::TempDir) -> TestServer {
-    TestServer::start(ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), ..Default::default() })
+    // The admin service is open here: this test is about windows, not access.
+    TestServer::start(ServeConfig {
+        repository: RepositorySource::Dir(dir.path().to_path_buf()),
+        admin_insecure: true,
+        ..Default::default()
+    })
         .await
 }
 
@@ -60,7 +65,7 @@ async fn send(server: &TestServer, version: &str, count: usize) -> usize {
 }
 
 async fn window_rows(server: &TestServer, version: &str) -> u64 {
-    let report = kiln::client::drift::fetch(&server.addr.to_string(), "risk", version, None)
+    let report = kiln::client::drift::fetch(&server.addr.to_string(), "risk", version, &Default::default())
         .await
         .expect("connects")
         .expect("report");

@@ -36,6 +36,8 @@ pub enum Load {
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub url: String,
+    /// TLS and the API key.
+    pub credentials: crate::client::Credentials,
     pub model: String,
     pub version: String,
     pub steps: Vec<Load>,
@@ -146,7 +148,7 @@ impl Session {
     async fn open(options: &BenchOptions) -> Result<Self, BenchError> {
         let mut clients = Vec::new();
         for _ in 0..options.connections.max(1) {
-            clients.push(Client::connect(&options.url).await?);
+            clients.push(Client::connect_with(&options.url, &options.credentials).await?);
         }
         let metadata = clients[0]
             .raw

@@ -77,6 +77,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
         steps.push(kiln::bench::Load::Concurrency(1));
     }
     let options = kiln::bench::BenchOptions {
+        credentials: args.target.security.credentials(None)?,
         url: args.target.url,
         model: args.target.model,
         version: args.target.version,

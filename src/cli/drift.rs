@@ -12,9 +12,11 @@ use super::{Target, emit, status_error};
 pub struct DriftArgs {
     #[command(flatten)]
     pub target: Target,
-    /// Bearer token, when the server has one configured.
-    #[arg(long, env = "KILN_ADMIN_TOKEN")]
-    pub admin_token: Option<String>,
+    /// File holding the admin token; also the `KILN_ADMIN_TOKEN`
+    /// environment variable, or an admin's API key (--api-key-file,
+    /// `KILN_API_KEY`).
+    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Where to draw reference against live histograms (SVG).
     #[arg(long, default_value = "drift.svg")]
     pub plot: PathBuf,
@@ -29,8 +31,13 @@ pub fn run(args: DriftArgs) -> Result<()> {
 
 async fn drift(args: DriftArgs) -> Result<()> {
     let t = &args.target;
-    let report =
-        client::drift::fetch(&t.url, &t.model, &t.version, args.admin_token.as_deref()).await?.map_err(status_error)?;
+    let mut credentials = t.security.credentials(None)?;
+    if let Some(path) = &args.admin_token_file {
+        credentials.bearer = Some(kiln::config::read_secret_file(path, "admin token")?);
+    } else if let Some(token) = std::env::var("KILN_ADMIN_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        credentials.bearer = Some(kiln::security::Secret::new(token.trim()));
+    }
+    let report = client::drift::fetch(&t.url, &t.model, &t.version, &credentials).await?.map_err(status_error)?;
     emit(&client::drift::table(&report));
     if report.state == "ready" {
         std::fs::write(&args.plot, client::drift::svg(&report, args.top))

@@ -31,7 +31,7 @@ async fn infer(args: InferArgs) -> Result<()> {
         Some(t) => t.to_string(),
     };
     let target = &args.target;
-    let mut client = Client::connect(&target.url).await?;
+    let mut client = Client::connect_with(&target.url, &target.security.credentials(None)?).await?;
     let config = client
         .raw
         .model_config(pb::ModelConfigRequest { name: target.model.clone(), version: target.version.clone() })

@@ -25,6 +25,46 @@ pub struct Target {
     /// Model version; the model's default when absent.
     #[arg(long, default_value = "")]
     pub version: String,
+    #[command(flatten)]
+    pub security: ClientSecurity,
+}
+
+/// TLS and the credential a client command sends.
+#[derive(clap::Args)]
+pub struct ClientSecurity {
+    /// CA certificate (PEM) that signed the server's: connect with TLS.
+    #[arg(long, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for a server that requires mutual TLS.
+    #[arg(long = "tls-cert", env = "KILN_TLS_CLIENT_CERT", requires = "tls_ca")]
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long = "tls-key", env = "KILN_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<std::path::PathBuf>,
+    /// File holding the API key to send (`authorization: Bearer`); the
+    /// `KILN_API_KEY` environment variable is the other way in.
+    #[arg(long, env = "KILN_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+}
+
+impl ClientSecurity {
+    /// The TLS settings and the key to send: from --api-key-file, else
+    /// `KILN_API_KEY`, else `fallback_env` when given (the admin token).
+    pub fn credentials(&self, fallback_env: Option<&str>) -> anyhow::Result<kiln::client::Credentials> {
+        let tls = self.tls_ca.as_ref().map(|ca| kiln::client::ClientTls {
+            ca: ca.clone(),
+            cert: self.tls_client_cert.clone(),
+            key: self.tls_client_key.clone(),
+        });
+        let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let bearer = match &self.api_key_file {
+            Some(path) => Some(kiln::config::read_secret_file(path, "API key")?),
+            None => from_env("KILN_API_KEY")
+                .or_else(|| fallback_env.and_then(from_env))
+                .map(|v| kiln::security::Secret::new(v.trim())),
+        };
+        Ok(kiln::client::Credentials { tls, bearer })
+    }
 }
 
 /// Writes a report to standard output. A reader that went away (`| head`)

@@ -9,24 +9,18 @@ use crate::api::admin_pb::{DriftReportRequest, DriftReportResponse, FeatureDrift
 use crate::plot::{Svg, escape};
 
 /// Fetches the drift report of `model` (its default version when
-/// `version` is empty), sending `token` as a bearer token when given.
+/// `version` is empty), with the admin token or an admin's key as the
+/// bearer credential.
 pub async fn fetch(
     url: &str,
     model: &str,
     version: &str,
-    token: Option<&str>,
+    credentials: &super::Credentials,
 ) -> Result<Result<DriftReportResponse, tonic::Status>, ClientError> {
-    let channel = super::channel(url).await?;
-    let mut request = tonic::Request::new(DriftReportRequest { model: model.into(), version: version.into() });
-    if let Some(token) = token {
-        match format!("Bearer {token}").parse() {
-            Ok(value) => {
-                request.metadata_mut().insert("authorization", value);
-            }
-            Err(_) => return Ok(Err(tonic::Status::invalid_argument("admin token: not valid in a header"))),
-        }
-    }
-    Ok(AdminClient::new(channel).drift_report(request).await.map(tonic::Response::into_inner))
+    let channel = super::secure_channel(url, credentials.tls.as_ref()).await?;
+    let bearer = super::Bearer::new(credentials.bearer.as_ref())?;
+    let request = tonic::Request::new(DriftReportRequest { model: model.into(), version: version.into() });
+    Ok(AdminClient::with_interceptor(channel, bearer).drift_report(request).await.map(tonic::Response::into_inner))
 }
 
 /// The features, most drifted first: by value over its alert threshold, so

@@ -5,7 +5,12 @@ pub mod drift;
 
 use std::collections::HashMap;
 
-use tonic::transport::Channel;
+use std::path::PathBuf;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::security::Secret;
 
 use crate::api::pb::{
     self, InferTensorContents, ModelInferRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
@@ -22,19 +27,92 @@ pub enum ClientError {
     InvalidUrl(String, String),
     #[error("cannot connect to {0}")]
     Connect(String, #[source] tonic::transport::Error),
+    #[error("TLS settings: {0}")]
+    Tls(String),
+}
+
+/// TLS towards the server: the CA that signed its certificate, and for
+/// mutual TLS the client's own certificate and key.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How a client proves itself: TLS and an API key (or admin token).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub tls: Option<ClientTls>,
+    /// Sent as `authorization: Bearer <key>` on every call.
+    pub bearer: Option<Secret>,
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", path.display())))
 }
 
 /// An HTTP/2 channel to `url` (`host:port` or `http://host:port`).
 pub async fn channel(url: &str) -> Result<Channel, ClientError> {
-    let full = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    let endpoint = Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
+    secure_channel(url, None).await
+}
+
+/// An HTTP/2 channel to `url`, over TLS when `tls` is given.
+pub async fn secure_channel(url: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let full = match url.split_once("://") {
+        Some((_, rest)) => format!("{scheme}://{rest}"),
+        None => format!("{scheme}://{url}"),
+    };
+    let mut endpoint =
+        Channel::from_shared(full).map_err(|e| ClientError::InvalidUrl(url.to_string(), e.to_string()))?;
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
+            (None, None) => {}
+            _ => return Err(ClientError::Tls("a client certificate needs its key, and a key its certificate".into())),
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
     endpoint.tcp_nodelay(true).connect().await.map_err(|e| ClientError::Connect(url.to_string(), e))
 }
+
+/// Adds the bearer credential to every call.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(secret: Option<&Secret>) -> Result<Self, ClientError> {
+        secret
+            .map(|s| {
+                let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {}", s.expose())
+                    .parse()
+                    .map_err(|_| ClientError::Tls("the API key holds characters a header cannot carry".into()))?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The transport under every client: a channel that adds the credential.
+pub type Transport = InterceptedService<Channel, Bearer>;
 
 /// A connected V2 client.
 #[derive(Clone)]
 pub struct Client {
-    pub raw: GrpcInferenceServiceClient<Channel>,
+    pub raw: GrpcInferenceServiceClient<Transport>,
 }
 
 /// Message bound for client calls; as large as the protocol lets clients go.
@@ -46,9 +124,19 @@ impl Client {
         Ok(Self::from_channel(channel(url).await?))
     }
 
+    /// Connects to `url` with TLS and a credential as given.
+    pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
+        let channel = secure_channel(url, credentials.tls.as_ref()).await?;
+        Ok(Self::with_bearer(channel, Bearer::new(credentials.bearer.as_ref())?))
+    }
+
     /// Wraps an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
-        let raw = GrpcInferenceServiceClient::new(channel)
+        Self::with_bearer(channel, Bearer::default())
+    }
+
+    fn with_bearer(channel: Channel, bearer: Bearer) -> Self {
+        let raw = GrpcInferenceServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
         Self { raw }

@@ -201,6 +201,7 @@ async fn measure_serving(options: &PlanOptions) -> Result<(f64, ceiling::Ceiling
         .map_err(|e| err(&e))?;
     let mut bench = BenchOptions {
         url: addr.to_string(),
+        credentials: Default::default(),
         model: options.model.clone(),
         version: String::new(),
         steps: vec![Load::Concurrency(1)],

@@ -280,58 +280,24 @@ where
 {
     // Nagle's algorithm with delayed ACKs stalls small responses by ~40 ms.
     let _ = stream.set_nodelay(true);
-    let deadline = Instant::now() + shared.limits.handshake_timeout();
     let stopped = stop.clone();
-    let opened = async {
-        let Some(tls) = &shared.tls else {
-            return Some(Opened::Plain(stream));
-        };
-        match first_byte(&stream, deadline).await? {
-            TLS_HANDSHAKE => {}
-            _ => return Some(Opened::NeedsTls(stream)),
-        }
-        match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-            Ok(Ok(stream)) => Some(Opened::Tls(Box::new(stream))),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                metrics::counter!(crate::monitor::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
-                None
-            }
-            Err(_) => None,
-        }
-    };
     let opened = tokio::select! {
-        opened = opened => opened,
+        opened = open(stream, shared) => opened,
         _ = stop.wait_for(|s| *s) => None,
     };
-    let Some(opened) = opened else {
+    let Some((opened, replay)) = opened else {
         tracing::debug!("connection closed: no handshake within handshake_timeout_ms");
         return;
     };
     match opened {
-        Opened::Plain(mut stream) => {
-            let replay = match shared.protocol {
-                Protocol::Http2 => preface(&mut stream, deadline).await,
-                // hyper's header_read_timeout bounds the rest of the head.
-                Protocol::Http1 => first_byte(&stream, deadline).await.map(|_| Bytes::new()),
-            };
-            serve_io(stream, replay, shared.service.clone(), None, shared, stopped).await;
-        }
-        Opened::Tls(mut stream) => {
+        Opened::Plain(stream) => serve_io(stream, replay, shared.service.clone(), None, shared, stopped).await,
+        Opened::Tls(stream) => {
             let client = stream.get_ref().1.peer_certificates().is_some().then(|| ClientCertificate {
                 common_name: crate::security::tls::client_name(&stream),
             });
-            let replay = match shared.protocol {
-                Protocol::Http2 => preface(&mut stream, deadline).await,
-                Protocol::Http1 => Some(Bytes::new()),
-            };
             serve_io(stream, replay, shared.service.clone(), client, shared, stopped).await;
         }
-        Opened::NeedsTls(mut stream) => {
-            let replay = match shared.protocol {
-                Protocol::Http2 => preface(&mut stream, deadline).await,
-                Protocol::Http1 => Some(Bytes::new()),
-            };
+        Opened::NeedsTls(stream) => {
             let protocol = shared.protocol;
             let refuse = tower::service_fn(move |_: http::Request<Incoming>| async move {
                 Ok::<_, std::convert::Infallible>(needs_tls(protocol))
@@ -339,6 +305,39 @@ where
             serve_io(stream, replay, refuse, None, shared, stopped).await;
         }
     }
+}
+
+/// Settles a new connection's transport (the TLS handshake, when the
+/// listener has TLS) and reads the start of its protocol, all within the
+/// handshake timeout; returns the bytes read, to be replayed.
+async fn open<S>(stream: TcpStream, shared: &Shared<S>) -> Option<(Opened, Bytes)> {
+    let deadline = Instant::now() + shared.limits.handshake_timeout();
+    let http2 = shared.protocol == Protocol::Http2;
+    let Some(tls) = &shared.tls else {
+        let mut stream = stream;
+        let replay = match http2 {
+            true => preface(&mut stream, deadline).await?,
+            // hyper's header_read_timeout bounds the rest of the head.
+            false => first_byte(&stream, deadline).await.map(|_| Bytes::new())?,
+        };
+        return Some((Opened::Plain(stream), replay));
+    };
+    if first_byte(&stream, deadline).await? != TLS_HANDSHAKE {
+        let mut stream = stream;
+        let replay = if http2 { preface(&mut stream, deadline).await? } else { Bytes::new() };
+        return Some((Opened::NeedsTls(stream), replay));
+    }
+    let mut stream = match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Box::new(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            metrics::counter!(crate::monitor::metrics::TLS_HANDSHAKE_FAILURES).increment(1);
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let replay = if http2 { preface(&mut stream, deadline).await? } else { Bytes::new() };
+    Some((Opened::Tls(stream), replay))
 }
 
 /// A connection once its transport is settled.
@@ -353,7 +352,7 @@ enum Opened {
 /// ends or is asked to go away.
 async fn serve_io<IO, S, X>(
     io: IO,
-    replay: Option<Bytes>,
+    replay: Bytes,
     service: X,
     client: Option<ClientCertificate>,
     shared: &Shared<S>,
@@ -364,10 +363,6 @@ async fn serve_io<IO, S, X>(
     X::Future: Send + 'static,
     X::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let Some(replay) = replay else {
-        tracing::debug!("connection closed: no handshake within handshake_timeout_ms");
-        return;
-    };
     let limits = &shared.limits;
     let io = TokioIo::new(GuardedIo::new(io, replay, limits.write_timeout()));
     let activity = Arc::new(Activity::default());

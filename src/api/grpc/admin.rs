@@ -93,13 +93,3 @@ impl Admin for AdminService {
         Ok(Response::new(out))
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn constant_time_eq_compares_whole_tokens() {
-        assert!(super::constant_time_eq(b"secret", b"secret"));
-        assert!(!super::constant_time_eq(b"secret", b"secreT"));
-        assert!(!super::constant_time_eq(b"secret", b"secret2"));
-    }
-}
