@@ -91,7 +91,8 @@ async fn report_until(
     let url = server.addr.to_string();
     let mut last = None;
     for _ in 0..600 {
-        let report = client::drift::fetch(&url, model, "", &admin(Some(TOKEN))).await.expect("connects").expect("report");
+        let report =
+            client::drift::fetch(&url, model, "", &admin(Some(TOKEN))).await.expect("connects").expect("report");
         if done(&report) {
             return report;
         }

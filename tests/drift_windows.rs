@@ -35,7 +35,7 @@ async fn serve(dir: &tempfile::TempDir) -> TestServer {
         admin_insecure: true,
         ..Default::default()
     })
-        .await
+    .await
 }
 
 /// Sends `count` single-row requests to `version` from 8 clients; returns

@@ -52,7 +52,8 @@ pub struct AuthConfig {
 /// refused when empty.
 pub fn read_secret_file(path: &std::path::Path, what: &str) -> Result<Secret, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, format!("cannot read {what}: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, format!("cannot read {what}: {e}")))?;
     let secret = Secret::new(text.trim());
     if secret.is_empty() {
         return Err(ConfigError::new(file, format!("{what} file is empty")));

@@ -138,7 +138,10 @@ fn describe() {
     describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Request bytes held by calls in flight.");
     describe_counter!(INGRESS_REFUSED, "Calls refused before decoding, by reason.");
     describe_counter!(CONNECTIONS_REFUSED_TOTAL, "Connections closed at once because max_connections were open.");
-    describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes that failed (untrusted or missing client certificate, protocol mismatch).");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed (untrusted or missing client certificate, protocol mismatch)."
+    );
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
     describe_gauge!(BUILD_INFO, "Kiln build information.");
     describe_gauge!(EXECUTOR_BUSY, "Share of wall time the executors spent running batches (last second).");

@@ -117,8 +117,12 @@ impl RequestLog {
             line["request_id_truncated"] = true.into();
         }
         if self.outputs {
-            line["outputs"] =
-                e.outputs.iter().map(|(name, t)| (name.to_string(), values(t))).collect::<serde_json::Map<_, _>>().into();
+            line["outputs"] = e
+                .outputs
+                .iter()
+                .map(|(name, t)| (name.to_string(), values(t)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
         }
         // Each declared input's name with its values (JSON) and raw bytes
         // (hashed); a text model's one input is logged as its token rows.

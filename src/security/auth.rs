@@ -289,11 +289,8 @@ mod tests {
         let admin = generate("ops", vec![]);
         let path = dir.path().join("keys.toml");
         std::fs::write(&path, entry_toml(&admin.entry)).expect("write");
-        let config = AuthConfig {
-            keys_file: Some(path),
-            admins: vec![format!("key:{}", admin.entry.id)],
-            ..Default::default()
-        };
+        let config =
+            AuthConfig { keys_file: Some(path), admins: vec![format!("key:{}", admin.entry.id)], ..Default::default() };
         let auth = Auth::new(&config, None, false).expect("auth");
         auth.admin(&headers(&[("x-api-key", admin.key.expose())]), None).expect("listed");
         let open = Auth::new(&AuthConfig::default(), None, true).expect("auth");

@@ -130,7 +130,10 @@ mod tests {
         assert!(!text.contains(new.key.expose()), "the file never holds the key");
         let ring = KeyRing::parse("keys.toml", &text).expect("parses");
         let entry = ring.verify(new.key.expose()).expect("accepted");
-        assert_eq!((entry.tenant.as_str(), entry.may_call("risk"), entry.may_call("minilm")), ("checkout", true, false));
+        assert_eq!(
+            (entry.tenant.as_str(), entry.may_call("risk"), entry.may_call("minilm")),
+            ("checkout", true, false)
+        );
         let key = new.key.expose();
         let mut flipped = key.to_string().into_bytes();
         let last = flipped.len() - 1;

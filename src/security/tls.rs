@@ -167,7 +167,8 @@ mod tests {
     fn a_mismatched_or_broken_pair_is_refused_and_the_old_one_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = DevCa::new().expect("ca");
-        let (one, two) = (ca.server(&["localhost".into()]).expect("one"), ca.server(&["localhost".into()]).expect("two"));
+        let (one, two) =
+            (ca.server(&["localhost".into()]).expect("one"), ca.server(&["localhost".into()]).expect("two"));
         let files = TlsConfig { cert: dir.path().join("c.pem"), key: dir.path().join("k.pem"), client_ca: None };
         std::fs::write(&files.cert, &one.cert).expect("write");
         std::fs::write(&files.key, &one.key).expect("write");

@@ -27,8 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
 
 use super::io::GuardedIo;
 use crate::api::grpc::ingress::Guarded;
@@ -292,9 +292,12 @@ where
     match opened {
         Opened::Plain(stream) => serve_io(stream, replay, shared.service.clone(), None, shared, stopped).await,
         Opened::Tls(stream) => {
-            let client = stream.get_ref().1.peer_certificates().is_some().then(|| ClientCertificate {
-                common_name: crate::security::tls::client_name(&stream),
-            });
+            let client = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some()
+                .then(|| ClientCertificate { common_name: crate::security::tls::client_name(&stream) });
             serve_io(stream, replay, shared.service.clone(), client, shared, stopped).await;
         }
         Opened::NeedsTls(stream) => {
@@ -366,7 +369,8 @@ async fn serve_io<IO, S, X>(
     let limits = &shared.limits;
     let io = TokioIo::new(GuardedIo::new(io, replay, limits.write_timeout()));
     let activity = Arc::new(Activity::default());
-    let service = hyper_util::service::TowerToHyperService::new(Tracked { inner: service, activity: activity.clone(), client });
+    let service =
+        hyper_util::service::TowerToHyperService::new(Tracked { inner: service, activity: activity.clone(), client });
     match shared.protocol {
         Protocol::Http2 => drive(shared.h2.serve_connection(io, service), &activity, limits, stop).await,
         Protocol::Http1 => drive(shared.h1.serve_connection(io, service), &activity, limits, stop).await,

@@ -134,8 +134,7 @@ pub async fn serve(
         })
     });
 
-    let admin = AdminServer::new(AdminService::new(repo.clone()))
-        .max_decoding_message_size(SMALL_MESSAGE_BYTES);
+    let admin = AdminServer::new(AdminService::new(repo.clone())).max_decoding_message_size(SMALL_MESSAGE_BYTES);
     let busy_task = tokio::spawn(publish_busy(repo.clone()));
     let routes = tonic::service::Routes::new(inference)
         .add_service(admin)
@@ -188,7 +187,9 @@ fn announce_security(config: &ServeConfig, tls: Option<&crate::security::Tls>, a
     match tls {
         Some(tls) if tls.mutual() => tracing::info!("TLS on every listener; clients must present a certificate"),
         Some(_) => tracing::info!("TLS on every listener"),
-        None => tracing::warn!("no TLS: calls, keys and tokens cross the network in clear text (--tls-cert, --tls-key)"),
+        None => {
+            tracing::warn!("no TLS: calls, keys and tokens cross the network in clear text (--tls-cert, --tls-key)")
+        }
     }
     if auth.enabled() {
         tracing::info!("auth on: every call but health checks needs an API key or client certificate");

@@ -38,8 +38,10 @@ impl Server {
     /// until it logs its gRPC address; `Err` holds the log when it exits
     /// first.
     pub fn spawn(mut command: Command, dir: tempfile::TempDir) -> Result<Self, String> {
-        let mut child =
-            command.env("NO_COLOR", "1").env("RUST_LOG", "info").stderr(Stdio::piped()).spawn().expect("start kiln");
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
+        let mut child = command.env("NO_COLOR", "1").stderr(Stdio::piped()).spawn().expect("start kiln");
         let stderr = BufReader::new(child.stderr.take().expect("stderr"));
         let log = Arc::new(Mutex::new(String::new()));
         let (found, address) = std::sync::mpsc::channel();

@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// What its clients present: TLS settings and a key.
+    pub credentials: kiln::client::Credentials,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), kiln::ServeError>>>,
 }
@@ -23,6 +25,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `config` and waits until it answers ServerReady.
     pub async fn start(config: ServeConfig) -> Self {
+        Self::start_with(config, kiln::client::Credentials::default()).await
+    }
+
+    /// Starts `config`, whose clients connect with `credentials`.
+    pub async fn start_with(config: ServeConfig, credentials: kiln::client::Credentials) -> Self {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
         let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
         let addr = grpc.local_addr().expect("addr");
@@ -31,7 +38,7 @@ impl TestServer {
         let task = tokio::spawn(kiln::serve(config, grpc, Some(metrics), async move {
             let _ = stopped.await;
         }));
-        let server = Self { addr, metrics_addr, stop: Some(stop), task: Some(task) };
+        let server = Self { addr, metrics_addr, credentials, stop: Some(stop), task: Some(task) };
         let mut client = server.client().await;
         tokio::time::timeout(Duration::from_secs(60), async {
             loop {
@@ -58,7 +65,7 @@ impl TestServer {
         // The listener is bound before serve starts, so connecting succeeds
         // as soon as the accept loop runs; retry briefly for that.
         for _ in 0..100 {
-            if let Ok(c) = Client::connect(&self.addr.to_string()).await {
+            if let Ok(c) = Client::connect_with(&self.addr.to_string(), &self.credentials).await {
                 return c;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

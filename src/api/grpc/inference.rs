@@ -76,8 +76,7 @@ impl InferenceService {
                 version.drift.refused_non_finite(*input, *column);
             }
         })?;
-        let call =
-            Call { received: call.received, deadline, caller: call.caller.clone(), tenant: call.tenant.clone() };
+        let call = Call { received: call.received, deadline, caller: call.caller.clone(), tenant: call.tenant.clone() };
         let answer = self.pipeline.infer(version, decoded, &call).await?;
         Ok(encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us))
     }
