@@ -5,6 +5,7 @@
 #   scripts/perf-analyzer.sh                         # a short run, as CI does
 #   KILN_URL=host:8001 scripts/perf-analyzer.sh --concurrency-range 1:32:2
 #   scripts/perf-analyzer.sh --install-only        # fetch it and the input, run nothing
+#   KILN_SECURE=1 scripts/perf-analyzer.sh          # over mutual TLS (with-server.sh)
 #
 # perf_analyzer's PyPI wheel (2.60.0, platform manylinux_2_38) needs glibc
 # 2.38, newer than Debian bookworm's. It runs through Debian trixie's
@@ -93,6 +94,13 @@ if [ ${#args[@]} -eq 0 ]; then
   # your own arguments for capacity curves.
   args=(--concurrency-range 1:8:4 --measurement-interval 1000 --stability-percentage 10000 --max-trials 3)
 fi
+tls=()
+if [ -n "${KILN_TLS_DIR:-}" ]; then
+  # perf_analyzer's own TLS options; the client certificate names the tenant.
+  tls=(--ssl-grpc-use-ssl --ssl-grpc-root-certifications-file "$KILN_TLS_DIR/ca.pem"
+       --ssl-grpc-private-key-file "$KILN_TLS_DIR/client.key"
+       --ssl-grpc-certificate-chain-file "$KILN_TLS_DIR/client.pem")
+fi
 "$libs/ld-linux-x86-64.so.2" --library-path "$libs:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" \
-  "$pa" -m risk -u "$KILN_URL" -i grpc --input-data "$input" -f "$tools/last-run.csv" "${args[@]}"
+  "$pa" -m risk -u "$KILN_URL" -i grpc --input-data "$input" -f "$tools/last-run.csv" "${tls[@]}" "${args[@]}"
 echo "perf_analyzer: results in $tools/last-run.csv"

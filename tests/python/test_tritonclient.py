@@ -1,6 +1,7 @@
 """Compatibility: Triton's own Python client (tritonclient[grpc] from PyPI)
 talks to Kiln unchanged. Run by scripts/test against a live server at
-$KILN_URL."""
+$KILN_URL, in plain text and (KILN_SECURE=1 scripts/with-server.sh) over
+mutual TLS with $KILN_TLS_DIR's certificates and the API key $KILN_API_KEY."""
 
 import csv
 import json
@@ -13,7 +14,18 @@ from tritonclient.utils import InferenceServerException
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 url = os.environ["KILN_URL"]
-client = grpcclient.InferenceServerClient(url=url)
+tls_dir = os.environ.get("KILN_TLS_DIR")
+if tls_dir:
+    tls = pathlib.Path(tls_dir)
+    client = grpcclient.InferenceServerClient(
+        url=url,
+        ssl=True,
+        root_certificates=str(tls / "ca.pem"),
+        private_key=str(tls / "client.key"),
+        certificate_chain=str(tls / "client.pem"),
+    )
+else:
+    client = grpcclient.InferenceServerClient(url=url)
 
 assert client.is_server_live()
 assert client.is_server_ready()
@@ -68,3 +80,24 @@ stats = client.get_inference_statistics("risk")
 assert int(stats.model_stats[0].inference_count) >= 40
 
 print(f"tritonclient compatibility: ok (held-out accuracy on 40 rows {accuracy:.3f})")
+
+if tls_dir:
+    # The API key works from tritonclient's per-call headers; a wrong one is
+    # refused even on a verified connection.
+    key = os.environ["KILN_API_KEY"]
+    ok = client.infer("risk", [inp], headers={"authorization": f"Bearer {key}"})
+    assert ok.as_numpy("probability").shape == (40, 1)
+    try:
+        client.infer("risk", [inp], headers={"authorization": "Bearer kiln_00000000_00"})
+        raise AssertionError("a wrong key was accepted")
+    except InferenceServerException as e:
+        assert "UNAUTHENTICATED" in str(e.status()), e
+        assert "kiln_00000000" not in e.message(), e.message()
+    # A plaintext client on the TLS port is told what is wrong, at once.
+    plain = grpcclient.InferenceServerClient(url=url)
+    try:
+        plain.is_server_live()
+        raise AssertionError("plaintext was served on a TLS port")
+    except InferenceServerException as e:
+        assert "accepts TLS only" in e.message(), e.message()
+    print("tritonclient over mutual TLS: ok")
