@@ -162,7 +162,8 @@ async fn metrics_as(addr: std::net::SocketAddr, ca: Option<&str>, client: Option
             };
             let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
             let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-            let mut tls = connector.connect(name, tcp).await.expect("TLS to the metrics port");
+            // A refused handshake reads as no answer at all.
+            let Ok(mut tls) = connector.connect(name, tcp).await else { return out };
             tls.write_all(request).await.expect("write");
             let _ = tls.read_to_string(&mut out).await;
         }
@@ -244,8 +245,11 @@ async fn mutual_tls_requires_a_client_certificate_the_ca_signed() {
     let addr = server.addr.to_string();
 
     infer(&addr, &with_cert).await.expect("a certificate the CA signed");
+    // Under TLS 1.3 the client may finish its side of the handshake before
+    // the server refuses its (missing) certificate, so the failure shows at
+    // connect or at the first call, with whatever code the client picks.
     let err = infer(&addr, &tls_client(dir.path(), &ca.cert, None)).await.expect_err("no certificate");
-    assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal), "{err:?}");
+    assert_ne!(err.code(), Code::Ok, "{err:?}");
     let forged = stranger.client("checkout").expect("pair");
     infer(&addr, &tls_client(dir.path(), &ca.cert, Some(&forged))).await.expect_err("another CA's certificate");
 
@@ -263,6 +267,11 @@ async fn mutual_tls_requires_a_client_certificate_the_ca_signed() {
     let metrics = metrics_as(server.metrics_addr, Some(&ca.cert), Some(&checkout)).await;
     assert!(metrics.contains("tenant=\"checkout\""), "the certificate's tenant is charged: {metrics}");
     assert_eq!(metrics_over(server.metrics_addr, Some(&ca.cert)).await, "", "no certificate, no metrics");
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_tls_handshake_failures_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(failures.is_some_and(|n| n >= 2.0), "both refused handshakes are counted: {failures:?}");
 }
 
 /// A repository with two copies of the risk model, `risk` and `fraud`.

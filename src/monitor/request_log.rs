@@ -401,6 +401,24 @@ mod tests {
     }
 
     #[test]
+    fn warnings_are_held_back_within_a_minute_and_counted() {
+        let mut w = Warnings::default();
+        let e = std::io::Error::other("disk full");
+        w.warn(Path::new("x"), "write failed", &e);
+        let first = w.last.expect("warned");
+        for _ in 0..5 {
+            w.warn(Path::new("x"), "write failed", &e);
+        }
+        assert_eq!((w.last, w.held), (Some(first), 5), "held back, not printed");
+        // A machine up for under a minute cannot go back a minute.
+        if let Some(earlier) = first.checked_sub(WARN_EVERY) {
+            w.last = Some(earlier);
+            w.warn(Path::new("x"), "write failed", &e);
+            assert_eq!(w.held, 0, "a minute later it warns again");
+        }
+    }
+
+    #[test]
     fn long_ids_are_cut_at_a_character() {
         let id = "é".repeat(100);
         let cut = capped(&id);
