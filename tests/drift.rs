@@ -106,38 +106,9 @@ fn feature<'a>(report: &'a DriftReportResponse, name: &str) -> &'a kiln::api::ad
     report.features.iter().find(|f| f.name == name).unwrap_or_else(|| panic!("{name} not in {report:?}"))
 }
 
-/// The server's log lines, captured by a global subscriber (this file's one
-/// test owns the process).
-#[derive(Clone, Default)]
-struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl CapturedLog {
-    fn install() -> Self {
-        let log = Self::default();
-        let writer = log.clone();
-        tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).init();
-        log
-    }
-
-    fn lines_with(&self, needles: &[&str]) -> Vec<String> {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
-        text.lines().filter(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string).collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_is_reported_alerted_exported_and_logged_on_a_live_server() {
-    let log = CapturedLog::install();
+    let log = common::CapturedLog::install();
     let repo = repository();
     let log_dir = tempfile::tempdir().expect("temp dir");
     let log_path = log_dir.path().join("requests.jsonl");

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
@@ -20,31 +20,8 @@ use kiln::security::certs::{DevCa, Pair};
 use kiln::security::keys::{entry_toml, generate};
 use tonic::Code;
 
-/// Everything the in-process servers of this file log.
-fn captured() -> Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        #[derive(Clone)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Sink(log.clone());
-        let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).try_init();
-        log
-    })
-    .clone()
-}
-
 fn logged(needle: &str) -> bool {
-    String::from_utf8_lossy(&captured().lock().unwrap_or_else(|p| p.into_inner())).contains(needle)
+    common::CapturedLog::install().text().contains(needle)
 }
 
 fn row() -> Vec<f32> {
@@ -175,7 +152,7 @@ use rustls_pki_types::pem::PemObject;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_serves_rotates_and_refuses_plaintext_clearly() {
-    let _ = captured();
+    common::CapturedLog::install();
     let dir = tempfile::tempdir().expect("tempdir");
     let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     let (first_ca, next_ca) = (DevCa::new().expect("ca"), DevCa::new().expect("ca"));

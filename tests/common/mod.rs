@@ -258,3 +258,39 @@ pub async fn expect_refusal(
         assert!(status.message().contains(needle), "message {:?} lacks {needle:?}", status.message());
     }
 }
+
+/// What this test binary's in-process servers log: one global subscriber
+/// per process, installed by the first caller and shared by the rest.
+#[derive(Clone, Default)]
+pub struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    pub fn install() -> Self {
+        static LOG: std::sync::OnceLock<CapturedLog> = std::sync::OnceLock::new();
+        LOG.get_or_init(|| {
+            let log = Self::default();
+            let writer = log.clone();
+            let _ = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).try_init();
+            log
+        })
+        .clone()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.text().lines().filter(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string).collect()
+    }
+}
