@@ -1,13 +1,16 @@
 //! The `bert` kind: a Hugging Face BERT-family folder (`config.json`,
-//! `tokenizer.json`, `model.safetensors`) run with candle-transformers,
-//! pooled per sentence (mean over real tokens, or CLS) and L2-normalised.
+//! `tokenizer.json`, `model.safetensors`), pooled per sentence (mean over
+//! real tokens, or CLS) and L2-normalised. On the CPU it runs Kiln's packed
+//! encoder (`packed.rs`: no padding, fused layers); on CUDA, or with
+//! `engine = "candle"`, candle-transformers' BERT.
 //! Input: BYTES strings `[-1]`; output: FP32 `[-1, hidden]`.
 
 use candle_core::{DType, Device, Tensor as CTensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::{BertModel, Config, HiddenAct};
 
 use super::compute;
+use super::packed::{Dims, PackedBert};
 use crate::model::registry::{Kind, SectionFacts, section};
 use crate::model::tokenize::{TextLimits, TextTokenizer, TokenizerError};
 use crate::model::{Backend, DataType, Inputs, LoadContext, Loaded, ModelError, Tensor, TensorData};
@@ -59,10 +62,27 @@ pub enum Pooling {
     Cls,
 }
 
+/// Which implementation computes the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Packed on the CPU (when the model's activation is exact GELU),
+    /// candle on CUDA.
+    #[default]
+    Auto,
+    /// Kiln's packed CPU encoder.
+    Packed,
+    /// candle-transformers' BERT (padded batches), for comparison.
+    Candle,
+}
+
 /// `[bert]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BertSection {
+    /// The encoder's implementation (`auto`, `packed`, `candle`).
+    #[serde(default)]
+    pub engine: Engine,
     #[serde(default)]
     pub pooling: Pooling,
     /// L2-normalise each embedding (cosine similarity becomes a dot product).
@@ -104,13 +124,20 @@ impl Default for BertSection {
             max_tokens: crate::config::defaults::max_tokens(),
             truncate: true,
             max_text_bytes: None,
+            engine: Engine::Auto,
         }
     }
 }
 
+/// The encoder behind a loaded model.
+enum Encoder {
+    Candle(BertModel),
+    Packed(PackedBert),
+}
+
 /// A loaded BERT encoder; its tokenizer is the tokenization service's.
 pub struct Bert {
-    model: BertModel,
+    encoder: Encoder,
     pooling: Pooling,
     normalize: bool,
     hidden: usize,
@@ -165,18 +192,76 @@ impl Bert {
         let weights = files.get(WEIGHTS_FILE)?.to_vec();
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)
             .map_err(|e| ModelError::Weights(format!("{WEIGHTS_FILE}: {e}")))?;
-        let model = BertModel::load(vb, &config).map_err(|e| ModelError::Weights(format!("BERT weights: {e}")))?;
+        let weights_err = |e: candle_core::Error| ModelError::Weights(format!("BERT weights: {e}"));
+        let packed = match section.engine {
+            Engine::Candle => false,
+            Engine::Packed => true,
+            Engine::Auto => device.is_cpu() && config.hidden_act == HiddenAct::Gelu,
+        };
+        if packed && (config.hidden_act != HiddenAct::Gelu || config.num_attention_heads == 0) {
+            return Err(config_err(
+                "field `bert.engine`: the packed engine computes exact GELU (hidden_act = \"gelu\") only".into(),
+            ));
+        }
+        let encoder = if packed {
+            let dims = Dims {
+                hidden,
+                heads: config.num_attention_heads,
+                intermediate: config.intermediate_size,
+                layers: config.num_hidden_layers,
+                max_positions: config.max_position_embeddings,
+                eps: config.layer_norm_eps as f32,
+            };
+            Encoder::Packed(PackedBert::load(vb, dims, config.vocab_size, config.type_vocab_size).map_err(weights_err)?)
+        } else {
+            Encoder::Candle(BertModel::load(vb, &config).map_err(weights_err)?)
+        };
         let bert =
-            Self { model, pooling: section.pooling, normalize: section.normalize, hidden, device: device.clone() };
+            Self { encoder, pooling: section.pooling, normalize: section.normalize, hidden, device: device.clone() };
         Ok((bert, tokenizer))
     }
 
-    /// Embeds tokenized rows, padding the batch to its longest row.
+    /// Embeds tokenized rows.
     pub fn embed(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>, ModelError> {
-        self.embed_candle(rows).map_err(compute)
+        match &self.encoder {
+            Encoder::Candle(model) => self.embed_candle(model, rows).map_err(compute),
+            Encoder::Packed(model) => {
+                let states = model.forward(rows).map_err(ModelError::Compute)?;
+                Ok(self.pool_packed(rows, &states))
+            }
+        }
     }
 
-    fn embed_candle(&self, rows: &[Vec<u32>]) -> candle_core::Result<Vec<f32>> {
+    /// Pools and normalises packed token states (rows end to end).
+    fn pool_packed(&self, rows: &[Vec<u32>], states: &[f32]) -> Vec<f32> {
+        let h = self.hidden;
+        let mut out = vec![0f32; rows.len() * h];
+        let mut start = 0;
+        for (row, pooled) in rows.iter().zip(out.chunks_exact_mut(h)) {
+            let tokens = &states[start * h..(start + row.len()) * h];
+            match self.pooling {
+                Pooling::Cls => pooled.copy_from_slice(&tokens[..h.min(tokens.len())]),
+                Pooling::Mean => {
+                    for token in tokens.chunks_exact(h) {
+                        for (p, v) in pooled.iter_mut().zip(token) {
+                            *p += v;
+                        }
+                    }
+                    let n = row.len().max(1) as f32;
+                    pooled.iter_mut().for_each(|p| *p /= n);
+                }
+            }
+            if self.normalize {
+                let norm = pooled.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                pooled.iter_mut().for_each(|p| *p /= norm);
+            }
+            start += row.len();
+        }
+        out
+    }
+
+    /// candle's BERT over the batch padded to its longest row.
+    fn embed_candle(&self, model: &BertModel, rows: &[Vec<u32>]) -> candle_core::Result<Vec<f32>> {
         let n = rows.len();
         let longest = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let mut ids = vec![0u32; n * longest];
@@ -188,7 +273,7 @@ impl Bert {
         let ids = CTensor::from_vec(ids, (n, longest), &self.device)?;
         let mask = CTensor::from_vec(mask, (n, longest), &self.device)?;
         let types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let hidden = model.forward(&ids, &types, Some(&mask))?;
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {
@@ -230,6 +315,15 @@ mod tests {
     /// A two-layer BERT with random weights, written the way a Hugging Face
     /// folder holds it.
     pub(crate) fn tiny(pooling: Pooling, max_tokens: usize) -> (Bert, TextTokenizer) {
+        tiny_with(pooling, max_tokens, Engine::Auto)
+    }
+
+    fn tiny_with(pooling: Pooling, max_tokens: usize, engine: Engine) -> (Bert, TextTokenizer) {
+        tiny_engines(pooling, max_tokens, &[engine]).pop().expect("one")
+    }
+
+    /// The same random weights loaded once per engine.
+    fn tiny_engines(pooling: Pooling, max_tokens: usize, engines: &[Engine]) -> Vec<(Bert, TextTokenizer)> {
         let config = serde_json::json!({
             "vocab_size": HIDDEN_WORDS, "hidden_size": HIDDEN, "num_hidden_layers": 2,
             "num_attention_heads": 2, "intermediate_size": 32, "hidden_act": "gelu",
@@ -254,7 +348,6 @@ mod tests {
         };
         let spec =
             |name: &str, datatype, shape: Vec<i64>| TensorSpec { name: name.into(), datatype, shape, features: vec![] };
-        let section = BertSection { pooling, normalize: true, max_tokens, truncate: true, max_text_bytes: None };
         let context = LoadContext {
             file: "tiny/model.toml",
             inputs: &[spec("text", DataType::Bytes, vec![-1])],
@@ -263,7 +356,14 @@ mod tests {
             files: &files,
             device: DeviceChoice::Cpu,
         };
-        Bert::load(&context, &section, &Device::Cpu).expect("loads")
+        engines
+            .iter()
+            .map(|&engine| {
+                let section =
+                    BertSection { pooling, normalize: true, max_tokens, truncate: true, max_text_bytes: None, engine };
+                Bert::load(&context, &section, &Device::Cpu).expect("loads")
+            })
+            .collect()
     }
 
     fn embed(model: &(Bert, TextTokenizer), texts: &[&str]) -> Vec<Vec<f32>> {
@@ -301,13 +401,28 @@ mod tests {
     }
 
     #[test]
+    fn the_packed_engine_computes_what_candle_computes() {
+        for pooling in [Pooling::Mean, Pooling::Cls] {
+            let mut both = tiny_engines(pooling, 32, &[Engine::Packed, Engine::Candle]);
+            let (candle, packed) = (both.pop().expect("candle"), both.pop().expect("packed"));
+            assert!(matches!(packed.0.encoder, Encoder::Packed(_)) && matches!(candle.0.encoder, Encoder::Candle(_)));
+            let texts = ["the cat", "the dog sat on a mat far far away the cat sat", "cats", "a dog ran"];
+            for (a, b) in embed(&packed, &texts).iter().zip(embed(&candle, &texts)) {
+                let d = max_diff(a, &b);
+                assert!(d < 1e-5, "{pooling:?}: the engines differ by {d}");
+            }
+        }
+    }
+
+    #[test]
     fn mean_pooling_averages_the_token_states_and_cls_takes_the_first() {
-        let mut model = tiny(Pooling::Mean, 32);
+        let mut model = tiny_with(Pooling::Mean, 32, Engine::Candle);
         let text = "the cat sat on the mat";
         let (rows, _) = model.1.tokenize(&[text], &TokenizeOptions::default()).expect("tokenizes");
         let n = rows[0].len();
         let ids = CTensor::from_vec(rows[0].clone(), (1, n), &Device::Cpu).expect("ids");
-        let states = model.0.model.forward(&ids, &ids.zeros_like().expect("types"), None).expect("forward");
+        let Encoder::Candle(encoder) = &model.0.encoder else { panic!("candle engine") };
+        let states = encoder.forward(&ids, &ids.zeros_like().expect("types"), None).expect("forward");
         let states: Vec<Vec<f32>> = states.squeeze(0).expect("squeeze").to_vec2().expect("states");
         let unit = |v: Vec<f32>| {
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();

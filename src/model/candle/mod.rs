@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod device;
 pub mod mlp;
+pub mod packed;
 
 use super::ModelError;
 pub use device::{device_name, select_device};
