@@ -28,11 +28,13 @@ pub struct ServeArgs {
     /// Prometheus `/metrics` listen address. Port 8002 as Triton.
     #[arg(long, env = "KILN_METRICS_ADDR", default_value = "0.0.0.0:8002")]
     pub metrics: SocketAddr,
-    /// CPU threads one model computation may use (sets RAYON_NUM_THREADS).
-    /// More threads shorten a large batch but compete with the gRPC runtime
-    /// for the same cores; on a small machine, one is often fastest overall.
-    #[arg(long, env = "KILN_MODEL_THREADS", default_value_t = 1)]
-    pub model_threads: usize,
+    /// CPU threads one model computation may use: `auto` (time one thread
+    /// against all cores at warm-up and keep the faster, for text models;
+    /// row models use one), or a count (sets RAYON_NUM_THREADS). More
+    /// threads shorten a large batch but compete with the gRPC runtime for
+    /// the same cores.
+    #[arg(long, env = "KILN_MODEL_THREADS", default_value = "auto")]
+    pub model_threads: kiln::model::threads::ModelThreads,
     /// Threads of the async runtime that decodes, validates and answers
     /// requests. Default: one per core.
     #[arg(long, env = "KILN_RUNTIME_THREADS")]
@@ -90,18 +92,21 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     // Each is a thread count: bounded so a typo cannot spawn a million
     // threads before anything fails.
-    for (flag, value) in [
-        ("--model-threads", Some(args.model_threads)),
-        ("--runtime-threads", args.runtime_threads),
-        ("--prepare-threads", Some(args.prepare_threads)),
-    ] {
+    for (flag, value) in
+        [("--runtime-threads", args.runtime_threads), ("--prepare-threads", Some(args.prepare_threads))]
+    {
         if let Some(n) = value
             && !(1..=1024).contains(&n)
         {
             bail!("{flag} must be 1 to 1024, got {n}");
         }
     }
-    super::set_model_threads(args.model_threads);
+    // Under `auto`, models computed by candle follow one thread; the ones
+    // that choose their own are timed at warm-up.
+    super::set_model_threads(match args.model_threads {
+        kiln::model::threads::ModelThreads::Fixed(n) => n,
+        kiln::model::threads::ModelThreads::Auto => 1,
+    });
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.runtime_threads {
         runtime.worker_threads(n);
@@ -129,6 +134,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         tenants: file.tenants,
         prepare_threads: args.prepare_threads.max(1),
+        model_threads: args.model_threads,
         admin_token,
         admin_insecure: args.admin_insecure,
         tls,

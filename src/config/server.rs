@@ -106,6 +106,8 @@ pub struct ServeConfig {
     pub drain_timeout: std::time::Duration,
     /// Threads that tokenize text requests before they queue.
     pub prepare_threads: usize,
+    /// Threads per model computation: a count, or chosen by timing.
+    pub model_threads: crate::model::threads::ModelThreads,
     /// Bearer token the admin service accepts.
     pub admin_token: Option<Secret>,
     /// Opens the admin service to anyone (local use only).
@@ -265,6 +267,7 @@ impl Default for ServeConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             drain_timeout: std::time::Duration::from_secs(25),
             prepare_threads: 1,
+            model_threads: crate::model::threads::ModelThreads::Auto,
             admin_token: None,
             admin_insecure: false,
             tls: None,

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod tensor;
 #[cfg(feature = "test-backends")]
 pub mod test_backend;
+pub mod threads;
 pub mod tokenize;
 
 pub use tensor::{DataType, Tensor, TensorData};
@@ -225,6 +226,13 @@ impl Inputs {
 /// output with one row per input row.
 pub trait Backend: Send + Sync {
     fn run(&self, inputs: &Inputs) -> Result<Vec<Tensor>, ModelError>;
+
+    /// Sets the threads one computation uses, for a backend that chooses
+    /// them itself; `false` when it follows `RAYON_NUM_THREADS` instead
+    /// (see [`threads`]).
+    fn set_threads(&self, _threads: usize) -> bool {
+        false
+    }
 }
 
 /// A loaded version: its spec, its backend and, for text models, the

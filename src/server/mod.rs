@@ -67,7 +67,13 @@ pub async fn serve(
     announce_security(&config, tls.as_deref(), &auth);
     let prometheus = monitor::metrics::install();
     let source = config.repository.clone();
-    let loaded = tokio::task::spawn_blocking(move || repository::load(&source)).await??;
+    let setting = config.model_threads;
+    let loaded = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let loaded = repository::load(&source)?;
+        choose_model_threads(&loaded, setting)?;
+        Ok(loaded)
+    })
+    .await??;
     let runtime = Arc::new(Runtime::start(loaded, config.request_log.as_ref(), Threads::default())?);
     let repo = runtime.repo.clone();
 
@@ -178,6 +184,24 @@ pub async fn serve(
     }
     if let Some(task) = metrics_task {
         let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Applies `--model-threads` to every version (timing the ones that
+/// choose their own threads under `auto`) and warns when a version's
+/// instances × threads exceed the cores.
+fn choose_model_threads(
+    loaded: &[repository::LoadedModel],
+    setting: crate::model::threads::ModelThreads,
+) -> Result<(), ServeError> {
+    for model in loaded {
+        for (number, version) in &model.versions {
+            let chosen = crate::model::threads::apply(&version.model, model.config.max_batch_size, setting)
+                .map_err(|e| ServeError::Threads(std::io::Error::other(e.to_string())))?;
+            let threads = chosen.unwrap_or_else(candle_core::utils::get_num_threads);
+            crate::model::threads::check_oversubscription(&model.name, *number, model.config.instances, threads);
+        }
     }
     Ok(())
 }

@@ -299,6 +299,16 @@ impl Backend for Bert {
         let values = self.embed(rows)?;
         Ok(vec![Tensor { shape: vec![rows.len(), self.hidden], data: TensorData::Fp32(values) }])
     }
+
+    fn set_threads(&self, threads: usize) -> bool {
+        match &self.encoder {
+            Encoder::Packed(model) => {
+                model.set_threads(threads);
+                true
+            }
+            Encoder::Candle(_) => false,
+        }
+    }
 }
 
 #[cfg(test)]

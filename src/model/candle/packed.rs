@@ -10,6 +10,8 @@
 //! the float64 reference within 1e-4 cosine); the matrix products are the
 //! same `gemm` kernels. CUDA keeps candle's model.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use gemm::Parallelism;
@@ -57,6 +59,11 @@ pub struct PackedBert {
     token_type: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// Threads per computation: 0 follows RAYON_NUM_THREADS, as candle.
+    threads: AtomicUsize,
+    /// Its own pool for more than one thread, so the choice holds whatever
+    /// size rayon's global pool has.
+    pool: std::sync::OnceLock<Option<rayon::ThreadPool>>,
 }
 
 fn flat(t: Tensor) -> candle_core::Result<Vec<f32>> {
@@ -114,7 +121,14 @@ impl PackedBert {
             token_type: token_types[..h].to_vec(),
             embedding_norm: layer_norm(&e.pp("LayerNorm"), h)?,
             layers,
+            threads: AtomicUsize::new(0),
+            pool: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Computes with `threads` threads from now on (at most the cores).
+    pub fn set_threads(&self, threads: usize) {
+        self.threads.store(threads.clamp(1, crate::model::threads::cores()), Ordering::Relaxed);
     }
 
     /// The last hidden state of every token of every row, rows end to end
@@ -122,6 +136,27 @@ impl PackedBert {
     /// and rows no longer than the position table (the tokenizer ensures
     /// both; a violation is an error, not a panic).
     pub fn forward(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>, String> {
+        let threads = match self.threads.load(Ordering::Relaxed) {
+            0 => candle_core::utils::get_num_threads(),
+            n => n,
+        };
+        if threads <= 1 {
+            return self.forward_with(rows, Parallelism::None);
+        }
+        let pool = self.pool.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(crate::model::threads::cores())
+                .thread_name(|i| format!("kiln-encoder-{i}"))
+                .build()
+                .ok()
+        });
+        match pool {
+            Some(pool) => pool.install(|| self.forward_with(rows, Parallelism::Rayon(threads))),
+            None => self.forward_with(rows, Parallelism::Rayon(threads)),
+        }
+    }
+
+    fn forward_with(&self, rows: &[Vec<u32>], threads: Parallelism) -> Result<Vec<f32>, String> {
         let d = self.dims;
         let h = d.hidden;
         let tokens: usize = rows.iter().map(Vec::len).sum();
@@ -150,7 +185,6 @@ impl PackedBert {
         let mut projected = vec![0f32; tokens * h];
         let mut wide = vec![0f32; tokens * d.intermediate];
         let mut scores = Vec::new();
-        let threads = parallelism();
         for layer in &self.layers {
             layer.qkv.apply(&x, tokens, &mut qkv, threads);
             attend(&qkv, rows, d, &mut context, &mut scores);
@@ -162,14 +196,6 @@ impl PackedBert {
             add_and_normalize(&mut x, &projected, &layer.output_norm, d.eps);
         }
         Ok(x)
-    }
-}
-
-/// The same thread choice candle makes (`RAYON_NUM_THREADS`).
-fn parallelism() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
-        n if n > 1 => Parallelism::Rayon(n),
-        _ => Parallelism::None,
     }
 }
 
@@ -296,7 +322,11 @@ fn add_and_normalize(x: &mut [f32], residual: &[f32], norm: &LayerNorm, eps: f32
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by adding and taking away 1.5·2²³: plain adds, where
+    // `round()` is a library call on baseline x86-64 and stops the loop
+    // from vectorising.
+    const ROUNDER: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + ROUNDER) - ROUNDER;
     // ln 2 in two parts (Cody and Waite): n·HI is exact, so r keeps its
     // precision however large n is.
     const LN2_HI: f32 = 0.693_145_75;
