@@ -1,6 +1,9 @@
 //! The batcher's own cost per request: submit → queue → batch → executor →
 //! split → answer, with a model that does no work, so that only Kiln's
 //! machinery is timed. One batch of N one-row requests per iteration.
+//! Beside it, the batch policy's cost per decision (`plan` over a queue of
+//! N waiting requests, fixed and adaptive wait), the work the scheduler
+//! does each time the queue or the clock moves.
 //!
 //!   cargo bench --bench batcher_overhead
 
@@ -9,8 +12,9 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln::batcher::BatcherSettings;
+use kiln::batcher::latency::LatencyEstimate;
 use kiln::batcher::observer::BatchObserver;
-use kiln::batcher::policy::BatchPolicy;
+use kiln::batcher::policy::{BatchPolicy, QueueWait, QueuedView, Traffic};
 use kiln::model::{Backend, Inputs, ModelError, ModelSpec, Tensor, TensorData, TensorSpec};
 use kiln::monitor::metrics::VersionMetrics;
 use kiln::request::InferRequest;
@@ -69,5 +73,38 @@ fn overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, overhead);
+/// One `plan` call over `n` one-row requests that arrived 10 µs apart,
+/// none full and none due, so the policy weighs every request each time.
+fn policy_decision(c: &mut Criterion) {
+    let mut group = c.benchmark_group("policy_decision");
+    let now = std::time::Instant::now();
+    let latency = LatencyEstimate { fixed_s: 200e-6, per_unit_s: 20e-6, requests_per_batch: 4.0 };
+    for n in [1usize, 16, 256] {
+        let queue: Vec<QueuedView> = (0..n)
+            .map(|i| QueuedView {
+                arrival: now - Duration::from_micros(10 * (n - i) as u64),
+                deadline: now + Duration::from_secs(1),
+                rows: 1,
+                longest: 1,
+                units: 1,
+            })
+            .collect();
+        for (name, wait) in [("fixed", QueueWait::Fixed), ("adaptive", QueueWait::Adaptive)] {
+            let policy = BatchPolicy {
+                max_batch_rows: 512,
+                max_batch_units: 512,
+                max_queue_delay: Duration::from_millis(2),
+                latency_budget: Duration::from_millis(50),
+                wait,
+            };
+            let traffic = Traffic { rate_per_s: 5000.0 };
+            group.bench_with_input(BenchmarkId::new(name, n), &queue, |b, queue| {
+                b.iter(|| policy.plan(std::hint::black_box(queue), now, &latency, &traffic, false))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, overhead, policy_decision);
 criterion_main!(benches);
