@@ -566,6 +566,38 @@ mod tests {
         ));
     }
 
+    /// What the simulated server does when it is free.
+    enum Free {
+        /// Ran a batch, finishing at `done`, of the requests that arrived
+        /// at `arrivals` (removed from the queue).
+        Ran {
+            done: Instant,
+            arrivals: Vec<Instant>,
+        },
+        WaitUntil(Instant),
+        Idle,
+    }
+
+    /// Asks the policy, and runs the batch it dispatches (taking the
+    /// predicted time, as a deterministic server would).
+    fn run_if_due(
+        policy: &BatchPolicy,
+        l: &LatencyEstimate,
+        queue: &mut Vec<QueuedView>,
+        now: Instant,
+        rate: f64,
+    ) -> Free {
+        match policy.plan(queue, now, l, &Traffic { rate_per_s: rate }, false).action {
+            Action::Dispatch { members, .. } => {
+                let done = now + l.predict(members.len());
+                let arrivals = members.iter().rev().map(|&i| queue.remove(i).arrival).collect();
+                Free::Ran { done, arrivals }
+            }
+            Action::WaitUntil(at) => Free::WaitUntil(at),
+            Action::Idle => Free::Idle,
+        }
+    }
+
     /// Closed-loop clients against a deterministic server driven by the
     /// policy and the arrival-rate estimate, the clock injected: each client
     /// sends its next request `think` after its answer. Returns (mean
@@ -594,19 +626,17 @@ mod tests {
             }
             let mut wake = next_send.first().copied();
             if busy_until.is_none() && !queue.is_empty() {
-                match policy.plan(&queue, now, &l, &Traffic { rate_per_s: rate.per_second() }, false).action {
-                    Action::Dispatch { members, .. } => {
-                        let done = now + l.predict(members.len());
-                        for &i in members.iter().rev() {
-                            let q = queue.remove(i);
-                            total += done - q.arrival;
+                match run_if_due(&policy, &l, &mut queue, now, rate.per_second()) {
+                    Free::Ran { done, arrivals } => {
+                        for arrival in arrivals {
+                            total += done - arrival;
                             answered += 1;
                             next_send.push(done + think);
                         }
                         busy_until = Some(done);
                     }
-                    Action::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
-                    Action::Idle => {}
+                    Free::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
+                    Free::Idle => {}
                 }
             }
             if let Some(b) = busy_until {
@@ -662,17 +692,16 @@ mod tests {
             }
             let mut wake = arrivals.get(next).copied();
             if busy_until.is_none() && !queue.is_empty() {
-                match policy.plan(&queue, now, &l, &Traffic { rate_per_s: rate.per_second() }, false).action {
-                    Action::Dispatch { members, .. } => {
-                        let done = now + l.predict(members.len());
-                        for &i in members.iter().rev() {
-                            total += done - queue.remove(i).arrival;
+                match run_if_due(&policy, &l, &mut queue, now, rate.per_second()) {
+                    Free::Ran { done, arrivals } => {
+                        for arrival in arrivals {
+                            total += done - arrival;
                             answered += 1;
                         }
                         busy_until = Some(done);
                     }
-                    Action::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
-                    Action::Idle => {}
+                    Free::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
+                    Free::Idle => {}
                 }
             }
             if let Some(b) = busy_until {
