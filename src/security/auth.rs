@@ -28,7 +28,7 @@ pub struct ClientCertificate {
 pub enum Caller {
     /// Auth is off: nothing is known of the caller.
     Anonymous,
-    Key(KeyEntry),
+    Key(Arc<KeyEntry>),
     /// A client certificate whose common name is the tenant.
     Certificate(String),
 }
@@ -166,7 +166,7 @@ impl Auth {
         Err(InferError::Unauthenticated(format!("this server requires an API key: {HOW}")))
     }
 
-    fn key(&self, given: &str) -> Option<KeyEntry> {
+    fn key(&self, given: &str) -> Option<Arc<KeyEntry>> {
         let keys = self.keys.as_ref()?.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         keys.verify(given).cloned()
     }

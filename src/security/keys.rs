@@ -4,6 +4,7 @@
 //! bits, so a fast hash is enough: there is nothing to guess.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +46,8 @@ struct KeysFile {
 /// The keys a server accepts, by id.
 #[derive(Debug, Default)]
 pub struct KeyRing {
-    by_id: HashMap<String, (KeyEntry, [u8; 32])>,
+    /// Shared, so that naming the caller of each call copies no strings.
+    by_id: HashMap<String, (Arc<KeyEntry>, [u8; 32])>,
 }
 
 /// Tenant, model and key-id names: printable, no quotes or spaces, so that
@@ -72,7 +74,7 @@ impl KeyRing {
                 return Err(at("sha256", "must be 64 hex digits (what `kiln keys new` prints)"));
             };
             let id = entry.id.clone();
-            if by_id.insert(id.clone(), (entry, digest)).is_some() {
+            if by_id.insert(id.clone(), (Arc::new(entry), digest)).is_some() {
                 return Err(at("id", &format!("'{id}' appears twice")));
             }
         }
@@ -89,7 +91,7 @@ impl KeyRing {
 
     /// The entry of `presented` if it is one of the keys, compared in
     /// constant time against the stored digest.
-    pub fn verify(&self, presented: &str) -> Option<&KeyEntry> {
+    pub fn verify(&self, presented: &str) -> Option<&Arc<KeyEntry>> {
         let id = presented.strip_prefix(PREFIX)?.split('_').next()?;
         let (entry, digest) = self.by_id.get(id)?;
         digest_eq(&sha256(presented.as_bytes()), digest).then_some(entry)
