@@ -7,7 +7,8 @@
 # With KILN_SECURE=1 the server runs mutual TLS with throwaway certificates
 # (`kiln certs dev`), client certificates naming their tenant, and an API
 # key (`kiln keys new`); KILN_TLS_DIR (ca.pem, client.pem, client.key) and
-# KILN_API_KEY are exported for the command.
+# KILN_API_KEY are exported for the command. Every run has an admin token,
+# in the file KILN_ADMIN_TOKEN_FILE names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kiln=${KILN_BIN:-target/debug/kiln}
@@ -17,6 +18,10 @@ metrics_port=$(free_port)
 log=$(mktemp)
 secure=()
 tls_dir=""
+# An admin token for the command (load and unload are admin calls).
+admin_dir=$(mktemp -d)
+python3 -c 'import secrets; print(secrets.token_hex(32))' >"$admin_dir/admin-token"
+chmod 600 "$admin_dir/admin-token"
 if [ "${KILN_SECURE:-0}" = 1 ]; then
   tls_dir=$(mktemp -d)
   "$kiln" certs dev --out "$tls_dir" --client ci >/dev/null
@@ -35,9 +40,9 @@ EOF
   secure=(--config "$tls_dir/kiln.toml")
   export KILN_TLS_DIR=$tls_dir KILN_API_KEY
 fi
-"$kiln" serve --grpc "127.0.0.1:$grpc_port" --metrics "127.0.0.1:$metrics_port" "${secure[@]}" ${KILN_SERVE_ARGS:-} >"$log" 2>&1 &
+"$kiln" serve --grpc "127.0.0.1:$grpc_port" --metrics "127.0.0.1:$metrics_port" --admin-token-file "$admin_dir/admin-token" "${secure[@]}" ${KILN_SERVE_ARGS:-} >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"; [ -n "$tls_dir" ] && rm -rf "$tls_dir"' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"; rm -rf "$admin_dir"; [ -n "$tls_dir" ] && rm -rf "$tls_dir"' EXIT
 ready=false
 for _ in $(seq 1 300); do
   if grep -q "kiln listening" "$log" && python3 -c "import socket; socket.create_connection(('127.0.0.1', $grpc_port), 1)" 2>/dev/null; then
@@ -54,5 +59,6 @@ if ! $ready; then
 fi
 scheme=http
 [ -n "$tls_dir" ] && scheme=https
+export KILN_ADMIN_TOKEN_FILE="$admin_dir/admin-token"
 export KILN_PID=$pid KILN_URL="127.0.0.1:$grpc_port" KILN_METRICS_URL="$scheme://127.0.0.1:$metrics_port/metrics"
 "$@"

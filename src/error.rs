@@ -45,6 +45,10 @@ pub enum InferError {
     /// The call uses a feature Kiln does not offer (a compressed message).
     #[error("{0}")]
     Unimplemented(String),
+    /// The server is not in a state where this can be done (a model that
+    /// does not load, a repository call the control mode refuses).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The server is shutting down or the model is not serving.
     #[error("{0}")]
     Unavailable(String),

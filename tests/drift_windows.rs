@@ -18,7 +18,8 @@ fn two_versions(drift: &str) -> tempfile::TempDir {
     let risk = dir.path().join("risk");
     let toml = std::fs::read_to_string(root.join("model.toml")).expect("risk model.toml");
     std::fs::create_dir_all(&risk).expect("mkdir");
-    std::fs::write(risk.join("model.toml"), format!("{toml}\n[drift]\n{drift}")).expect("write");
+    let toml = format!("version_policy = {{ all = true }}\n{toml}\n[drift]\n{drift}");
+    std::fs::write(risk.join("model.toml"), toml).expect("write");
     for version in ["1", "2"] {
         std::fs::create_dir_all(risk.join(version)).expect("mkdir");
         for file in ["model.safetensors", "reference.json"] {

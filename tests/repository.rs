@@ -1,5 +1,6 @@
 //! Model repositories on disk: a bad or missing config fails at start-up
-//! naming the file and field; a good folder with two versions serves both.
+//! naming the file and field; a folder with two versions serves the latest
+//! by default and both under `version_policy = { all = true }`.
 
 mod common;
 
@@ -75,10 +76,13 @@ fn declared_output_width_must_match_the_weights() {
 }
 
 #[test]
-fn default_version_must_exist() {
+fn default_version_must_exist_and_be_served() {
     let dir = repo_with(&format!("default_version = 4\n{RISK_TOML}"), &[1]);
     let err = load_error(dir.path());
     assert!(err.contains("field `default_version`"), "{err}");
+    let dir = repo_with(&format!("default_version = 1\n{RISK_TOML}"), &[1, 2]);
+    let err = load_error(dir.path());
+    assert!(err.contains("field `default_version`") && err.contains("latest 1"), "{err}");
 }
 
 #[tokio::test]
@@ -91,8 +95,27 @@ async fn serve_refuses_a_bad_repository_instead_of_panicking() {
 }
 
 #[tokio::test]
-async fn a_folder_repository_serves_every_version_with_the_highest_as_default() {
+async fn a_folder_repository_serves_the_latest_version_by_default() {
     let dir = repo_with(RISK_TOML, &[1, 2]);
+    let server = TestServer::start(ServeConfig {
+        repository: RepositorySource::Dir(dir.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await;
+    let mut c = server.client().await;
+    let row = common::wdbc().0[0].clone();
+    let default = c.infer_fp32("risk", "features", std::slice::from_ref(&row)).await.expect("default");
+    assert_eq!(default.model_version, "2");
+    let mut pinned = kiln::client::fp32_request("risk", "features", &[row]);
+    pinned.model_version = "1".into();
+    let err = c.raw.model_infer(pinned).await.expect_err("version 1 is not served under latest 1");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().contains("no version '1'") && err.message().contains("versions: 2"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_folder_repository_serves_every_version_with_the_highest_as_default() {
+    let dir = repo_with(&format!("version_policy = {{ all = true }}\n{RISK_TOML}"), &[1, 2]);
     let server = TestServer::start(ServeConfig {
         repository: RepositorySource::Dir(dir.path().to_path_buf()),
         ..Default::default()

@@ -21,6 +21,7 @@ pub fn code(err: &InferError) -> Code {
         InferError::Unimplemented(_) => Code::Unimplemented,
         InferError::DeadlineUnmeetable(_) | InferError::Expired(_) => Code::DeadlineExceeded,
         InferError::Unavailable(_) => Code::Unavailable,
+        InferError::FailedPrecondition(_) => Code::FailedPrecondition,
         InferError::Unauthenticated(_) => Code::Unauthenticated,
         InferError::PermissionDenied(_) => Code::PermissionDenied,
         InferError::ModelFailed { .. } => Code::Internal,

@@ -15,6 +15,17 @@ pub struct ServeArgs {
     /// it, the built-in repository (the `risk` model) is served.
     #[arg(long, env = "KILN_REPO")]
     pub repo: Option<PathBuf>,
+    /// How the served models follow the repository: `poll` (the default
+    /// for --repo) loads new version folders, unloads removed ones and
+    /// applies a changed model.toml while serving; `explicit` (the default
+    /// for the built-in repository) changes only on RepositoryModelLoad /
+    /// RepositoryModelUnload from an admin.
+    #[arg(long, env = "KILN_MODEL_CONTROL", value_enum)]
+    pub model_control: Option<kiln::config::ModelControl>,
+    /// Milliseconds between looks at the repository under `poll` (a folder
+    /// is acted on once two looks in a row saw it the same).
+    #[arg(long, env = "KILN_REPOSITORY_POLL_MS")]
+    pub repository_poll_ms: Option<u64>,
     /// Server config file (TOML): `max_message_bytes`; `[tenants.NAME]`
     /// sections with `budget` (compute-seconds per second) and `burst`
     /// (compute-seconds) that cap what each tenant may spend; `[limits]`
@@ -131,6 +142,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let config = ServeConfig {
         repository: args.repo.map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn),
+        model_control: args.model_control.or(file.model_control),
+        repository_poll: args
+            .repository_poll_ms
+            .or(file.repository_poll_ms)
+            .map_or(kiln::config::DEFAULT_REPOSITORY_POLL, std::time::Duration::from_millis),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         tenants: file.tenants,
         prepare_threads: args.prepare_threads.max(1),

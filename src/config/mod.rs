@@ -15,8 +15,9 @@ pub use crate::monitor::drift::config::{DriftSection, ReferenceSource};
 pub use limits::{LimitsConfig, MAX_DURATION_MS};
 pub use model::{DeviceChoice, FeatureToml, ModelToml, TensorToml};
 pub use server::{
-    AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, InputLogMode, MAX_MESSAGE_BYTES_LIMIT, MIN_ADMIN_TOKEN_CHARS,
-    RepositorySource, RequestLogConfig, ServeConfig, ServerFile, TenantConfig, TlsConfig, read_secret_file,
+    AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_REPOSITORY_POLL, InputLogMode, MAX_MESSAGE_BYTES_LIMIT,
+    MIN_ADMIN_TOKEN_CHARS, ModelControl, RepositorySource, RequestLogConfig, ServeConfig, ServerFile, TenantConfig,
+    TlsConfig, read_secret_file,
 };
 
 /// A configuration file that could not be used, with where and why.

@@ -43,8 +43,13 @@ pub struct ModelToml {
     /// Free text shown in metadata.
     #[serde(default)]
     pub description: String,
-    /// The version served when a request names none; default: the highest.
+    /// The version served when a request names none; default: the highest
+    /// served.
     pub default_version: Option<u64>,
+    /// Which version folders are served: `{ latest = N }` (default 1),
+    /// `{ all = true }` or `{ specific = [..] }`.
+    #[serde(default)]
+    pub version_policy: crate::repository::policy::VersionPolicy,
     /// `auto`, `cpu` or `cuda:N`.
     #[serde(default = "crate::config::defaults::device")]
     pub device: String,
@@ -118,6 +123,16 @@ impl ModelToml {
 
     fn check(&self) -> Result<(), String> {
         self.device_choice()?;
+        self.version_policy.check()?;
+        if let (Some(v), crate::repository::policy::VersionPolicy::Specific(listed)) =
+            (self.default_version, &self.version_policy)
+            && !listed.contains(&v)
+        {
+            return Err(format!(
+                "field `default_version`: version {v} is not in `version_policy.specific` {listed:?}, so it is never \
+                 served"
+            ));
+        }
         // Upper bounds keep a typo from sizing queues and buffers in the
         // billions, and durations within what `Instant` arithmetic holds.
         let counts = [

@@ -80,6 +80,30 @@ pub enum RepositorySource {
     Dir(PathBuf),
 }
 
+impl std::fmt::Display for RepositorySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BuiltIn => f.write_str("<built-in>"),
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// How the served set follows the repository (Triton's model control
+/// modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControl {
+    /// The folder is looked at every `repository_poll`: new versions load,
+    /// removed ones unload, a changed `model.toml` applies.
+    Poll,
+    /// Changes apply only through RepositoryModelLoad / RepositoryModelUnload.
+    Explicit,
+}
+
+/// Default interval between looks at a polled repository.
+pub const DEFAULT_REPOSITORY_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A tenant's compute budget: a token bucket of compute-seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +119,11 @@ pub struct TenantConfig {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub repository: RepositorySource,
+    /// `None`: poll a folder, explicit for the built-in repository (it
+    /// cannot change on disk).
+    pub model_control: Option<ModelControl>,
+    /// Interval between looks at the repository under `poll`.
+    pub repository_poll: std::time::Duration,
     /// Tenants with a compute budget. A tenant not listed spends
     /// `default`'s budget when `default` is listed, else is not limited.
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -123,6 +152,15 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The model control mode in effect.
+    pub fn control(&self) -> ModelControl {
+        match (self.model_control, &self.repository) {
+            (Some(mode), _) => mode,
+            (None, RepositorySource::Dir(_)) => ModelControl::Poll,
+            (None, RepositorySource::BuiltIn) => ModelControl::Explicit,
+        }
+    }
+
     /// Checks the merged settings (flags over file) before anything starts.
     pub fn check(&self) -> Result<(), ConfigError> {
         let here = "server config";
@@ -139,6 +177,23 @@ impl ServeConfig {
                     "`drain_timeout`: must be above 0 and at most {MAX_DURATION_MS} ms, got {:?}",
                     self.drain_timeout
                 ),
+            ));
+        }
+        if self.repository_poll < std::time::Duration::from_millis(10)
+            || self.repository_poll > std::time::Duration::from_millis(MAX_DURATION_MS)
+        {
+            return Err(ConfigError::new(
+                here,
+                format!(
+                    "`repository_poll_ms`: must be 10 to {MAX_DURATION_MS} ms, got {}",
+                    self.repository_poll.as_millis()
+                ),
+            ));
+        }
+        if self.control() == ModelControl::Poll && matches!(self.repository, RepositorySource::BuiltIn) {
+            return Err(ConfigError::new(
+                here,
+                "`model_control = poll`: the built-in repository cannot change; serve a folder (--repo) to poll it",
             ));
         }
         if let Some(token) = &self.admin_token
@@ -263,6 +318,8 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             repository: RepositorySource::BuiltIn,
+            model_control: None,
+            repository_poll: DEFAULT_REPOSITORY_POLL,
             tenants: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             drain_timeout: std::time::Duration::from_secs(25),
@@ -282,6 +339,10 @@ impl Default for ServeConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
+    /// `poll` or `explicit` (`--model-control`).
+    pub model_control: Option<ModelControl>,
+    /// Milliseconds between looks at a polled repository.
+    pub repository_poll_ms: Option<u64>,
     /// Overrides the default message size bound.
     pub max_message_bytes: Option<usize>,
     /// `[tenants.NAME]` sections: `budget` and `burst` in compute-seconds.

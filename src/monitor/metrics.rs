@@ -36,6 +36,8 @@ pub const COST_TOTAL: &str = "kiln_cost_seconds_total";
 /// 1 while a version is loaded and serving.
 pub const MODEL_READY: &str = "kiln_model_ready";
 /// Always 1; its `version` label is Kiln's version.
+/// Repository changes applied or refused, by model, action and outcome.
+pub const MODEL_CHANGES: &str = "kiln_model_changes_total";
 pub const BUILD_INFO: &str = "kiln_build_info";
 /// Share of wall time the version's executors spent running batches.
 pub const EXECUTOR_BUSY: &str = "kiln_executor_busy_ratio";
@@ -143,6 +145,10 @@ fn describe() {
         "TLS handshakes that failed (untrusted or missing client certificate, protocol mismatch)."
     );
     describe_gauge!(MODEL_READY, "1 when the model version is loaded and serving.");
+    describe_counter!(
+        MODEL_CHANGES,
+        "Repository changes by model, action (load, unload, config) and outcome (ok, failed, refused)."
+    );
     describe_gauge!(BUILD_INFO, "Kiln build information.");
     describe_gauge!(EXECUTOR_BUSY, "Share of wall time the executors spent running batches (last second).");
     describe_gauge!(DRIFT_PSI, "Population stability index of a watched statistic against the reference.");

@@ -1,14 +1,28 @@
 //! Picks the model version a request goes to: the one it names, else the
-//! model's default.
+//! model's default. A model or version the server knows but does not
+//! serve now (loading, failed, unloaded) is answered with why.
 
 use std::sync::Arc;
 
 use crate::error::InferError;
-use crate::repository::{Repository, ServedModel, ServedVersion};
+use crate::repository::{IndexEntry, Repository, ServedModel, ServedVersion, VersionState};
+
+/// Why a known model or version takes no requests: transient states are
+/// UNAVAILABLE (retry), the rest NOT_FOUND with the reason.
+fn not_serving(what: String, note: &IndexEntry) -> InferError {
+    let message = format!("{what} is not serving ({}): {}", note.state.as_str(), note.reason);
+    match note.state {
+        VersionState::Loading | VersionState::Unloading => InferError::Unavailable(message),
+        VersionState::Ready | VersionState::Unavailable => InferError::NotFound(message),
+    }
+}
 
 /// Finds a model by name.
 pub fn model<'r>(repo: &'r Repository, name: &str) -> Result<&'r ServedModel, InferError> {
     repo.models.get(name).ok_or_else(|| {
+        if let Some(note) = repo.note(name, None) {
+            return not_serving(format!("model '{name}'"), note);
+        }
         let known: Vec<&str> = repo.models.keys().map(String::as_str).collect();
         InferError::NotFound(format!("unknown model '{name}'; this server has: {}", known.join(", ")))
     })
@@ -19,11 +33,24 @@ pub fn model<'r>(repo: &'r Repository, name: &str) -> Result<&'r ServedModel, In
 pub fn route(repo: &Repository, name: &str, version: &str) -> Result<Arc<ServedVersion>, InferError> {
     let model = model(repo, name)?;
     if version.is_empty() {
-        return Ok(model.versions[&model.default_version].clone());
+        return model
+            .versions
+            .get(&model.default_version)
+            .cloned()
+            .ok_or_else(|| InferError::Unavailable(format!("model '{name}' has no default version serving")));
     }
-    let found = version.parse::<u64>().ok().and_then(|v| model.versions.get(&v));
-    found.cloned().ok_or_else(|| {
-        let known: Vec<String> = model.versions.keys().map(u64::to_string).collect();
-        InferError::NotFound(format!("model '{name}' has no version '{version}'; versions: {}", known.join(", ")))
-    })
+    let number = version.parse::<u64>().ok();
+    if let Some(found) = number.and_then(|v| model.versions.get(&v)) {
+        return Ok(found.clone());
+    }
+    let known: Vec<String> = model.versions.keys().map(u64::to_string).collect();
+    match number.and_then(|v| repo.note(name, Some(v))) {
+        Some(note) => {
+            Err(not_serving(format!("model '{name}' version {version} (serving: {})", known.join(", ")), note))
+        }
+        None => Err(InferError::NotFound(format!(
+            "model '{name}' has no version '{version}'; versions: {}",
+            known.join(", ")
+        ))),
+    }
 }

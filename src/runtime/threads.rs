@@ -13,6 +13,8 @@ type Spawned = (String, JoinHandle<()>);
 #[derive(Clone, Default)]
 pub struct Threads {
     spawned: Arc<Mutex<Vec<Spawned>>>,
+    /// Appended to every name spawned through this clone.
+    suffix: Option<Arc<str>>,
 }
 
 /// What joining found.
@@ -27,10 +29,20 @@ pub struct Joined {
 impl Threads {
     /// Starts a named thread and registers it.
     pub fn spawn(&self, name: impl Into<String>, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
-        let name = name.into();
+        let mut name = name.into();
+        if let Some(suffix) = &self.suffix {
+            name.push_str(suffix);
+        }
         let handle = std::thread::Builder::new().name(name.clone()).spawn(body)?;
         self.list().push((name, handle));
         Ok(())
+    }
+
+    /// The same registry, naming every thread it starts with `suffix`
+    /// appended: two loads of one version (a reload beside the copy it
+    /// replaces) are told apart when one of them is joined.
+    pub fn labelled(&self, suffix: &str) -> Self {
+        Self { spawned: self.spawned.clone(), suffix: Some(suffix.into()) }
     }
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Spawned>> {

@@ -172,10 +172,10 @@ impl Auth {
     }
 
     /// Admits an admin call: the admin token, or a caller listed in
-    /// `[auth] admins`, or `--admin-insecure`.
-    pub fn admin(&self, headers: &http::HeaderMap, cert: Option<&ClientCertificate>) -> Result<(), InferError> {
+    /// `[auth] admins`, or `--admin-insecure`. Names who it was, for logs.
+    pub fn admin(&self, headers: &http::HeaderMap, cert: Option<&ClientCertificate>) -> Result<Admin, InferError> {
         if self.admin_insecure {
-            return Ok(());
+            return Ok(Admin("anyone (--admin-insecure)".into()));
         }
         if self.admin_token.is_none() && self.admins.is_empty() {
             return Err(InferError::PermissionDenied(
@@ -188,11 +188,11 @@ impl Auth {
         if let (Some(token), Some(given)) = (&self.admin_token, given)
             && token.matches(given.as_bytes())
         {
-            return Ok(());
+            return Ok(Admin("the admin token".into()));
         }
         match self.caller(headers, cert) {
             Ok(caller) => match caller.identity() {
-                Some(id) if self.admins.contains(&id) => Ok(()),
+                Some(id) if self.admins.contains(&id) => Ok(Admin(id)),
                 Some(id) => Err(InferError::PermissionDenied(format!("'{id}' is not an admin ([auth] admins)"))),
                 None if given.is_some() => Err(InferError::Unauthenticated("admin credentials not accepted".into())),
                 None => Err(InferError::Unauthenticated(
@@ -206,6 +206,10 @@ impl Auth {
         }
     }
 }
+
+/// Who an admin call came from, as logs name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin(pub String);
 
 /// Reads and parses a keys file.
 fn read_keys(path: &std::path::Path) -> Result<KeyRing, ConfigError> {

@@ -11,7 +11,7 @@ mod subject;
 pub mod tls;
 pub mod watch;
 
-pub use auth::{Auth, Caller, ClientCertificate, DEFAULT_TENANT};
+pub use auth::{Admin, Auth, Caller, ClientCertificate, DEFAULT_TENANT};
 pub use secret::Secret;
 pub use tls::{Tls, TlsError};
 

@@ -7,6 +7,7 @@ mod accept;
 pub mod drain;
 mod io;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -24,8 +25,8 @@ use crate::api::pb::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::config::ServeConfig;
 use crate::model::tokenize::{PreparePool, Tokenization};
 use crate::monitor;
-use crate::repository::{self, Repository, RepositoryError};
-use crate::runtime::{Runtime, Threads};
+use crate::repository::{self, LiveRepository, RepositoryError};
+use crate::runtime::{self, Runtime, RuntimeOptions, Threads};
 
 /// How long shutdown waits for the serving threads once the calls are
 /// answered: the batchers only have leftovers by then.
@@ -66,15 +67,30 @@ pub async fn serve(
     let auth = Arc::new(crate::security::Auth::new(&config.auth, config.admin_token.clone(), config.admin_insecure)?);
     announce_security(&config, tls.as_deref(), &auth);
     let prometheus = monitor::metrics::install();
-    let source = config.repository.clone();
+    let options = RuntimeOptions {
+        source: config.repository.clone(),
+        control: config.control(),
+        model_threads: config.model_threads,
+    };
     let setting = config.model_threads;
     let loaded = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
-        let loaded = repository::load(&source)?;
-        choose_model_threads(&loaded, setting)?;
-        Ok(loaded)
+        let loaded = repository::load(&options.source)?;
+        for model in &loaded {
+            for (number, version) in &model.versions {
+                runtime::choose_threads(&model.name, *number, &model.config, version, setting)?;
+            }
+        }
+        Ok((loaded, options))
     })
     .await??;
-    let runtime = Arc::new(Runtime::start(loaded, config.request_log.as_ref(), Threads::default())?);
+    let (loaded, options) = loaded;
+    let runtime = Arc::new(Runtime::start(loaded, config.request_log.as_ref(), Threads::default(), options)?);
+    runtime.watch_repository(config.repository_poll)?;
+    tracing::info!(
+        mode = ?runtime.control_mode(),
+        poll_ms = config.repository_poll.as_millis() as u64,
+        "model control"
+    );
     let repo = runtime.repo.clone();
 
     let drain = Arc::new(drain::Drain::default());
@@ -85,10 +101,8 @@ pub async fn serve(
     ))
     .max_decoding_message_size(SMALL_MESSAGE_BYTES);
     health.set_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
-    for name in repo.models.keys() {
-        health.set_service_status(name, ServingStatus::Serving).await;
-    }
-    watch_liveness(&repo, &health);
+    let health_stopped = Arc::new(tokio::sync::Mutex::new(false));
+    tokio::spawn(follow_health(repo.clone(), health.clone(), health_stopped.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -102,7 +116,7 @@ pub async fn serve(
         drain.clone(),
     ));
     let inference =
-        GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), pipeline.clone(), ready.clone()))
+        GrpcInferenceServiceServer::new(InferenceService::new(runtime.clone(), pipeline.clone(), ready.clone()))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
 
@@ -115,10 +129,15 @@ pub async fn serve(
             // Refuse new calls before anyone can see NOT_SERVING and retry.
             drain.start();
             ready.store(false, Ordering::Release);
+            // Model statuses stop following the repository first.
+            let mut stopped = health_stopped.lock().await;
+            *stopped = true;
             health.set_not_serving::<GrpcInferenceServiceServer<InferenceService>>().await;
-            for name in repo.models.keys() {
+            let snapshot = repo.get();
+            for name in snapshot.models.keys().chain(snapshot.notes.keys()) {
                 health.set_service_status(name, ServingStatus::NotServing).await;
             }
+            drop(stopped);
             let _ = stop_tx.send(true);
         }
     };
@@ -188,24 +207,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Applies `--model-threads` to every version (timing the ones that
-/// choose their own threads under `auto`) and warns when a version's
-/// instances × threads exceed the cores.
-fn choose_model_threads(
-    loaded: &[repository::LoadedModel],
-    setting: crate::model::threads::ModelThreads,
-) -> Result<(), ServeError> {
-    for model in loaded {
-        for (number, version) in &model.versions {
-            let chosen = crate::model::threads::apply(&version.model, model.config.max_batch_size, setting)
-                .map_err(|e| ServeError::Threads(std::io::Error::other(e.to_string())))?;
-            let threads = chosen.unwrap_or_else(candle_core::utils::get_num_threads);
-            crate::model::threads::check_oversubscription(&model.name, *number, model.config.instances, threads);
-        }
-    }
-    Ok(())
-}
-
 /// Says at start what protects the server, and warns about what does not.
 fn announce_security(config: &ServeConfig, tls: Option<&crate::security::Tls>, auth: &crate::security::Auth) {
     match tls {
@@ -225,32 +226,70 @@ fn announce_security(config: &ServeConfig, tls: Option<&crate::security::Tls>, a
     }
 }
 
-/// Follows each version's liveness: a version whose scheduler stopped for
-/// good turns its model NOT_SERVING when it is the model's default (the
-/// version a request without one goes to); `ModelReady` and
-/// `kiln_model_ready` say so per version.
-fn watch_liveness(repo: &Repository, health: &tonic_health::server::HealthReporter) {
-    for model in repo.models.values() {
-        if let Some(version) = model.versions.get(&model.default_version) {
-            let (mut live, health, name) = (version.batcher.liveness(), health.clone(), model.name.clone());
-            tokio::spawn(async move {
-                if live.wait_for(|serving| !*serving).await.is_ok() {
-                    health.set_service_status(&name, ServingStatus::NotServing).await;
+/// Keeps each model's health status in line with the repository: SERVING
+/// while its default version takes requests, NOT_SERVING when it is
+/// unloaded, failed or its scheduler stopped for good (`ModelReady` and
+/// `kiln_model_ready` say so per version). Ends when shutdown takes over
+/// (`stopped`).
+async fn follow_health(
+    repo: Arc<LiveRepository>,
+    health: tonic_health::server::HealthReporter,
+    stopped: Arc<tokio::sync::Mutex<bool>>,
+) {
+    let mut changes = repo.subscribe();
+    let mut shown: BTreeMap<String, bool> = BTreeMap::new();
+    loop {
+        let snapshot = changes.borrow_and_update().clone();
+        let mut names: Vec<String> = snapshot.models.keys().chain(snapshot.notes.keys()).cloned().collect();
+        names.extend(shown.keys().cloned());
+        let mut liveness = Vec::new();
+        let mut now = BTreeMap::new();
+        for name in names {
+            let default = snapshot.models.get(&name).and_then(|m| m.versions.get(&m.default_version));
+            if let Some(version) = default {
+                liveness.push(version.batcher.liveness());
+            }
+            now.insert(name, default.is_some_and(|v| v.batcher.serving()));
+        }
+        drop(snapshot);
+        {
+            let stopped = stopped.lock().await;
+            if *stopped {
+                return;
+            }
+            for (name, serving) in &now {
+                if shown.get(name) != Some(serving) {
+                    let status = if *serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status(name, status).await;
                 }
-            });
+            }
+        }
+        shown = now;
+        let stops = liveness.into_iter().map(|mut live| {
+            Box::pin(async move {
+                let _ = live.wait_for(|serving| !*serving).await;
+            })
+        });
+        let any_stop = async move {
+            if stops.len() == 0 {
+                std::future::pending::<()>().await;
+            }
+            futures::future::select_all(stops).await;
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = any_stop => {}
         }
     }
 }
 
 /// Publishes each version's executor busy ratio once a second.
-async fn publish_busy(repo: Arc<Repository>) {
+async fn publish_busy(repo: Arc<LiveRepository>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        for model in repo.models.values() {
-            for version in model.versions.values() {
-                version.metrics.publish_busy(version.config.instances);
-            }
+        for version in repo.get().versions() {
+            version.metrics.publish_busy(version.config.instances);
         }
     }
 }

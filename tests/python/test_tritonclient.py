@@ -101,3 +101,30 @@ if tls_dir:
     except InferenceServerException as e:
         assert "accepts TLS only" in e.message(), e.message()
     print("tritonclient over mutual TLS: ok")
+
+# Explicit model control (the built-in repository's default): only the admin
+# may unload and load; an unloaded model is not ready and its calls say why.
+admin_token = pathlib.Path(os.environ["KILN_ADMIN_TOKEN_FILE"]).read_text().strip()
+admin = {"authorization": f"Bearer {admin_token}"}
+try:
+    client.unload_model("risk")
+    raise AssertionError("unload without admin credentials was accepted")
+except InferenceServerException as e:
+    # Over mutual TLS the client certificate names a caller who is no admin.
+    expected = "PERMISSION_DENIED" if tls_dir else "UNAUTHENTICATED"
+    assert expected in str(e.status()), e.status()
+client.unload_model("risk", headers=admin)
+assert not client.is_model_ready("risk")
+index = client.get_model_repository_index(as_json=True)["models"]
+states = {(m["name"], m.get("version", "")): m.get("state") for m in index}
+assert states[("risk", "1")] in ("UNLOADING", "UNAVAILABLE"), index
+try:
+    client.infer("risk", [inp])
+    raise AssertionError("an unloaded model answered")
+except InferenceServerException as e:
+    assert "unloaded by the admin token" in e.message(), e.message()
+client.load_model("risk", headers=admin)
+assert client.is_model_ready("risk")
+again = client.infer("risk", [inp])
+assert again.as_numpy("probability").shape == (40, 1)
+print("tritonclient load_model / unload_model (admin only): ok")

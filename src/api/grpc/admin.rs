@@ -11,14 +11,14 @@ use crate::api::admin_pb::{self, admin_server::Admin};
 use crate::api::status;
 use crate::monitor::drift::DriftState;
 use crate::pipeline::router;
-use crate::repository::Repository;
+use crate::repository::LiveRepository;
 
 pub struct AdminService {
-    repo: Arc<Repository>,
+    repo: Arc<LiveRepository>,
 }
 
 impl AdminService {
-    pub fn new(repo: Arc<Repository>) -> Self {
+    pub fn new(repo: Arc<LiveRepository>) -> Self {
         Self { repo }
     }
 }
@@ -33,7 +33,7 @@ impl Admin for AdminService {
         if req.model.is_empty() {
             return Err(Status::invalid_argument("field 'model': name the model whose drift to report"));
         }
-        let version = router::route(&self.repo, &req.model, &req.version).map_err(|e| status::to_status(&e))?;
+        let version = router::route(&self.repo.get(), &req.model, &req.version).map_err(|e| status::to_status(&e))?;
         let mut out = admin_pb::DriftReportResponse {
             model: version.spec.name.clone(),
             version: version.spec.version as i64,

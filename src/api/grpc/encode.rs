@@ -64,6 +64,20 @@ pub fn infer_response(
     }
 }
 
+/// `version_policy` as Triton's model config names it.
+fn version_policy(policy: &crate::repository::policy::VersionPolicy) -> pb::ModelVersionPolicy {
+    use crate::repository::policy::VersionPolicy;
+    use pb::model_version_policy::{All, Latest, PolicyChoice, Specific};
+    let choice = match policy {
+        VersionPolicy::Latest(n) => PolicyChoice::Latest(Latest { num_versions: *n }),
+        VersionPolicy::All(_) => PolicyChoice::All(All {}),
+        VersionPolicy::Specific(v) => PolicyChoice::Specific(Specific {
+            versions: v.iter().map(|v| i64::try_from(*v).unwrap_or(i64::MAX)).collect(),
+        }),
+    };
+    pb::ModelVersionPolicy { policy_choice: Some(choice) }
+}
+
 fn tensor_metadata(t: &TensorSpec) -> TensorMetadata {
     TensorMetadata { name: t.name.clone(), datatype: t.datatype.as_v2().to_string(), shape: t.shape.clone() }
 }
@@ -134,9 +148,7 @@ pub fn model_config(spec: &ModelSpec, config: &ModelToml) -> ModelConfig {
         name: spec.name.clone(),
         platform: spec.platform.clone(),
         backend: "kiln".into(),
-        version_policy: Some(pb::ModelVersionPolicy {
-            policy_choice: Some(pb::model_version_policy::PolicyChoice::All(pb::model_version_policy::All {})),
-        }),
+        version_policy: Some(version_policy(&config.version_policy)),
         max_batch_size: config.max_batch_size.min(i32::MAX as usize) as i32,
         input: spec
             .inputs

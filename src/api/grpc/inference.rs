@@ -15,7 +15,8 @@ use crate::api::status;
 use crate::error::InferError;
 use crate::monitor::stats::{DurationStat, VersionStats};
 use crate::pipeline::{Call, Pipeline, router};
-use crate::repository::{Repository, ServedVersion};
+use crate::repository::{Repository, ServedVersion, VersionState};
+use crate::runtime::Runtime;
 use crate::security::Caller;
 
 /// Metadata naming the tenant when the request parameter does not.
@@ -27,13 +28,36 @@ fn caller<T>(request: &Request<T>) -> Caller {
     request.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
 }
 
+/// Who the door admitted to an admin call (in-process tests call without
+/// the door).
+fn admin<T>(request: &Request<T>) -> String {
+    request.extensions().get::<crate::security::Admin>().map_or_else(|| "an in-process caller".into(), |a| a.0.clone())
+}
+
+/// Whether `version` of `model` is one the repository knows of without
+/// serving it.
+fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
+    version.parse::<u64>().ok().is_some_and(|v| repo.note(model, Some(v)).is_some())
+}
+
+/// Kiln serves one repository: the name, when given, must be empty.
+fn one_repository(name: &str) -> Result<(), Status> {
+    match name.is_empty() {
+        true => Ok(()),
+        false => Err(Status::invalid_argument(format!(
+            "field 'repository_name': this server has one repository; leave it empty (got '{name}')"
+        ))),
+    }
+}
+
 fn denied(e: InferError) -> Status {
     status::to_status(&e)
 }
 
 /// Shared state of the inference service.
 pub struct InferenceService {
-    repo: Arc<Repository>,
+    /// What is served now, and the model control that changes it.
+    runtime: Arc<Runtime>,
     pipeline: Arc<Pipeline>,
     ready: Arc<AtomicBool>,
 }
@@ -49,12 +73,17 @@ struct CallContext {
 impl InferenceService {
     /// `ready` turns false when shutdown starts, so health checks see it
     /// before the listener closes.
-    pub fn new(repo: Arc<Repository>, pipeline: Arc<Pipeline>, ready: Arc<AtomicBool>) -> Self {
-        Self { repo, pipeline, ready }
+    pub fn new(runtime: Arc<Runtime>, pipeline: Arc<Pipeline>, ready: Arc<AtomicBool>) -> Self {
+        Self { runtime, pipeline, ready }
+    }
+
+    /// The repository as it is now; held for one call.
+    fn repo(&self) -> Arc<Repository> {
+        self.runtime.repo.get()
     }
 
     fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
-        router::route(&self.repo, name, version).map_err(|e| status::to_status(&e))
+        router::route(&self.repo(), name, version).map_err(|e| status::to_status(&e))
     }
 
     /// Decodes the V2 message and runs it through the pipeline.
@@ -139,7 +168,15 @@ impl GrpcInferenceService for InferenceService {
         let who = caller(&request);
         let r = request.into_inner();
         who.permit(&r.name).map_err(denied)?;
-        let version = self.version(&r.name, &r.version)?;
+        let repo = self.repo();
+        let version = match router::route(&repo, &r.name, &r.version) {
+            Ok(version) => version,
+            // Known but not serving (loading, failed, unloaded): not ready.
+            Err(_) if repo.note(&r.name, None).is_some() || noted_version(&repo, &r.name, &r.version) => {
+                return Ok(Response::new(pb::ModelReadyResponse { ready: false }));
+            }
+            Err(e) => return Err(status::to_status(&e)),
+        };
         let ready = self.ready.load(Ordering::Acquire) && version.batcher.serving();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
@@ -165,7 +202,8 @@ impl GrpcInferenceService for InferenceService {
         let r = request.into_inner();
         who.permit(&r.name).map_err(denied)?;
         let version = self.version(&r.name, &r.version)?;
-        let model = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
+        let repo = self.repo();
+        let model = router::model(&repo, &r.name).map_err(|e| status::to_status(&e))?;
         Ok(Response::new(encode::model_metadata(model, &version.spec)))
     }
 
@@ -189,15 +227,16 @@ impl GrpcInferenceService for InferenceService {
         let who = caller(&request);
         let r = request.into_inner();
         let mut model_stats = Vec::new();
+        let repo = self.repo();
         if r.name.is_empty() {
-            for m in self.repo.models.values().filter(|m| who.permit(&m.name).is_ok()) {
+            for m in repo.models.values().filter(|m| who.permit(&m.name).is_ok()) {
                 for (v, served) in &m.versions {
                     model_stats.push(statistics(&m.name, *v, &served.stats));
                 }
             }
         } else if r.version.is_empty() {
             who.permit(&r.name).map_err(denied)?;
-            let m = router::model(&self.repo, &r.name).map_err(|e| status::to_status(&e))?;
+            let m = router::model(&repo, &r.name).map_err(|e| status::to_status(&e))?;
             for (v, served) in &m.versions {
                 model_stats.push(statistics(&m.name, *v, &served.stats));
             }
@@ -214,21 +253,87 @@ impl GrpcInferenceService for InferenceService {
         request: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         let who = caller(&request);
-        let models = self
-            .repo
-            .models
-            .values()
-            .filter(|m| who.permit(&m.name).is_ok())
-            .flat_map(|m| {
-                m.versions.keys().map(|v| pb::repository_index_response::ModelIndex {
-                    name: m.name.clone(),
-                    version: v.to_string(),
-                    state: "READY".into(),
-                    reason: String::new(),
-                })
-            })
-            .collect();
+        let r = request.into_inner();
+        one_repository(&r.repository_name)?;
+        let repo = self.repo();
+        let entry = |name: &str, version: String, state: VersionState, reason: &str| {
+            pb::repository_index_response::ModelIndex {
+                name: name.to_string(),
+                version,
+                state: state.as_str().into(),
+                reason: reason.to_string(),
+            }
+        };
+        let mut models = Vec::new();
+        let names: std::collections::BTreeSet<&String> = repo.models.keys().chain(repo.notes.keys()).collect();
+        for name in names.into_iter().filter(|m| who.permit(m).is_ok()) {
+            let served = repo.models.get(name);
+            let notes = repo.notes.get(name);
+            let model_note = notes.and_then(|n| n.get(&None));
+            let mut versions: std::collections::BTreeSet<u64> =
+                served.map(|m| m.versions.keys().copied().collect()).unwrap_or_default();
+            versions.extend(notes.into_iter().flat_map(|n| n.keys().flatten().copied()));
+            for v in &versions {
+                let (state, reason) =
+                    match (served.is_some_and(|m| m.versions.contains_key(v)), notes.and_then(|n| n.get(&Some(*v)))) {
+                        (true, note) => (VersionState::Ready, note.or(model_note).map_or("", |n| n.reason.as_str())),
+                        (false, Some(note)) => (note.state, note.reason.as_str()),
+                        (false, None) => continue,
+                    };
+                models.push(entry(name, v.to_string(), state, reason));
+            }
+            if served.is_none()
+                && let Some(note) = model_note
+            {
+                models.push(entry(name, String::new(), note.state, &note.reason));
+            }
+        }
+        if r.ready {
+            models.retain(|m| m.state == VersionState::Ready.as_str());
+        }
         Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let who = admin(&request);
+        let r = request.into_inner();
+        one_repository(&r.repository_name)?;
+        if let Some(name) = r.parameters.keys().next() {
+            return Err(Status::invalid_argument(format!(
+                "parameter '{name}': RepositoryModelLoad takes none here (a config or files sent with the call are \
+                 not supported); put the files in the repository folder"
+            )));
+        }
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || runtime.load_model(&r.model_name, &who))
+            .await
+            .map_err(|e| Status::internal(format!("loading stopped: {e}")))?
+            .map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let who = admin(&request);
+        let r = request.into_inner();
+        one_repository(&r.repository_name)?;
+        // tritonclient always sends `unload_dependents`; Kiln models have none.
+        if let Some(name) = r.parameters.keys().find(|k| *k != "unload_dependents") {
+            return Err(Status::invalid_argument(format!(
+                "parameter '{name}': RepositoryModelUnload takes only 'unload_dependents'"
+            )));
+        }
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || runtime.unload_model(&r.model_name, &who))
+            .await
+            .map_err(|e| Status::internal(format!("unloading stopped: {e}")))?
+            .map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     async fn model_infer(
@@ -242,7 +347,7 @@ impl GrpcInferenceService for InferenceService {
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
         };
         let req = request.into_inner();
-        let version = match router::route(&self.repo, &req.model_name, &req.model_version) {
+        let version = match router::route(&self.repo(), &req.model_name, &req.model_version) {
             Ok(v) => v,
             // Unknown names are not metric labels: a client could grow the set.
             Err(e) => return Err(status::to_status(&e)),

@@ -31,7 +31,7 @@ use super::wire::{self, WireLimits};
 use crate::api::status;
 use crate::error::InferError;
 use crate::pipeline::router;
-use crate::repository::Repository;
+use crate::repository::{LiveRepository, Repository};
 use crate::security::{Auth, Caller, ClientCertificate};
 
 /// Most bytes of any request message but ModelInfer's: names and versions.
@@ -173,6 +173,9 @@ fn access(path: &str) -> Access {
         | "/inference.GRPCInferenceService/ServerLive"
         | "/inference.GRPCInferenceService/ServerReady" => Access::Open,
         p if p.starts_with("/kiln.admin.v1.Admin/") => Access::Admin,
+        // Loading and unloading models are operator actions.
+        "/inference.GRPCInferenceService/RepositoryModelLoad"
+        | "/inference.GRPCInferenceService/RepositoryModelUnload" => Access::Admin,
         _ => Access::Caller,
     }
 }
@@ -181,7 +184,7 @@ fn access(path: &str) -> Access {
 pub struct IngressState {
     /// Who may call.
     pub auth: Arc<Auth>,
-    pub repo: Arc<Repository>,
+    pub repo: Arc<LiveRepository>,
     pub budget: Arc<InflightBudget>,
     pub max_message_bytes: usize,
     pub body_timeout: Duration,
@@ -249,7 +252,10 @@ where
             let caller = match access {
                 Access::Open => None,
                 Access::Admin => match state.auth.admin(&parts.headers, client) {
-                    Ok(()) => None,
+                    Ok(admin) => {
+                        parts.extensions.insert(admin);
+                        None
+                    }
                     Err(e) => return Ok(refusal(&e)),
                 },
                 Access::Caller => match state.auth.caller(&parts.headers, client) {
@@ -271,7 +277,7 @@ where
             let limit = if kind == Door::Infer { state.max_message_bytes } else { SMALL_MESSAGE_BYTES };
             let received = receive(body, limit, &state).await.and_then(|(bytes, reservation)| {
                 if kind == Door::Infer {
-                    check_infer(&bytes, &state.repo, caller.as_ref())?;
+                    check_infer(&bytes, &state.repo.get(), caller.as_ref())?;
                 }
                 Ok((bytes, reservation))
             });
@@ -392,6 +398,9 @@ mod tests {
         assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Open);
         assert_eq!(access("/inference.GRPCInferenceService/ServerReady"), Access::Open);
         assert_eq!(access("/kiln.admin.v1.Admin/DriftReport"), Access::Admin);
+        assert_eq!(access("/inference.GRPCInferenceService/RepositoryModelLoad"), Access::Admin);
+        assert_eq!(access("/inference.GRPCInferenceService/RepositoryModelUnload"), Access::Admin);
+        assert_eq!(access("/inference.GRPCInferenceService/RepositoryIndex"), Access::Caller);
         assert_eq!(access(INFER_PATH), Access::Caller);
         assert_eq!(access("/inference.GRPCInferenceService/ModelReady"), Access::Caller);
         assert_eq!(access("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Access::Caller);
