@@ -301,3 +301,46 @@ async fn explicit_load_and_unload_are_admin_calls_and_lose_nothing() {
     assert_eq!(r.model_version, "2");
     server.stop().await.expect("clean stop");
 }
+
+/// `kiln repository ARGS` against `server`, with `env` set.
+fn kiln_repository(server: &TestServer, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command.arg("repository").args(args).arg("--url").arg(server.addr.to_string());
+    for var in ["KILN_ADMIN_TOKEN", "KILN_API_KEY", "KILN_ADMIN_TOKEN_FILE", "KILN_API_KEY_FILE"] {
+        command.env_remove(var);
+    }
+    command.envs(env.iter().copied()).output().expect("run kiln repository")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_repository_indexes_and_an_admin_unloads_and_loads_the_built_in_model() {
+    let server = TestServer::start(ServeConfig { admin_token: Some(ADMIN_TOKEN.into()), ..Default::default() }).await;
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let admin = [("KILN_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let (index, refused, unloaded, after_unload, loaded, after_load) = tokio::task::block_in_place(|| {
+        (
+            kiln_repository(&server, &["index"], &[]),
+            kiln_repository(&server, &["unload", "risk"], &[]),
+            kiln_repository(&server, &["unload", "risk"], &admin),
+            kiln_repository(&server, &["index"], &[]),
+            kiln_repository(&server, &["load", "risk"], &admin),
+            kiln_repository(&server, &["index"], &[]),
+        )
+    });
+    assert!(text(&index).lines().any(|l| l.split_whitespace().eq(["risk", "1", "READY"])), "{}", text(&index));
+    assert!(!refused.status.success(), "an unload without admin credentials was accepted");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"), "{refused:?}");
+    assert!(unloaded.status.success(), "{unloaded:?}");
+    let line = text(&after_unload);
+    assert!(line.contains("UNLOADING") || line.contains("UNAVAILABLE"), "{line}");
+    assert!(line.contains("unloaded by the admin token"), "{line}");
+    assert!(loaded.status.success() && text(&loaded).contains("loaded risk"), "{loaded:?}");
+    assert!(
+        text(&after_load).lines().any(|l| l.split_whitespace().eq(["risk", "1", "READY"])),
+        "{}",
+        text(&after_load)
+    );
+    let mut c = server.client().await;
+    c.infer_fp32("risk", "features", &[common::wdbc().0[0].clone()]).await.expect("served again");
+    server.stop().await.expect("clean stop");
+}

@@ -31,12 +31,7 @@ pub fn run(args: DriftArgs) -> Result<()> {
 
 async fn drift(args: DriftArgs) -> Result<()> {
     let t = &args.target;
-    let mut credentials = t.security.credentials(None)?;
-    if let Some(path) = &args.admin_token_file {
-        credentials.bearer = Some(kiln::config::read_secret_file(path, "admin token")?);
-    } else if let Some(token) = std::env::var("KILN_ADMIN_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
-        credentials.bearer = Some(kiln::security::Secret::new(token.trim()));
-    }
+    let credentials = super::admin_credentials(&t.security, args.admin_token_file.as_deref())?;
     let report = client::drift::fetch(&t.url, &t.model, &t.version, &credentials).await?.map_err(status_error)?;
     emit(&client::drift::table(&report));
     if report.state == "ready" {

@@ -9,6 +9,7 @@ pub mod infer;
 pub mod keys;
 pub mod plan;
 pub mod profile;
+pub mod repository;
 pub mod serve;
 
 use std::io::Write;
@@ -65,6 +66,22 @@ impl ClientSecurity {
         };
         Ok(kiln::client::Credentials { tls, bearer })
     }
+}
+
+/// Credentials for an admin call: the admin token from `token_file`, else
+/// `KILN_ADMIN_TOKEN`, else an admin's API key (--api-key-file,
+/// `KILN_API_KEY`).
+pub fn admin_credentials(
+    security: &ClientSecurity,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<kiln::client::Credentials> {
+    let mut credentials = security.credentials(None)?;
+    if let Some(path) = token_file {
+        credentials.bearer = Some(kiln::config::read_secret_file(path, "admin token")?);
+    } else if let Some(token) = std::env::var("KILN_ADMIN_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        credentials.bearer = Some(kiln::security::Secret::new(token.trim()));
+    }
+    Ok(credentials)
 }
 
 /// Writes a report to standard output. A reader that went away (`| head`)
