@@ -94,9 +94,13 @@ async fn serve_refuses_a_bad_repository_instead_of_panicking() {
     assert!(err.to_string().contains("model.toml"), "{err}");
 }
 
-#[tokio::test]
-async fn a_folder_repository_serves_the_latest_version_by_default() {
-    let dir = repo_with(RISK_TOML, &[1, 2]);
+/// What serving two versions leaves to a test: the folder (kept until
+/// the end), the server, a client, and a request pinning version 1.
+type TwoVersions = (tempfile::TempDir, TestServer, kiln::client::Client, pb::ModelInferRequest);
+
+/// Serves `toml` with versions 1 and 2 and checks the default is 2.
+async fn two_versions(toml: &str) -> TwoVersions {
+    let dir = repo_with(toml, &[1, 2]);
     let server = TestServer::start(ServeConfig {
         repository: RepositorySource::Dir(dir.path().to_path_buf()),
         ..Default::default()
@@ -108,6 +112,12 @@ async fn a_folder_repository_serves_the_latest_version_by_default() {
     assert_eq!(default.model_version, "2");
     let mut pinned = kiln::client::fp32_request("risk", "features", &[row]);
     pinned.model_version = "1".into();
+    (dir, server, c, pinned)
+}
+
+#[tokio::test]
+async fn a_folder_repository_serves_the_latest_version_by_default() {
+    let (_dir, _server, mut c, pinned) = two_versions(RISK_TOML).await;
     let err = c.raw.model_infer(pinned).await.expect_err("version 1 is not served under latest 1");
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     assert!(err.message().contains("no version '1'") && err.message().contains("versions: 2"), "{}", err.message());
@@ -115,18 +125,7 @@ async fn a_folder_repository_serves_the_latest_version_by_default() {
 
 #[tokio::test]
 async fn a_folder_repository_serves_every_version_with_the_highest_as_default() {
-    let dir = repo_with(&format!("version_policy = {{ all = true }}\n{RISK_TOML}"), &[1, 2]);
-    let server = TestServer::start(ServeConfig {
-        repository: RepositorySource::Dir(dir.path().to_path_buf()),
-        ..Default::default()
-    })
-    .await;
-    let mut c = server.client().await;
-    let row = common::wdbc().0[0].clone();
-    let default = c.infer_fp32("risk", "features", std::slice::from_ref(&row)).await.expect("default");
-    assert_eq!(default.model_version, "2");
-    let mut pinned = kiln::client::fp32_request("risk", "features", &[row]);
-    pinned.model_version = "1".into();
+    let (_dir, _server, mut c, pinned) = two_versions(&format!("version_policy = {{ all = true }}\n{RISK_TOML}")).await;
     assert_eq!(c.raw.model_infer(pinned).await.expect("pinned").into_inner().model_version, "1");
     let stats = c
         .raw

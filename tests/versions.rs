@@ -20,6 +20,9 @@ use kiln::client::{Client, Credentials};
 use kiln::config::{AuthConfig, ModelControl, RepositorySource, ServeConfig};
 use kiln::security::keys::{entry_toml, generate};
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 const RISK_TOML: &str = include_str!("../models/risk/model.toml");
 const RISK_WEIGHTS: &[u8] = include_bytes!("../models/risk/1/model.safetensors");
@@ -342,5 +345,36 @@ async fn kiln_repository_indexes_and_an_admin_unloads_and_loads_the_built_in_mod
     );
     let mut c = server.client().await;
     c.infer_fp32("risk", "features", &[common::wdbc().0[0].clone()]).await.expect("served again");
+    server.stop().await.expect("clean stop");
+}
+
+/// The model's gRPC health status, waited for (bounded) until `expected`.
+async fn health_becomes(server: &TestServer, expected: ServingStatus) {
+    let mut health = HealthClient::new(server.channel().await);
+    let mut status = -1;
+    for _ in 0..300 {
+        let request = HealthCheckRequest { service: "risk".into() };
+        status = health.check(request).await.expect("health check").into_inner().status;
+        if status == expected as i32 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("health of risk stayed {status}, expected {expected:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_follows_unload_and_load() {
+    let server = TestServer::start(ServeConfig { admin_insecure: true, ..Default::default() }).await;
+    let mut c = server.client().await;
+    health_becomes(&server, ServingStatus::Serving).await;
+    let unload = pb::RepositoryModelUnloadRequest { model_name: "risk".into(), ..Default::default() };
+    c.raw.repository_model_unload(unload).await.expect("unload");
+    health_becomes(&server, ServingStatus::NotServing).await;
+    let ready = c.raw.model_ready(pb::ModelReadyRequest { name: "risk".into(), version: String::new() }).await;
+    assert!(!ready.expect("a known model answers ModelReady").into_inner().ready);
+    let load = pb::RepositoryModelLoadRequest { model_name: "risk".into(), ..Default::default() };
+    c.raw.repository_model_load(load).await.expect("load");
+    health_becomes(&server, ServingStatus::Serving).await;
     server.stop().await.expect("clean stop");
 }

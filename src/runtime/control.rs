@@ -76,7 +76,8 @@ impl ControlState {
     }
 }
 
-fn count(model: &str, action: &'static str, outcome: &'static str) {
+/// Counts one repository change (start-up loads included).
+pub(super) fn count(model: &str, action: &'static str, outcome: &'static str) {
     metrics::counter!(MODEL_CHANGES, "model" => model.to_string(), "action" => action, "outcome" => outcome)
         .increment(1);
 }

@@ -118,6 +118,7 @@ impl Runtime {
             let mut versions = BTreeMap::new();
             for (number, v) in m.versions {
                 let served = runtime.start_version(&m.name, number, v, &config, None, &mut state)?;
+                control::count(&m.name, "load", "ok");
                 versions.insert(number, Arc::new(served));
             }
             state.applied(&m.name, &m.scan, versions.keys().copied());

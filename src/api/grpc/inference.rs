@@ -40,6 +40,15 @@ fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
     version.parse::<u64>().ok().is_some_and(|v| repo.note(model, Some(v)).is_some())
 }
 
+/// Runs a model-control change (blocking: a load takes seconds) off the
+/// async runtime.
+async fn off_runtime(change: impl FnOnce() -> Result<(), InferError> + Send + 'static) -> Result<(), Status> {
+    match tokio::task::spawn_blocking(change).await {
+        Ok(result) => result.map_err(|e| status::to_status(&e)),
+        Err(e) => Err(Status::internal(format!("the change stopped: {e}"))),
+    }
+}
+
 /// Kiln serves one repository: the name, when given, must be empty.
 fn one_repository(name: &str) -> Result<(), Status> {
     match name.is_empty() {
@@ -308,10 +317,7 @@ impl GrpcInferenceService for InferenceService {
             )));
         }
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || runtime.load_model(&r.model_name, &who))
-            .await
-            .map_err(|e| Status::internal(format!("loading stopped: {e}")))?
-            .map_err(|e| status::to_status(&e))?;
+        off_runtime(move || runtime.load_model(&r.model_name, &who)).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -329,10 +335,7 @@ impl GrpcInferenceService for InferenceService {
             )));
         }
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || runtime.unload_model(&r.model_name, &who))
-            .await
-            .map_err(|e| Status::internal(format!("unloading stopped: {e}")))?
-            .map_err(|e| status::to_status(&e))?;
+        off_runtime(move || runtime.unload_model(&r.model_name, &who)).await?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
