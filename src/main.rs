@@ -32,6 +32,8 @@ enum Command {
     /// Print a model's drift report from a running server, most drifted
     /// first, and plot reference against live histograms.
     Drift(cli::drift::DriftArgs),
+    /// Release controls of a running server: status, promote, rollback, pause, resume, split.
+    Admin(cli::admin::AdminArgs),
     /// A running server's model repository: index, load, unload.
     Repository(cli::repository::RepositoryArgs),
     /// Make API keys for the keys file.
@@ -53,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cli::plan::run(args),
         Command::Profile(args) => cli::profile::run(args),
         Command::Drift(args) => cli::drift::run(args),
+        Command::Admin(args) => cli::admin::run(args),
         Command::Repository(args) => cli::repository::run(args),
         Command::Keys(args) => cli::keys::run(args),
         Command::Certs(args) => cli::certs::run(args),

@@ -2,6 +2,7 @@
 //! and calls one of them. What they share: the client target, writing
 //! reports, the one place that sets the model's thread count.
 
+pub mod admin;
 pub mod bench;
 pub mod certs;
 pub mod drift;

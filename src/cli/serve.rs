@@ -26,6 +26,11 @@ pub struct ServeArgs {
     /// is acted on once two looks in a row saw it the same).
     #[arg(long, env = "KILN_REPOSITORY_POLL_MS")]
     pub repository_poll_ms: Option<u64>,
+    /// JSON-lines file every admin action (promote, rollback, pause,
+    /// resume, split) is appended to, with who, before and after; the
+    /// server log has each line too.
+    #[arg(long, env = "KILN_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
     /// Server config file (TOML): `max_message_bytes`; `[tenants.NAME]`
     /// sections with `budget` (compute-seconds per second) and `burst`
     /// (compute-seconds) that cap what each tenant may spend; `[limits]`
@@ -147,6 +152,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .repository_poll_ms
             .or(file.repository_poll_ms)
             .map_or(kiln::config::DEFAULT_REPOSITORY_POLL, std::time::Duration::from_millis),
+        audit_log: args.audit_log.or(file.audit_log.take()),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
         tenants: file.tenants,
         prepare_threads: args.prepare_threads.max(1),

@@ -235,3 +235,14 @@ pub fn string_parameter(response: &pb::ModelInferResponse, name: &str) -> Option
         _ => None,
     }
 }
+
+/// A client of `kiln.admin.v1.Admin` over `credentials` (the admin token
+/// or an admin's key).
+pub async fn admin(
+    url: &str,
+    credentials: &Credentials,
+) -> Result<crate::api::admin_pb::admin_client::AdminClient<Transport>, ClientError> {
+    let channel = secure_channel(url, credentials.tls.as_ref()).await?;
+    let bearer = Bearer::new(credentials.bearer.as_ref())?;
+    Ok(crate::api::admin_pb::admin_client::AdminClient::with_interceptor(channel, bearer))
+}

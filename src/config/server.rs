@@ -124,6 +124,9 @@ pub struct ServeConfig {
     pub model_control: Option<ModelControl>,
     /// Interval between looks at the repository under `poll`.
     pub repository_poll: std::time::Duration,
+    /// JSON-lines file every admin action is appended to (the server log
+    /// has each line too).
+    pub audit_log: Option<PathBuf>,
     /// Tenants with a compute budget. A tenant not listed spends
     /// `default`'s budget when `default` is listed, else is not limited.
     pub tenants: BTreeMap<String, TenantConfig>,
@@ -320,6 +323,7 @@ impl Default for ServeConfig {
             repository: RepositorySource::BuiltIn,
             model_control: None,
             repository_poll: DEFAULT_REPOSITORY_POLL,
+            audit_log: None,
             tenants: BTreeMap::new(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             drain_timeout: std::time::Duration::from_secs(25),
@@ -343,6 +347,8 @@ pub struct ServerFile {
     pub model_control: Option<ModelControl>,
     /// Milliseconds between looks at a polled repository.
     pub repository_poll_ms: Option<u64>,
+    /// JSON-lines file of admin actions (`--audit-log`).
+    pub audit_log: Option<PathBuf>,
     /// Overrides the default message size bound.
     pub max_message_bytes: Option<usize>,
     /// `[tenants.NAME]` sections: `budget` and `burst` in compute-seconds.

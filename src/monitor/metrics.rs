@@ -38,6 +38,8 @@ pub const MODEL_READY: &str = "kiln_model_ready";
 /// Always 1; its `version` label is Kiln's version.
 /// Repository changes applied or refused, by model, action and outcome.
 pub const MODEL_CHANGES: &str = "kiln_model_changes_total";
+/// Admin actions, by action and outcome.
+pub const ADMIN_ACTIONS: &str = "kiln_admin_actions_total";
 pub const BUILD_INFO: &str = "kiln_build_info";
 /// Share of wall time the version's executors spent running batches.
 pub const EXECUTOR_BUSY: &str = "kiln_executor_busy_ratio";
@@ -148,6 +150,10 @@ fn describe() {
     describe_counter!(
         MODEL_CHANGES,
         "Repository changes by model, action (load, unload, config) and outcome (ok, failed, refused)."
+    );
+    describe_counter!(
+        ADMIN_ACTIONS,
+        "Release actions by admins (promote, rollback, pause, resume, split), by outcome."
     );
     describe_gauge!(BUILD_INFO, "Kiln build information.");
     describe_gauge!(EXECUTOR_BUSY, "Share of wall time the executors spent running batches (last second).");

@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use metrics::Counter;
@@ -97,7 +97,7 @@ impl RequestLog {
     }
 
     fn line(&self, e: Entry<'_>) -> Value {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now_ms = super::unix_ms();
         let mut line = json!({
             "time_ms": now_ms,
             "request_id": capped(e.request_id),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// A count and a total duration in nanoseconds.
 #[derive(Debug, Default)]
@@ -55,7 +55,7 @@ impl VersionStats {
     pub fn record_batch(&self, rows: u64, compute: Duration) {
         self.inference_count.fetch_add(rows, Ordering::Relaxed);
         self.execution_count.fetch_add(1, Ordering::Relaxed);
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now_ms = super::unix_ms();
         self.last_inference_ms.store(now_ms, Ordering::Relaxed);
         let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
         let entry = batches.entry(rows).or_default();

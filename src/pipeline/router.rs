@@ -1,6 +1,8 @@
 //! Picks the model version a request goes to: the one it names, else the
-//! model's default. A model or version the server knows but does not
-//! serve now (loading, failed, unloaded) is answered with why.
+//! canary split's choice for its routing key, else the model's default
+//! (promoted or the policy's). A paused model, and a model or version the
+//! server knows but does not serve now (loading, failed, unloaded), are
+//! answered with why.
 
 use std::sync::Arc;
 
@@ -53,4 +55,21 @@ pub fn route(repo: &Repository, name: &str, version: &str) -> Result<Arc<ServedV
             known.join(", ")
         ))),
     }
+}
+
+/// Routes an inference request: refused while the model is paused; a
+/// request naming no version follows the split (sticky per `key`).
+pub fn route_infer(repo: &Repository, name: &str, version: &str, key: &[u8]) -> Result<Arc<ServedVersion>, InferError> {
+    let model = model(repo, name)?;
+    if let Some(reason) = &model.release.paused {
+        return Err(InferError::Unavailable(format!(
+            "model '{name}' is paused ({reason}); an admin resumes it (kiln admin resume {name})"
+        )));
+    }
+    if version.is_empty()
+        && let Some(found) = model.release.pick(key).and_then(|v| model.versions.get(&v))
+    {
+        return Ok(found.clone());
+    }
+    route(repo, name, version)
 }

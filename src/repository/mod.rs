@@ -16,6 +16,7 @@ use crate::monitor::drift::layout::Layout;
 use crate::monitor::drift::reference::Reference;
 
 pub mod policy;
+pub mod release;
 mod served;
 
 pub use served::{IndexEntry, LiveRepository, Repository, ServedModel, ServedVersion, VersionState};
@@ -52,6 +53,8 @@ pub struct ModelScan {
     pub config_text: String,
     /// Version number, its folder and fingerprint.
     pub versions: BTreeMap<u64, (String, Fingerprint)>,
+    /// `release.json`, when there is one.
+    pub release_text: Option<String>,
 }
 
 /// The built-in model's config and files.
@@ -91,6 +94,7 @@ pub fn scan(
                 config_file: "<built-in>/risk/model.toml".into(),
                 config_text: BUILT_IN_CONFIG.into(),
                 versions: [(1, ("<built-in>/risk/1".to_string(), Fingerprint::new()))].into(),
+                release_text: None,
             };
             return Ok([("risk".to_string(), Ok(scan))].into());
         }
@@ -146,7 +150,12 @@ fn scan_model(path: &Path, name: String) -> Result<ModelScan, RepositoryError> {
         }
         versions.insert(number, (folder, fingerprint));
     }
-    Ok(ModelScan { name, config_file, config_text, versions })
+    let release_path = path.join(release::RELEASE_FILE);
+    let release_text = match release_path.is_file() {
+        true => Some(std::fs::read_to_string(&release_path).map_err(io_err(&release_path))?),
+        false => None,
+    };
+    Ok(ModelScan { name, config_file, config_text, versions, release_text })
 }
 
 /// Reads the files of one version the scan found.
@@ -218,6 +227,8 @@ pub struct LoadedModel {
     pub config: ModelToml,
     pub default_version: u64,
     pub versions: BTreeMap<u64, LoadedVersion>,
+    /// Promoted default, pause and split, from `release.json`.
+    pub release: release::Release,
     /// What was on disk when it was read: the reloader compares with it.
     pub scan: ModelScan,
 }
@@ -265,6 +276,17 @@ pub fn selected(config: &ModelToml, scan: &ModelScan) -> Result<Vec<u64>, Config
     Ok(numbers)
 }
 
+/// The release state the scan found (none: the default state).
+pub fn read_release(scan: &ModelScan) -> Result<release::Release, ConfigError> {
+    match &scan.release_text {
+        None => Ok(release::Release::default()),
+        Some(text) => {
+            let file = scan.config_file.replace("model.toml", release::RELEASE_FILE);
+            release::Release::parse(&file, text)
+        }
+    }
+}
+
 /// The version a request without one goes to: `default_version` when it
 /// is served, else the highest served.
 pub fn default_version(config: &ModelToml, served: &[u64]) -> Result<u64, String> {
@@ -281,13 +303,15 @@ pub fn default_version(config: &ModelToml, served: &[u64]) -> Result<u64, String
 fn load_model(source: &RepositorySource, scan: ModelScan) -> Result<LoadedModel, RepositoryError> {
     let config = ModelToml::parse(&scan.config_file, &scan.config_text)?;
     let numbers = selected(&config, &scan)?;
+    let release = read_release(&scan)?;
     let default_version = default_version(&config, &numbers).map_err(|m| ConfigError::new(&scan.config_file, m))?;
+    let default_version = release.promoted.filter(|v| numbers.contains(v)).unwrap_or(default_version);
     let mut versions = BTreeMap::new();
     for number in numbers {
         let files = read_version(source, &scan.versions[&number].0)?;
         versions.insert(number, load_version(&scan.name, number, &scan.config_file, &config, &files)?);
     }
-    Ok(LoadedModel { name: scan.name.clone(), config, default_version, versions, scan })
+    Ok(LoadedModel { name: scan.name.clone(), config, default_version, versions, release, scan })
 }
 
 /// Loads and warms up one version (blocking: seconds for a text model).

@@ -38,6 +38,8 @@ pub struct ServedModel {
     pub config: Arc<ModelToml>,
     pub default_version: u64,
     pub versions: BTreeMap<u64, Arc<ServedVersion>>,
+    /// Promoted default, pause and canary split.
+    pub release: Arc<super::release::Release>,
 }
 
 /// A version's state as `RepositoryIndex` reports it (Triton's names).

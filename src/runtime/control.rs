@@ -13,12 +13,16 @@ use std::sync::{Arc, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use super::Runtime;
-use crate::config::{ModelControl, ModelToml};
+use crate::config::{ModelControl, ModelToml, RepositorySource};
 use crate::error::InferError;
 use crate::monitor::metrics::MODEL_CHANGES;
+use crate::repository::release::{Action, RELEASE_FILE, Release};
 use crate::repository::{
     self, Fingerprint, IndexEntry, LoadedVersion, ModelScan, ServedModel, ServedVersion, VersionState,
 };
+
+/// How a note on a `release.json` that was not applied begins.
+const RELEASE_REFUSED: &str = "release.json not applied";
 
 /// Longest an unloading version waits for the requests routed to it to be
 /// answered before it stops anyway (requests are bounded by their
@@ -43,6 +47,8 @@ struct Applied {
     failed: BTreeMap<u64, Fingerprint>,
     /// A `model.toml` text that was refused, likewise.
     refused: Option<String>,
+    /// The `release.json` text behind the serving release state.
+    release_text: Option<String>,
 }
 
 /// The model control's own state; one change at a time holds it.
@@ -319,7 +325,9 @@ impl Runtime {
         // Notes on what was wrong with the folder or its config go once
         // that is put right.
         if change.notes.get(&None).is_some_and(|n| {
-            n.reason.starts_with("folder not applied") || (unchanged && n.reason.starts_with("model.toml"))
+            n.reason.starts_with("folder not applied")
+                || n.reason.starts_with(RELEASE_REFUSED)
+                || (unchanged && n.reason.starts_with("model.toml"))
         }) {
             change.notes.remove(&None);
         }
@@ -456,6 +464,8 @@ impl Runtime {
             }
         };
 
+        let release = self.release_state(name, &scan, served.as_ref(), &mut applied, &mut change, &old_notes);
+
         // Start what loaded, then swap: from here new requests route to
         // the new set, and what left it drains.
         let mut versions = BTreeMap::new();
@@ -525,15 +535,18 @@ impl Runtime {
             }
         }
         applied.loaded.retain(|v, _| versions.contains_key(v));
+        let promoted = release.promoted.filter(|v| versions.contains_key(v));
         let model = default_version.filter(|_| !versions.is_empty()).map(|default_version| ServedModel {
             name: name.to_string(),
             config: config.clone(),
-            default_version,
+            default_version: promoted.unwrap_or(default_version),
             versions,
+            release,
         });
         let same = match (&served, &model) {
             (Some(a), Some(b)) => {
                 Arc::ptr_eq(&a.config, &b.config)
+                    && Arc::ptr_eq(&a.release, &b.release)
                     && a.default_version == b.default_version
                     && a.versions.len() == b.versions.len()
                     && a.versions.iter().zip(&b.versions).all(|((x, p), (y, q))| x == y && Arc::ptr_eq(p, q))
@@ -549,6 +562,82 @@ impl Runtime {
         }
         state.models.insert(name.to_string(), applied);
         change.problems
+    }
+
+    /// The release state to serve: what serves while `release.json` is
+    /// unchanged (and always for the built-in repository, which has no
+    /// folder to keep it in), else the file's, else (a file that does not
+    /// parse) what serves, with a note.
+    fn release_state(
+        &self,
+        name: &str,
+        scan: &ModelScan,
+        served: Option<&ServedModel>,
+        applied: &mut Applied,
+        change: &mut Change,
+        old_notes: &BTreeMap<Option<u64>, IndexEntry>,
+    ) -> Arc<Release> {
+        let current = served.map(|m| m.release.clone());
+        if let Some(current) = &current
+            && (applied.release_text == scan.release_text || matches!(self.options.source, RepositorySource::BuiltIn))
+        {
+            return current.clone();
+        }
+        match repository::read_release(scan) {
+            Ok(release) => {
+                if served.is_some() {
+                    tracing::info!(model = name, "release.json change applied");
+                }
+                applied.release_text = scan.release_text.clone();
+                Arc::new(release)
+            }
+            Err(e) => {
+                let reason = format!("{RELEASE_REFUSED}, the previous release state serves: {e}");
+                if old_notes.get(&None).is_none_or(|n| n.reason != reason) {
+                    tracing::error!(model = name, error = %e, "release.json refused");
+                }
+                let state = if served.is_some() { VersionState::Ready } else { VersionState::Unavailable };
+                change.problem(None, state, reason);
+                current.unwrap_or_default()
+            }
+        }
+    }
+
+    /// An admin's release action: applied to the served model at once
+    /// (the next request sees it), written to `release.json` under a
+    /// folder repository so restarts and replicas see it. Returns the
+    /// state before and after.
+    pub fn release(self: &Arc<Self>, name: &str, action: &Action, who: &str) -> Result<(Release, Release), InferError> {
+        let mut state = self.lock();
+        if state.stopped {
+            return Err(InferError::Unavailable("the server is shutting down".into()));
+        }
+        let repo = self.repo.get();
+        let model = crate::pipeline::router::model(&repo, name)?.clone();
+        let notes = repo.notes.get(name).cloned().unwrap_or_default();
+        drop(repo);
+        let served: Vec<u64> = model.versions.keys().copied().collect();
+        let refused = |m: String| InferError::FailedPrecondition(format!("{} model '{name}': {m}", action.name()));
+        let mut next = model.release.apply(action, &served, model.default_version).map_err(refused)?;
+        next.updated_by = who.to_string();
+        next.updated_ms = crate::monitor::unix_ms();
+        if let RepositorySource::Dir(dir) = &self.options.source {
+            let text = serde_json::to_string_pretty(&next).map_err(|e| refused(e.to_string()))? + "\n";
+            let folder = dir.join(name);
+            let staging = folder.join(format!(".{RELEASE_FILE}.tmp"));
+            std::fs::write(&staging, &text)
+                .and_then(|()| std::fs::rename(&staging, folder.join(RELEASE_FILE)))
+                .map_err(|e| refused(format!("cannot write {}: {e}", folder.join(RELEASE_FILE).display())))?;
+            if let Some(applied) = state.models.get_mut(name) {
+                applied.release_text = Some(text);
+            }
+        }
+        let policy_default = repository::default_version(&model.config, &served).unwrap_or(model.default_version);
+        let default_version = next.promoted.filter(|v| model.versions.contains_key(v)).unwrap_or(policy_default);
+        let before = (*model.release).clone();
+        let release = Arc::new(next.clone());
+        self.publish(name, Some(ServedModel { default_version, release, ..model }), notes);
+        Ok((before, next))
     }
 
     /// Refuses a `model.toml` change: logged, counted, noted on the model;

@@ -122,9 +122,10 @@ impl Runtime {
                 versions.insert(number, Arc::new(served));
             }
             state.applied(&m.name, &m.scan, versions.keys().copied());
+            let release = Arc::new(m.release);
             repo.models.insert(
                 m.name.clone(),
-                ServedModel { name: m.name, config, default_version: m.default_version, versions },
+                ServedModel { name: m.name, config, default_version: m.default_version, versions, release },
             );
         }
         drop(state);

@@ -159,7 +159,12 @@ pub async fn serve(
         })
     });
 
-    let admin = AdminServer::new(AdminService::new(repo.clone())).max_decoding_message_size(SMALL_MESSAGE_BYTES);
+    let audit = Arc::new(
+        monitor::audit::AuditLog::open(config.audit_log.as_deref())
+            .map_err(|e| crate::config::ConfigError::new("server config", format!("`audit_log`: {e}")))?,
+    );
+    let admin =
+        AdminServer::new(AdminService::new(runtime.clone(), audit)).max_decoding_message_size(SMALL_MESSAGE_BYTES);
     let busy_task = tokio::spawn(publish_busy(repo.clone()));
     let routes = tonic::service::Routes::new(inference)
         .add_service(admin)

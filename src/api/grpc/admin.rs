@@ -1,6 +1,7 @@
-//! `kiln.admin.v1.Admin`: the operator service. It only reads for now (the
-//! drift report, which reveals the reference histograms of the training
-//! data); the door (`ingress`) lets only admins in.
+//! `kiln.admin.v1.Admin`: the operator service: the drift report (which
+//! reveals the reference histograms of the training data) and the release
+//! controls, each change written to the audit log before it is answered.
+//! The door (`ingress`) lets only admins in.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -9,18 +10,91 @@ use tonic::{Request, Response, Status};
 
 use crate::api::admin_pb::{self, admin_server::Admin};
 use crate::api::status;
+use crate::error::InferError;
+use crate::monitor::audit::{AuditLog, Entry};
 use crate::monitor::drift::DriftState;
 use crate::pipeline::router;
-use crate::repository::LiveRepository;
+use crate::repository::release::Action;
+use crate::repository::{LiveRepository, ServedModel};
+use crate::runtime::Runtime;
 
 pub struct AdminService {
     repo: Arc<LiveRepository>,
+    runtime: Arc<Runtime>,
+    audit: Arc<AuditLog>,
 }
 
 impl AdminService {
-    pub fn new(repo: Arc<LiveRepository>) -> Self {
-        Self { repo }
+    pub fn new(runtime: Arc<Runtime>, audit: Arc<AuditLog>) -> Self {
+        Self { repo: runtime.repo.clone(), runtime, audit }
     }
+
+    /// Runs one release action for the admin the door named, records it
+    /// in the audit log (refusals too) and answers the new state.
+    async fn change(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+        action: impl FnOnce(&admin_pb::ReleaseChange) -> Result<Action, Status>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        let who =
+            request.extensions().get::<crate::security::Admin>().map_or("an in-process caller".into(), |a| a.0.clone());
+        let req = request.into_inner();
+        if req.model.is_empty() {
+            return Err(Status::invalid_argument("field 'model': name the model"));
+        }
+        let action = action(&req)?;
+        let runtime = self.runtime.clone();
+        let (model, act, by) = (req.model.clone(), action.clone(), who.clone());
+        let done = tokio::task::spawn_blocking(move || runtime.release(&model, &act, &by))
+            .await
+            .map_err(|e| Status::internal(format!("the change stopped: {e}")))?;
+        let (before, after, outcome) = match &done {
+            Ok((before, after)) => (Some(before), Some(after), "ok".to_string()),
+            Err(e) => (None, None, e.to_string()),
+        };
+        self.audit.record(&Entry {
+            time_ms: crate::monitor::unix_ms(),
+            who: &who,
+            action: action.name(),
+            model: &req.model,
+            reason: &req.reason,
+            outcome: &outcome,
+            before,
+            after,
+        });
+        done.map_err(|e| status::to_status(&e))?;
+        self.state(&req.model)
+    }
+
+    fn state(&self, name: &str) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        let repo = self.repo.get();
+        let model = router::model(&repo, name).map_err(|e| status::to_status(&e))?;
+        Ok(Response::new(release_state(model)))
+    }
+}
+
+fn release_state(model: &ServedModel) -> admin_pb::ReleaseState {
+    let r = &model.release;
+    admin_pb::ReleaseState {
+        model: model.name.clone(),
+        versions: model.versions.keys().map(u64::to_string).collect(),
+        default_version: model.default_version.to_string(),
+        promoted: r.promoted.map(|v| v.to_string()).unwrap_or_default(),
+        paused: r.paused.is_some(),
+        pause_reason: r.paused.clone().unwrap_or_default(),
+        split: r.split.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
+        updated_by: r.updated_by.clone(),
+        updated_ms: r.updated_ms,
+    }
+}
+
+/// `version` as a number, naming the field when it is not one.
+fn version_number(version: &str) -> Result<u64, Status> {
+    version.parse().map_err(|_| Status::invalid_argument(format!("field 'version': a version number, got '{version}'")))
+}
+
+fn refused(e: InferError) -> Status {
+    status::to_status(&e)
 }
 
 #[tonic::async_trait]
@@ -33,7 +107,7 @@ impl Admin for AdminService {
         if req.model.is_empty() {
             return Err(Status::invalid_argument("field 'model': name the model whose drift to report"));
         }
-        let version = router::route(&self.repo.get(), &req.model, &req.version).map_err(|e| status::to_status(&e))?;
+        let version = router::route(&self.repo.get(), &req.model, &req.version).map_err(refused)?;
         let mut out = admin_pb::DriftReportResponse {
             model: version.spec.name.clone(),
             version: version.spec.version as i64,
@@ -91,5 +165,55 @@ impl Admin for AdminService {
             }
         }
         Ok(Response::new(out))
+    }
+
+    async fn release_status(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.state(&request.into_inner().model)
+    }
+
+    async fn promote(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.change(request, |r| Ok(Action::Promote(version_number(&r.version)?))).await
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.change(request, |_| Ok(Action::Rollback)).await
+    }
+
+    async fn pause(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.change(request, |r| {
+            let reason = if r.reason.is_empty() { "paused by an admin".to_string() } else { r.reason.clone() };
+            Ok(Action::Pause(reason))
+        })
+        .await
+    }
+
+    async fn resume(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.change(request, |_| Ok(Action::Resume)).await
+    }
+
+    async fn split(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.change(request, |r| {
+            let weights = r.weights.iter().map(|(v, w)| Ok((version_number(v)?, *w))).collect::<Result<_, Status>>()?;
+            Ok(Action::Split(weights))
+        })
+        .await
     }
 }

@@ -40,6 +40,19 @@ fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
     version.parse::<u64>().ok().is_some_and(|v| repo.note(model, Some(v)).is_some())
 }
 
+/// What keeps a request on one side of a canary split: the `routing_key`
+/// parameter, else the request id, else nothing in common with any other
+/// request (a random key).
+fn routing_key(req: &pb::ModelInferRequest) -> Vec<u8> {
+    use pb::infer_parameter::ParameterChoice;
+    match req.parameters.get("routing_key").and_then(|p| p.parameter_choice.as_ref()) {
+        Some(ParameterChoice::StringParam(key)) => key.as_bytes().to_vec(),
+        Some(ParameterChoice::Int64Param(key)) => key.to_le_bytes().to_vec(),
+        _ if !req.id.is_empty() => req.id.as_bytes().to_vec(),
+        _ => rand::random::<[u8; 8]>().to_vec(),
+    }
+}
+
 /// Runs a model-control change (blocking: a load takes seconds) off the
 /// async runtime.
 async fn off_runtime(change: impl FnOnce() -> Result<(), InferError> + Send + 'static) -> Result<(), Status> {
@@ -350,7 +363,7 @@ impl GrpcInferenceService for InferenceService {
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
         };
         let req = request.into_inner();
-        let version = match router::route(&self.repo(), &req.model_name, &req.model_version) {
+        let version = match router::route_infer(&self.repo(), &req.model_name, &req.model_version, &routing_key(&req)) {
             Ok(v) => v,
             // Unknown names are not metric labels: a client could grow the set.
             Err(e) => return Err(status::to_status(&e)),

@@ -1,0 +1,114 @@
+//! `kiln admin`: the release controls of a running server (status,
+//! promote, rollback, pause, resume, split), each an admin call written to
+//! the server's audit log.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use kiln::api::admin_pb::{ReleaseChange, ReleaseState};
+
+use super::{ClientSecurity, emit, status_error};
+
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    #[command(subcommand)]
+    pub action: Action,
+    /// Server address, host:port.
+    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001", global = true)]
+    pub url: String,
+    #[command(flatten)]
+    pub security: ClientSecurity,
+    /// File holding the admin token; also the `KILN_ADMIN_TOKEN`
+    /// environment variable, or an admin's API key.
+    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Why, for the audit log (and, for pause, the answer callers get).
+    #[arg(long, default_value = "", global = true)]
+    pub reason: String,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Action {
+    /// Versions serving, the default, the split, whether paused, who changed it last.
+    Status {
+        model: String,
+    },
+    /// Make VERSION the default for the next request (ends a split).
+    Promote {
+        model: String,
+        version: String,
+    },
+    /// Back to the default before the last promote, else the next lower version.
+    Rollback {
+        model: String,
+    },
+    /// Refuse the model's inference calls (UNAVAILABLE, with --reason).
+    Pause {
+        model: String,
+    },
+    Resume {
+        model: String,
+    },
+    /// Split requests that name no version: `2=90 3=10` (weights); none ends the split.
+    Split {
+        model: String,
+        weights: Vec<String>,
+    },
+}
+
+pub fn run(args: AdminArgs) -> Result<()> {
+    super::current_thread()?.block_on(admin(args))
+}
+
+fn weights(pairs: &[String]) -> Result<HashMap<String, u32>> {
+    let mut out = HashMap::new();
+    for pair in pairs {
+        let Some((version, weight)) = pair.split_once('=') else { bail!("'{pair}': write VERSION=WEIGHT, e.g. 2=90") };
+        let weight: u32 = weight.parse().map_err(|_| anyhow::anyhow!("'{pair}': the weight must be a whole number"))?;
+        out.insert(version.to_string(), weight);
+    }
+    Ok(out)
+}
+
+async fn admin(args: AdminArgs) -> Result<()> {
+    let credentials = super::admin_credentials(&args.security, args.admin_token_file.as_deref())?;
+    let mut client = kiln::client::admin(&args.url, &credentials).await?;
+    let change = |model: &str, version: &str| ReleaseChange {
+        model: model.into(),
+        version: version.into(),
+        reason: args.reason.clone(),
+        weights: HashMap::new(),
+    };
+    let state = match &args.action {
+        Action::Status { model } => client.release_status(change(model, "")).await,
+        Action::Promote { model, version } => client.promote(change(model, version)).await,
+        Action::Rollback { model } => client.rollback(change(model, "")).await,
+        Action::Pause { model } => client.pause(change(model, "")).await,
+        Action::Resume { model } => client.resume(change(model, "")).await,
+        Action::Split { model, weights: w } => {
+            client.split(ReleaseChange { weights: weights(w)?, ..change(model, "") }).await
+        }
+    };
+    emit(&table(&state.map_err(status_error)?.into_inner()));
+    Ok(())
+}
+
+fn table(s: &ReleaseState) -> String {
+    let mut split: Vec<String> = s.split.iter().map(|(v, w)| format!("{v}={w}")).collect();
+    split.sort();
+    let or_none = |t: String| if t.is_empty() { "-".to_string() } else { t };
+    format!(
+        "model     {}\nversions  {}\ndefault   {}{}\nsplit     {}\npaused    {}\nchanged   {}\n",
+        s.model,
+        s.versions.join(", "),
+        s.default_version,
+        if s.promoted.is_empty() { " (the policy's)" } else { " (promoted)" },
+        or_none(split.join(" ")),
+        if s.paused { format!("yes: {}", s.pause_reason) } else { "no".into() },
+        or_none(match s.updated_by.is_empty() {
+            true => String::new(),
+            false => format!("by {} at {} ms since the epoch", s.updated_by, s.updated_ms),
+        }),
+    )
+}
