@@ -18,20 +18,6 @@ use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-/// Writes a `test`-kind model: `y = scale × Σ x` over 3 features.
-fn test_model(repo: &Path, name: &str, scale: f32, section: &str) {
-    let dir = repo.join(name);
-    std::fs::create_dir_all(dir.join("1")).expect("folders");
-    let toml = format!(
-        "kind = \"test\"\nmax_batch_size = 8\nmax_queue_delay_ms = 1\ndefault_timeout_ms = 20000\n\
-         latency_budget_ms = 5000\n\n[test]\n{section}\n\n\
-         [[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\nshape = [-1, 3]\n\n\
-         [[outputs]]\nname = \"y\"\ndatatype = \"FP32\"\nshape = [-1, 1]\n"
-    );
-    std::fs::write(dir.join("model.toml"), toml).expect("model.toml");
-    std::fs::write(dir.join("1/scale.json"), format!("{{\"scale\": {scale}}}")).expect("scale.json");
-}
-
 async fn serve(repo: &Path) -> TestServer {
     TestServer::start(ServeConfig { repository: RepositorySource::Dir(repo.to_path_buf()), ..Default::default() }).await
 }
@@ -56,7 +42,7 @@ async fn model_ready(server: &TestServer, model: &str) -> bool {
 #[tokio::test]
 async fn a_kind_registered_in_one_place_serves_real_answers() {
     let repo = tempfile::tempdir().expect("tempdir");
-    test_model(repo.path(), "t", 2.5, "");
+    common::test_model(repo.path(), "t", 2.5, "", "");
     let server = serve(repo.path()).await;
     let mut client = server.client().await;
     let answer = client.raw.model_infer(request("t", [1.0, 2.0, 4.0])).await.expect("answered").into_inner();
@@ -78,18 +64,18 @@ async fn the_kind_says_which_files_and_section_it_needs() {
         Err(e) => e.to_string(),
     };
     let repo = tempfile::tempdir().expect("tempdir");
-    test_model(repo.path(), "t", 1.0, "");
+    common::test_model(repo.path(), "t", 1.0, "", "");
     std::fs::remove_file(repo.path().join("t/1/scale.json")).expect("remove");
     let err = load(repo.path());
     assert!(err.contains("t/1/scale.json") && err.contains("the test kind needs it"), "{err}");
 
     let repo = tempfile::tempdir().expect("tempdir");
-    test_model(repo.path(), "t", 1.0, "delay = 3");
+    common::test_model(repo.path(), "t", 1.0, "", "delay = 3");
     let err = load(repo.path());
     assert!(err.contains("section `[test]`") && err.contains("delay"), "{err}");
 
     let repo = tempfile::tempdir().expect("tempdir");
-    test_model(repo.path(), "t", 1.0, "");
+    common::test_model(repo.path(), "t", 1.0, "", "");
     let toml = std::fs::read_to_string(repo.path().join("t/model.toml")).expect("read");
     std::fs::write(repo.path().join("t/model.toml"), toml.replace("kind = \"test\"", "kind = \"onnx\"")).expect("w");
     let err = load(repo.path());
@@ -99,7 +85,7 @@ async fn the_kind_says_which_files_and_section_it_needs() {
 #[tokio::test]
 async fn an_executor_that_dies_outside_the_model_guard_is_restarted() {
     let repo = tempfile::tempdir().expect("tempdir");
-    test_model(repo.path(), "t", 1.0, "break_on = 777.0");
+    common::test_model(repo.path(), "t", 1.0, "", "break_on = 777.0");
     let server = serve(repo.path()).await;
     let mut client = server.client().await;
     // The test backend answers 777 with an output shorter than its shape:
@@ -120,8 +106,8 @@ async fn a_dead_scheduler_turns_its_version_not_serving_and_answers_its_queue() 
     let repo = tempfile::tempdir().expect("tempdir");
     // One request per batch, each taking 400 ms: the first computes while
     // the rest queue behind it.
-    test_model(repo.path(), "slow", 1.0, "delay_ms = 400");
-    test_model(repo.path(), "other", 3.0, "");
+    common::test_model(repo.path(), "slow", 1.0, "", "delay_ms = 400");
+    common::test_model(repo.path(), "other", 3.0, "", "");
     let toml = std::fs::read_to_string(repo.path().join("slow/model.toml")).expect("read");
     std::fs::write(repo.path().join("slow/model.toml"), toml.replace("max_batch_size = 8", "max_batch_size = 1"))
         .expect("write");

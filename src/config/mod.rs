@@ -13,7 +13,7 @@ pub use crate::model::candle::bert::{BertSection, Pooling, TEXT_BYTES_PER_TOKEN}
 pub use crate::model::candle::mlp::{Activation, MlpSection};
 pub use crate::monitor::drift::config::{DriftSection, ReferenceSource};
 pub use limits::{LimitsConfig, MAX_DURATION_MS};
-pub use model::{DeviceChoice, FeatureToml, ModelToml, TensorToml};
+pub use model::{DeviceChoice, FallbackToml, FeatureToml, ModelToml, TensorToml};
 pub use server::{
     AuthConfig, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_REPOSITORY_POLL, InputLogMode, MAX_MESSAGE_BYTES_LIMIT,
     MIN_ADMIN_TOKEN_CHARS, ModelControl, RepositorySource, RequestLogConfig, ServeConfig, ServerFile, TenantConfig,

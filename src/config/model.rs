@@ -34,6 +34,19 @@ pub struct TensorToml {
     pub features: Vec<FeatureToml>,
 }
 
+/// `fallback`: what answers when this model cannot (paused, unhealthy, or
+/// with `fallback_on_deadline`, too slow for the deadline).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackToml {
+    /// Another model (its `version`, or its default).
+    pub model: Option<String>,
+    /// A version (of `model`, or of this model).
+    pub version: Option<u64>,
+    /// A fixed answer instead: every declared output's values for one row.
+    pub answer: Option<std::collections::BTreeMap<String, Vec<f64>>>,
+}
+
 /// `model.toml`: a model's kind, interface and serving settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +101,12 @@ pub struct ModelToml {
     pub default_priority: Option<u32>,
     pub inputs: Vec<TensorToml>,
     pub outputs: Vec<TensorToml>,
+    /// What answers when this model cannot.
+    pub fallback: Option<FallbackToml>,
+    /// Send a request whose deadline the model cannot meet to the fallback
+    /// (when the fallback can) instead of answering DEADLINE_EXCEEDED.
+    #[serde(default)]
+    pub fallback_on_deadline: bool,
     /// Drift monitoring: reference, windows and thresholds.
     #[serde(default)]
     pub drift: DriftSection,
@@ -197,6 +216,7 @@ impl ModelToml {
             return Err(format!("field `default_priority`: {p} is not a level in 1..={}", self.priority_levels));
         }
         self.drift.check()?;
+        self.check_fallback()?;
         if self.inputs.is_empty() {
             return Err("field `inputs`: a model needs at least one input".into());
         }
@@ -212,6 +232,42 @@ impl ModelToml {
             }
         }
         Ok(())
+    }
+
+    fn check_fallback(&self) -> Result<(), String> {
+        let Some(f) = &self.fallback else {
+            return match self.fallback_on_deadline {
+                true => Err("field `fallback_on_deadline`: needs a `fallback`".into()),
+                false => Ok(()),
+            };
+        };
+        match (&f.answer, f.model.is_some() || f.version.is_some()) {
+            (Some(_), true) => Err("field `fallback`: name a model/version or give an `answer`, not both".into()),
+            (None, false) => Err("field `fallback`: name a `model`, a `version`, or give an `answer`".into()),
+            (None, true) => Ok(()),
+            (Some(answer), false) => {
+                for name in answer.keys() {
+                    if !self.outputs.iter().any(|o| &o.name == name) {
+                        return Err(format!("field `fallback.answer.{name}`: not a declared output"));
+                    }
+                }
+                for o in &self.outputs {
+                    let width: i64 = o.shape.iter().skip(1).product();
+                    let given = answer.get(&o.name).map(Vec::len);
+                    if o.datatype == "BYTES" || o.shape.iter().skip(1).any(|d| *d < 1) {
+                        return Err(format!("field `fallback.answer`: output `{}` has no fixed numeric shape", o.name));
+                    }
+                    if given != Some(width as usize) {
+                        return Err(format!(
+                            "field `fallback.answer.{}`: needs {width} values (one row), got {}",
+                            o.name,
+                            given.map_or("none".to_string(), |n| n.to_string())
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The most units one batch may hold: padded tokens for text models,

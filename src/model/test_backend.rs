@@ -7,7 +7,8 @@
 //! out), `scale` read from `scale.json` in the version folder. Its
 //! `[test]` section can slow every batch (`delay_ms`) or, for a row holding
 //! `break_on`, return an output shorter than its shape claims: splitting it
-//! then panics in the executor, outside the backend's guard.
+//! then panics in the executor, outside the backend's guard; a batch
+//! holding `fail_on` fails with the model's own error.
 
 use serde::Deserialize;
 
@@ -35,6 +36,8 @@ pub struct TestSection {
     pub delay_ms: u64,
     /// A row holding this value gets a malformed output.
     pub break_on: Option<f32>,
+    /// A batch holding this value fails (the model's own error).
+    pub fail_on: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +74,11 @@ impl Backend for TestBackend {
             return Err(ModelError::Compute("input is not FP32".into()));
         };
         std::thread::sleep(std::time::Duration::from_millis(self.section.delay_ms));
+        if let Some(bad) = self.section.fail_on
+            && values.contains(&bad)
+        {
+            return Err(ModelError::Compute(format!("fail_on {bad} (test kind)")));
+        }
         let rows = input.rows();
         let mut out: Vec<f32> = values.chunks(self.width).map(|row| self.scale * row.iter().sum::<f32>()).collect();
         if let Some(bad) = self.section.break_on

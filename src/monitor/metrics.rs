@@ -38,6 +38,8 @@ pub const MODEL_READY: &str = "kiln_model_ready";
 /// Always 1; its `version` label is Kiln's version.
 /// Repository changes applied or refused, by model, action and outcome.
 pub const MODEL_CHANGES: &str = "kiln_model_changes_total";
+/// Requests answered by a model's fallback (answers only), by model and reason.
+pub const FALLBACK_TOTAL: &str = "kiln_fallback_total";
 /// Admin actions, by action and outcome.
 pub const ADMIN_ACTIONS: &str = "kiln_admin_actions_total";
 pub const BUILD_INFO: &str = "kiln_build_info";

@@ -9,6 +9,7 @@
 //! ([`Answer`]), settling the tenant's budget whatever happens.
 
 pub mod admission;
+pub mod fallback;
 pub mod params;
 pub mod router;
 pub mod validate;

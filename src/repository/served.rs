@@ -25,6 +25,9 @@ pub struct ServedVersion {
     pub stats: Arc<VersionStats>,
     pub metrics: VersionMetrics,
     pub drift: Arc<DriftHandle>,
+    /// Trips after consecutive model failures: its requests then go to
+    /// the model's fallback for a while.
+    pub breaker: Arc<crate::pipeline::fallback::Breaker>,
     /// Which load of this version it is: its threads' names end in
     /// `#generation`, so unloading it joins its threads and not those of
     /// the copy that replaced it.

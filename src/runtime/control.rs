@@ -464,6 +464,22 @@ impl Runtime {
             }
         };
 
+        // A new config's fallback must serve, fit and make no cycle.
+        if config_changed && config.fallback.is_some() {
+            let newest = wanted.last().copied();
+            let spec = newest.and_then(|v| {
+                loaded.get(&v).map(|l| l.spec.clone()).or_else(|| served_version(v).map(|s| s.spec.clone()))
+            });
+            if let Some(spec) = spec
+                && let Err(reason) = crate::pipeline::fallback::check(&self.repo.get(), name, &config, &spec)
+            {
+                self.refuse_config(name, &mut applied, &scan, &mut change, served.is_some(), reason);
+                let problems = change.problems.clone();
+                self.publish(name, served, change.notes);
+                state.models.insert(name.to_string(), applied);
+                return problems;
+            }
+        }
         let release = self.release_state(name, &scan, served.as_ref(), &mut applied, &mut change, &old_notes);
 
         // Start what loaded, then swap: from here new requests route to

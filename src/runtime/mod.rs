@@ -216,6 +216,7 @@ impl Runtime {
                 stats,
                 metrics,
                 drift,
+                breaker: Default::default(),
                 generation,
             })
         })();

@@ -85,6 +85,7 @@ pub async fn serve(
     .await??;
     let (loaded, options) = loaded;
     let runtime = Arc::new(Runtime::start(loaded, config.request_log.as_ref(), Threads::default(), options)?);
+    check_fallbacks(&runtime.repo.get())?;
     runtime.watch_repository(config.repository_poll)?;
     tracing::info!(
         mode = ?runtime.control_mode(),
@@ -208,6 +209,17 @@ pub async fn serve(
     }
     if let Some(task) = metrics_task {
         let _ = task.await;
+    }
+    Ok(())
+}
+
+/// Every model's fallback serves, fits and makes no cycle: a start-up
+/// error naming the model's file otherwise.
+fn check_fallbacks(repo: &repository::Repository) -> Result<(), ServeError> {
+    for model in repo.models.values() {
+        let Some(version) = model.versions.get(&model.default_version) else { continue };
+        crate::pipeline::fallback::check(repo, &model.name, &model.config, &version.spec)
+            .map_err(|m| crate::config::ConfigError::new(format!("{}/model.toml", model.name), m))?;
     }
     Ok(())
 }

@@ -295,3 +295,18 @@ impl CapturedLog {
         self.text().lines().filter(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string).collect()
     }
 }
+
+/// Writes a `test`-kind model (`y = scale × Σ x` over 3 features) with
+/// `settings` (model.toml lines) and its `[test]` `section`.
+pub fn test_model(repo: &std::path::Path, name: &str, scale: f32, settings: &str, section: &str) {
+    let dir = repo.join(name);
+    std::fs::create_dir_all(dir.join("1")).expect("folders");
+    let toml = format!(
+        "kind = \"test\"\nmax_batch_size = 8\nmax_queue_delay_ms = 1\ndefault_timeout_ms = 20000\n\
+         latency_budget_ms = 5000\n{settings}\n\n[test]\n{section}\n\n\
+         [[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\nshape = [-1, 3]\n\n\
+         [[outputs]]\nname = \"y\"\ndatatype = \"FP32\"\nshape = [-1, 1]\n"
+    );
+    std::fs::write(dir.join("model.toml"), toml).expect("model.toml");
+    std::fs::write(dir.join("1/scale.json"), format!("{{\"scale\": {scale}}}")).expect("scale.json");
+}

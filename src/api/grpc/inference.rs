@@ -13,9 +13,11 @@ use super::{decode, encode};
 use crate::api::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use crate::api::status;
 use crate::error::InferError;
+use crate::monitor::metrics::FALLBACK_TOTAL;
 use crate::monitor::stats::{DurationStat, VersionStats};
+use crate::pipeline::fallback;
 use crate::pipeline::{Call, Pipeline, router};
-use crate::repository::{Repository, ServedVersion, VersionState};
+use crate::repository::{Repository, ServedModel, ServedVersion, VersionState};
 use crate::runtime::Runtime;
 use crate::security::Caller;
 
@@ -38,6 +40,35 @@ fn admin<T>(request: &Request<T>) -> String {
 /// serving it.
 fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
     version.parse::<u64>().ok().is_some_and(|v| repo.note(model, Some(v)).is_some())
+}
+
+/// Counts a request's answer on the version that gave it and turns it
+/// into the call's answer.
+fn finish(
+    version: &ServedVersion,
+    call: &CallContext,
+    result: Result<pb::ModelInferResponse, InferError>,
+) -> Result<Response<pb::ModelInferResponse>, Status> {
+    let elapsed = call.received.elapsed();
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => status::code(e),
+    };
+    version.metrics.requests(status::code_name(code)).increment(1);
+    version.metrics.request_duration.record(elapsed.as_secs_f64());
+    match result {
+        Ok(response) => {
+            version.stats.success.add(1, elapsed);
+            Ok(Response::new(response))
+        }
+        Err(e) => {
+            version.stats.fail.add(1, elapsed);
+            if let Some(reason) = e.rejection_reason() {
+                version.metrics.rejected(reason).increment(1);
+            }
+            Err(status::to_status(&e))
+        }
+    }
 }
 
 /// What keeps a request on one side of a canary split: the `routing_key`
@@ -106,6 +137,46 @@ impl InferenceService {
 
     fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
         router::route(&self.repo(), name, version).map_err(|e| status::to_status(&e))
+    }
+
+    /// Answers with `model`'s fallback because `primary` cannot (`reason`
+    /// labels the count, `why` goes in the `fallback` response
+    /// parameter). An error when no fallback can answer either.
+    #[allow(clippy::too_many_arguments)]
+    async fn fall_back(
+        &self,
+        repo: &Repository,
+        model: &ServedModel,
+        primary: &ServedVersion,
+        req: &pb::ModelInferRequest,
+        call: &CallContext,
+        reason: &'static str,
+        why: String,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let target = fallback::resolve(repo, model, &primary.spec)
+            .map_err(|m| Status::unavailable(format!("{why}; the fallback cannot answer: {m}")))?;
+        let note = pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(format!("{reason}: {why}"))),
+        };
+        let mut response = match target {
+            fallback::Target::Version(version) => {
+                let result = self.infer(req, &version, call).await;
+                version.breaker.record(&result);
+                finish(&version, call, result)?
+            }
+            fallback::Target::Answer(answer) => {
+                let decoded = decode::decode(req, &primary.spec, primary.config.max_batch_size);
+                let result = decoded.map(|d| {
+                    let computed = fallback::fixed_answer(answer, &primary.spec, &d.outputs, d.rows);
+                    let server_us = call.received.elapsed().as_micros() as u64;
+                    encode::infer_response(d.id, &primary.spec, &d.outputs, computed, server_us)
+                });
+                finish(primary, call, result)?
+            }
+        };
+        response.get_mut().parameters.insert("fallback".into(), note);
+        metrics::counter!(FALLBACK_TOTAL, "model" => model.name.clone(), "reason" => reason).increment(1);
+        Ok(response)
     }
 
     /// Decodes the V2 message and runs it through the pipeline.
@@ -363,31 +434,34 @@ impl GrpcInferenceService for InferenceService {
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
         };
         let req = request.into_inner();
-        let version = match router::route_infer(&self.repo(), &req.model_name, &req.model_version, &routing_key(&req)) {
-            Ok(v) => v,
+        let repo = self.repo();
+        let routed = router::route_infer(&repo, &req.model_name, &req.model_version, &routing_key(&req));
+        let fallback = repo.models.get(&req.model_name).filter(|m| m.config.fallback.is_some());
+        let version = match (routed, fallback) {
+            (Ok(version), Some(model)) => match version.breaker.tripped() {
+                Some(why) => return self.fall_back(&repo, model, &version, &req, &call, "unhealthy", why).await,
+                None => version,
+            },
+            (Ok(version), None) => version,
+            (Err(e), Some(model)) if model.release.paused.is_some() => {
+                let Some(primary) = model.versions.get(&model.default_version) else {
+                    return Err(status::to_status(&e));
+                };
+                return self.fall_back(&repo, model, primary, &req, &call, "paused", e.to_string()).await;
+            }
             // Unknown names are not metric labels: a client could grow the set.
-            Err(e) => return Err(status::to_status(&e)),
+            (Err(e), _) => return Err(status::to_status(&e)),
         };
         let result = self.infer(&req, &version, &call).await;
-        let elapsed = call.received.elapsed();
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(e) => status::code(e),
-        };
-        version.metrics.requests(status::code_name(code)).increment(1);
-        version.metrics.request_duration.record(elapsed.as_secs_f64());
-        match result {
-            Ok(response) => {
-                version.stats.success.add(1, elapsed);
-                Ok(Response::new(response))
-            }
-            Err(e) => {
-                version.stats.fail.add(1, elapsed);
-                if let Some(reason) = e.rejection_reason() {
-                    version.metrics.rejected(reason).increment(1);
-                }
-                Err(status::to_status(&e))
+        version.breaker.record(&result);
+        if let (Err(e @ InferError::DeadlineUnmeetable(_)), Some(model)) = (&result, fallback)
+            && model.config.fallback_on_deadline
+        {
+            let why = e.to_string();
+            if let Ok(answer) = self.fall_back(&repo, model, &version, &req, &call, "deadline", why).await {
+                return Ok(answer);
             }
         }
+        finish(&version, &call, result)
     }
 }
