@@ -39,9 +39,16 @@ fn monitor_costs(c: &mut Criterion) {
     let reference = version.reference.clone().expect("the risk model ships a reference");
     let rows = training_rows();
     let threads = Threads::default();
-    let drift =
-        DriftHandle::start("risk", 1, layout.clone(), &DriftSection::default(), Some(reference.clone()), &threads)
-            .expect("drift thread starts");
+    let drift = DriftHandle::start(
+        "risk",
+        1,
+        layout.clone(),
+        &DriftSection::default(),
+        Some(reference.clone()),
+        &threads,
+        None,
+    )
+    .expect("drift thread starts");
     let mut window = Window::new(reference, layout.clone(), WindowSettings::from(&DriftSection::default()));
     let dir = tempfile::tempdir().expect("temp dir");
     let log = RequestLog::start(

@@ -58,6 +58,10 @@ fn training_rows() -> Vec<Vec<f32>> {
 /// Sends `count` single-row requests drawn (with replacement) from the
 /// training rows, `area_mean` multiplied by `scale`, from 8 clients.
 async fn send_rows(server: &TestServer, count: usize, scale: f32, seed: u64) {
+    send_rows_to(server, "risk", count, scale, seed).await
+}
+
+async fn send_rows_to(server: &TestServer, model: &str, count: usize, scale: f32, seed: u64) {
     let rows = training_rows();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let picked: Vec<Vec<f32>> = (0..count)
@@ -69,10 +73,10 @@ async fn send_rows(server: &TestServer, count: usize, scale: f32, seed: u64) {
         .collect();
     let mut tasks = Vec::new();
     for chunk in picked.chunks(count.div_ceil(8)) {
-        let (chunk, mut c) = (chunk.to_vec(), server.client().await);
+        let (chunk, mut c, model) = (chunk.to_vec(), server.client().await, model.to_string());
         tasks.push(tokio::spawn(async move {
             for row in chunk {
-                c.infer_fp32("risk", "features", &[row]).await.expect("risk answers");
+                c.infer_fp32(&model, "features", &[row]).await.expect("the model answers");
             }
         }));
     }
@@ -285,7 +289,10 @@ async fn request_log_holds_sampled_requests(server: &TestServer, path: &Path) {
     panic!("the request never reached {}", path.display());
 }
 
-/// The README's metrics table: name → (type, labels).
+/// The README's metrics table: name → (type, labels). Rows whose text
+/// says "from the first" are series that appear with their first event
+/// (an admin action, a fallback answer): they must be catalogued when
+/// exported, and are not required before.
 fn catalogue() -> BTreeMap<String, (String, Vec<String>)> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
     let section = readme.split("\n## Metrics").nth(1).expect("a Metrics section").split("\n## ").next().expect("text");
@@ -295,7 +302,11 @@ fn catalogue() -> BTreeMap<String, (String, Vec<String>)> {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
             let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
             let labels = cells[3].split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "—").map(String::from);
-            Some((name.to_string(), (cells[2].to_string(), labels.collect())))
+            let kind = match cells.get(4).is_some_and(|what| what.contains("from the first")) {
+                true => format!("{} (optional)", cells[2]),
+                false => cells[2].to_string(),
+            };
+            Some((name.to_string(), (kind, labels.collect())))
         })
         .collect()
 }
@@ -311,7 +322,15 @@ fn metrics_match_the_readme_catalogue(text: &str) {
         }
     }
     for (name, (kind, labels)) in &catalogue {
-        assert_eq!(types.get(name.as_str()).copied(), Some(kind.as_str()), "{name}: type in /metrics");
+        let kind = match kind.strip_suffix(" (optional)") {
+            Some(_) if !types.contains_key(name.as_str()) => {
+                assert!(!text.contains(&format!("{name}{{")), "{name} exported without a type");
+                continue;
+            }
+            Some(k) => k,
+            None => kind.as_str(),
+        };
+        assert_eq!(types.get(name.as_str()).copied(), Some(kind), "{name}: type in /metrics");
         let series = if kind == "histogram" { format!("{name}_bucket") } else { name.clone() };
         let lines: Vec<&str> = text
             .lines()
@@ -326,8 +345,61 @@ fn metrics_match_the_readme_catalogue(text: &str) {
         let series = l.split(['{', ' ']).next().expect("a name");
         let base = ["_bucket", "_sum", "_count"]
             .iter()
-            .find_map(|s| series.strip_suffix(s).filter(|b| catalogue.get(*b).is_some_and(|(k, _)| k == "histogram")))
+            .find_map(|s| {
+                series.strip_suffix(s).filter(|b| catalogue.get(*b).is_some_and(|(k, _)| k.starts_with("histogram")))
+            })
             .unwrap_or(series);
         assert!(catalogue.contains_key(base), "{series} is exported but not in the README catalogue");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alert_with_on_alert_fallback_switches_the_model_to_its_fallback() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/risk");
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Not named risk: the other test counts its log lines by model name.
+    let risk = dir.path().join("guarded");
+    std::fs::create_dir_all(risk.join("1")).expect("mkdir");
+    let toml = std::fs::read_to_string(root.join("model.toml")).expect("risk model.toml");
+    let drift = "\n[drift]\nwindow_seconds = 60\nwindow_intervals = 120\nmin_samples = 500\nhysteresis = 2\n\
+                 on_alert = \"fallback\"\n";
+    let fallback = "fallback = { answer = { probability = [0.5] } }\n";
+    std::fs::write(risk.join("model.toml"), format!("{fallback}{toml}{drift}")).expect("write");
+    for file in ["model.safetensors", "reference.json"] {
+        std::fs::copy(root.join("1").join(file), risk.join("1").join(file)).expect("copy risk files");
+    }
+    let server = TestServer::start(ServeConfig {
+        repository: RepositorySource::Dir(dir.path().to_path_buf()),
+        admin_token: Some(TOKEN.into()),
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut c: Client = server.client().await;
+    let row = training_rows()[0].clone();
+    let direct = c.infer_fp32("guarded", "features", std::slice::from_ref(&row)).await.expect("served");
+    assert!(!direct.parameters.contains_key("fallback"));
+
+    send_rows_to(&server, "guarded", 600, 1.0, 1).await;
+    let mut switched = None;
+    for round in 0..60 {
+        send_rows_to(&server, "guarded", 200, 3.0, 10 + round).await;
+        let r = c.infer_fp32("guarded", "features", std::slice::from_ref(&row)).await.expect("answered");
+        if r.parameters.contains_key("fallback") {
+            switched = Some(r);
+            break;
+        }
+    }
+    let r = switched.expect("the drift alert switched the model to its fallback");
+    let probability = f32::from_le_bytes(r.raw_output_contents[0][..4].try_into().expect("one FP32"));
+    assert_eq!(probability, 0.5, "the fixed fallback answer");
+    let mut admin_client = client::admin(&server.addr.to_string(), &admin(Some(TOKEN))).await.expect("admin");
+    let change = kiln::api::admin_pb::ReleaseChange { model: "guarded".into(), ..Default::default() };
+    let state = admin_client.release_status(change.clone()).await.expect("status").into_inner();
+    assert!(state.paused && state.pause_reason.contains("drift alert on"), "{state:?}");
+    assert_eq!(state.updated_by, "the drift monitor");
+    // Resuming is the operator's decision.
+    admin_client.resume(change).await.expect("resume");
+    let r = c.infer_fp32("guarded", "features", std::slice::from_ref(&row)).await.expect("served");
+    assert!(!r.parameters.contains_key("fallback"), "resumed: the model answers again");
+    server.stop().await.expect("clean stop");
 }

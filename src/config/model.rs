@@ -217,6 +217,9 @@ impl ModelToml {
         }
         self.drift.check()?;
         self.check_fallback()?;
+        if self.drift.on_alert == crate::monitor::drift::config::OnAlert::Fallback && self.fallback.is_none() {
+            return Err("field `drift.on_alert`: \"fallback\" needs a `fallback`".into());
+        }
         if self.inputs.is_empty() {
             return Err("field `inputs`: a model needs at least one input".into());
         }

@@ -656,6 +656,73 @@ impl Runtime {
         Ok((before, next))
     }
 
+    /// Starts the thread that acts on drift alerts of models whose
+    /// `[drift] on_alert` says so: the model is paused (its fallback, when
+    /// it has one, answers), logged and written to `audit`. Resuming is an
+    /// operator's decision.
+    pub fn act_on_drift(self: &Arc<Self>, audit: Arc<crate::monitor::audit::AuditLog>) -> std::io::Result<()> {
+        let taken = self.alert_rx.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(alerts) = taken else { return Ok(()) };
+        let runtime = self.clone();
+        self.threads.spawn("kiln-drift-actions", move || {
+            loop {
+                match alerts.recv_timeout(STEP * 20) {
+                    Ok(alert) => runtime.on_drift_alert(&alert, &audit),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                if runtime.lock().stopped {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn on_drift_alert(
+        self: &Arc<Self>,
+        alert: &crate::monitor::drift::DriftAlert,
+        audit: &crate::monitor::audit::AuditLog,
+    ) {
+        let repo = self.repo.get();
+        let Some(model) = repo.models.get(&alert.model) else { return };
+        let on_alert = model.config.drift.on_alert;
+        if on_alert == crate::monitor::drift::config::OnAlert::None || model.release.paused.is_some() {
+            return;
+        }
+        drop(repo);
+        let how = if on_alert == crate::monitor::drift::config::OnAlert::Fallback { "fallback" } else { "pause" };
+        let reason = format!(
+            "drift alert on {} of version {} (value {:.3}); on_alert = {how}",
+            alert.feature, alert.version, alert.value
+        );
+        let who = "the drift monitor";
+        let done = self.release(&alert.model, &Action::Pause(reason.clone()), who);
+        let outcome = match &done {
+            Ok(_) => {
+                tracing::warn!(model = %alert.model, %reason, "drift alert acted on: model paused until an admin resumes it");
+                "ok".to_string()
+            }
+            Err(e) => {
+                tracing::error!(model = %alert.model, error = %e, "drift alert not acted on");
+                e.to_string()
+            }
+        };
+        let (before, after) = match &done {
+            Ok((before, after)) => (Some(before), Some(after)),
+            Err(_) => (None, None),
+        };
+        audit.record(&crate::monitor::audit::Entry {
+            time_ms: crate::monitor::unix_ms(),
+            who,
+            action: "pause",
+            model: &alert.model,
+            reason: &reason,
+            outcome: &outcome,
+            before,
+            after,
+        });
+    }
+
     /// Refuses a `model.toml` change: logged, counted, noted on the model;
     /// the settings loaded before keep serving.
     fn refuse_config(

@@ -34,6 +34,10 @@ pub struct Runtime {
     log: Option<Arc<RequestLog>>,
     options: RuntimeOptions,
     control: std::sync::Mutex<control::ControlState>,
+    /// Drift alerts of versions whose `on_alert` acts, and their receiver
+    /// until [`Runtime::act_on_drift`] takes it.
+    alerts: std::sync::mpsc::Sender<crate::monitor::drift::DriftAlert>,
+    alert_rx: std::sync::Mutex<Option<std::sync::mpsc::Receiver<crate::monitor::drift::DriftAlert>>>,
 }
 
 /// What the runtime needs beyond the loaded models.
@@ -104,12 +108,15 @@ impl Runtime {
             )),
             None => None,
         };
+        let (alerts, alert_rx) = std::sync::mpsc::channel();
         let runtime = Self {
             repo: Arc::new(LiveRepository::new(Repository::default())),
             threads,
             log,
             options,
             control: Default::default(),
+            alerts,
+            alert_rx: std::sync::Mutex::new(Some(alert_rx)),
         };
         let mut repo = Repository::default();
         let mut state = runtime.lock();
@@ -190,8 +197,17 @@ impl Runtime {
             let stats = stats.unwrap_or_default();
             let metrics = VersionMetrics::new(name, number, config.priority_levels, config.max_batch_units());
             metrics.publish_latency(&v.latency.estimate());
-            let drift =
-                Arc::new(DriftHandle::start(name, number, v.drift_layout, &config.drift, v.reference, &threads)?);
+            let acts = config.drift.on_alert != crate::monitor::drift::config::OnAlert::None;
+            let alerts = acts.then(|| self.alerts.clone());
+            let drift = Arc::new(DriftHandle::start(
+                name,
+                number,
+                v.drift_layout,
+                &config.drift,
+                v.reference,
+                &threads,
+                alerts,
+            )?);
             let observer = BatchObserver {
                 spec: v.spec.clone(),
                 stats: stats.clone(),

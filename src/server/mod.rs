@@ -164,6 +164,7 @@ pub async fn serve(
         monitor::audit::AuditLog::open(config.audit_log.as_deref())
             .map_err(|e| crate::config::ConfigError::new("server config", format!("`audit_log`: {e}")))?,
     );
+    runtime.act_on_drift(audit.clone())?;
     let admin =
         AdminServer::new(AdminService::new(runtime.clone(), audit)).max_decoding_message_size(SMALL_MESSAGE_BYTES);
     let busy_task = tokio::spawn(publish_busy(repo.clone()));

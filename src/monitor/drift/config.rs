@@ -18,12 +18,29 @@ pub enum ReferenceSource {
     Off,
 }
 
+/// What a drift alert does to the model besides logging and exporting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAlert {
+    #[default]
+    None,
+    /// Requests go to the model's `fallback` (the model is paused; with a
+    /// fallback, paused requests are answered by it).
+    Fallback,
+    /// The model is paused: its calls answer UNAVAILABLE, or its fallback.
+    Pause,
+}
+
 /// `[drift]` section: the live windows and when drift warns or alerts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriftSection {
     #[serde(default)]
     pub reference: ReferenceSource,
+    /// What an alert does: `none` (the default), `fallback` or `pause`.
+    /// Resuming is an operator's decision (`kiln admin resume`).
+    #[serde(default)]
+    pub on_alert: OnAlert,
     /// Rows captured when `reference = "auto"`.
     #[serde(default = "crate::config::defaults::auto_samples")]
     pub auto_samples: usize,

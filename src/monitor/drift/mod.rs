@@ -65,6 +65,7 @@ impl DriftHandle {
         config: &DriftSection,
         reference: Option<Reference>,
         threads: &crate::runtime::Threads,
+        alerts: Option<std::sync::mpsc::Sender<DriftAlert>>,
     ) -> std::io::Result<Self> {
         let labels = Labels { model: model.to_string(), version: version.to_string() };
         let dropped = metrics::counter!(names::DRIFT_DROPPED, "model" => labels.model.clone(), "version" => labels.version.clone());
@@ -112,6 +113,7 @@ impl DriftHandle {
                     phase,
                     state: state.clone(),
                     started: Instant::now(),
+                    alerts,
                 };
                 threads.spawn(format!("kiln-drift-{model}-{version}"), move || task.run(rx))?;
                 Some(tx)
@@ -192,6 +194,17 @@ struct DriftTask {
     phase: Phase,
     state: Arc<Mutex<DriftState>>,
     started: Instant,
+    /// Told of each statistic that reaches alert, when `on_alert` acts.
+    alerts: Option<std::sync::mpsc::Sender<DriftAlert>>,
+}
+
+/// A statistic of a version that reached alert.
+#[derive(Debug, Clone)]
+pub struct DriftAlert {
+    pub model: String,
+    pub version: String,
+    pub feature: String,
+    pub value: f64,
 }
 
 impl DriftTask {
@@ -264,6 +277,17 @@ impl DriftTask {
                 publish(&self.labels, &report);
                 for t in &transitions {
                     log_transition(&self.labels, t);
+                    if t.to == window::Level::Alert
+                        && let Some(alerts) = &self.alerts
+                    {
+                        let alert = DriftAlert {
+                            model: self.labels.model.clone(),
+                            version: self.labels.version.clone(),
+                            feature: t.feature.clone(),
+                            value: t.value,
+                        };
+                        let _ = alerts.send(alert);
+                    }
                 }
                 set_state(
                     &self.state,
