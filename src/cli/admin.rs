@@ -108,7 +108,34 @@ fn table(s: &ReleaseState) -> String {
         if s.paused { format!("yes: {}", s.pause_reason) } else { "no".into() },
         or_none(match s.updated_by.is_empty() {
             true => String::new(),
-            false => format!("by {} at {} ms since the epoch", s.updated_by, s.updated_ms),
+            false => format!("by {} at {}", s.updated_by, utc(s.updated_ms)),
         }),
     )
+}
+
+/// Unix milliseconds as `YYYY-MM-DD hh:mm:ss UTC` (the civil calendar from
+/// a day count, after Howard Hinnant's `civil_from_days`).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_reads_unix_milliseconds() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_239_598_836), "2026-12-02 19:26:38 UTC");
+    }
 }
