@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ async fn serve(repo: &Path, audit: &Path) -> TestServer {
 }
 
 fn change(version: &str, reason: &str) -> ReleaseChange {
-    ReleaseChange { model: "risk".into(), version: version.into(), reason: reason.into(), weights: HashMap::new() }
+    ReleaseChange { model: "risk".into(), version: version.into(), reason: reason.into(), ..Default::default() }
 }
 
 /// One row to `risk` with request id `id`; the version that answered.
@@ -157,5 +157,32 @@ async fn promote_split_pause_resume_rollback_under_load_audited_and_kept_across_
     assert!(last.is_none(), "the shared pause was not picked up: {last:?}");
     let index = c.raw.repository_index(pb::RepositoryIndexRequest::default()).await.expect("index").into_inner();
     assert!(index.models.iter().all(|m| m.state == "READY"), "a pause unloads nothing: {index:?}");
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_copies_are_compared_and_never_returned() {
+    let repo = two_versions();
+    let logs = tempfile::tempdir().expect("tempdir");
+    let server = serve(repo.path(), &logs.path().join("audit.log")).await;
+    let credentials = Credentials { tls: None, bearer: Some(ADMIN_TOKEN.into()) };
+    let mut admin = kiln::client::admin(&server.addr.to_string(), &credentials).await.expect("admin client");
+    let on = ReleaseChange { sample: 1.0, max_inflight: 64, ..change("1", "try 1 on real traffic") };
+    let state = admin.shadow(on).await.expect("shadow").into_inner();
+    assert_eq!((state.shadow_version.as_str(), state.shadow_max_inflight), ("1", 64));
+    let mut c = server.client().await;
+    for i in 0..50 {
+        assert_eq!(answered_by(&mut c, &format!("s-{i}")).await.expect("infer"), "2", "the primary answers");
+    }
+    // Version 1 has version 2's weights: every row agrees.
+    server.wait_for_metric("kiln_shadow_rows_compared_total{model=\"risk\",version=\"1\",agree=\"true\"} 50").await;
+    let text = server.metrics_text().await;
+    assert!(!text.contains("agree=\"false\"} 1"), "identical weights never disagree");
+    assert!(
+        text.contains("kiln_shadow_duration_seconds_count{model=\"risk\",version=\"1\"} 50"),
+        "latency of each copy"
+    );
+    let off = admin.shadow(change("", "enough")).await.expect("shadow off").into_inner();
+    assert!(off.shadow_version.is_empty());
     server.stop().await.expect("clean stop");
 }

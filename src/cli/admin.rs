@@ -55,6 +55,18 @@ pub enum Action {
         model: String,
         weights: Vec<String>,
     },
+    /// Copy a share of requests to VERSION (answers compared, never
+    /// returned); without VERSION, stop.
+    Shadow {
+        model: String,
+        version: Option<String>,
+        /// Share of requests copied, in (0, 1].
+        #[arg(long, default_value_t = 1.0)]
+        sample: f64,
+        /// Most copies in flight; beyond it copies are dropped and counted.
+        #[arg(long, default_value_t = 8)]
+        max_inflight: u32,
+    },
 }
 
 pub fn run(args: AdminArgs) -> Result<()> {
@@ -78,7 +90,7 @@ async fn admin(args: AdminArgs) -> Result<()> {
         model: model.into(),
         version: version.into(),
         reason: args.reason.clone(),
-        weights: HashMap::new(),
+        ..Default::default()
     };
     let state = match &args.action {
         Action::Status { model } => client.release_status(change(model, "")).await,
@@ -88,6 +100,12 @@ async fn admin(args: AdminArgs) -> Result<()> {
         Action::Resume { model } => client.resume(change(model, "")).await,
         Action::Split { model, weights: w } => {
             client.split(ReleaseChange { weights: weights(w)?, ..change(model, "") }).await
+        }
+        Action::Shadow { model, version, sample, max_inflight } => {
+            let version = version.as_deref().unwrap_or("");
+            client
+                .shadow(ReleaseChange { sample: *sample, max_inflight: *max_inflight, ..change(model, version) })
+                .await
         }
     };
     emit(&table(&state.map_err(status_error)?.into_inner()));
@@ -99,12 +117,21 @@ fn table(s: &ReleaseState) -> String {
     split.sort();
     let or_none = |t: String| if t.is_empty() { "-".to_string() } else { t };
     format!(
-        "model     {}\nversions  {}\ndefault   {}{}\nsplit     {}\npaused    {}\nchanged   {}\n",
+        "model     {}\nversions  {}\ndefault   {}{}\nsplit     {}\nshadow    {}\npaused    {}\nchanged   {}\n",
         s.model,
         s.versions.join(", "),
         s.default_version,
         if s.promoted.is_empty() { " (the policy's)" } else { " (promoted)" },
         or_none(split.join(" ")),
+        match s.shadow_version.is_empty() {
+            true => "-".to_string(),
+            false => format!(
+                "version {} ({:.0} % of requests, at most {} at once)",
+                s.shadow_version,
+                s.shadow_sample * 100.0,
+                s.shadow_max_inflight
+            ),
+        },
         if s.paused { format!("yes: {}", s.pause_reason) } else { "no".into() },
         or_none(match s.updated_by.is_empty() {
             true => String::new(),

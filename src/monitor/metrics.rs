@@ -40,6 +40,12 @@ pub const MODEL_READY: &str = "kiln_model_ready";
 pub const MODEL_CHANGES: &str = "kiln_model_changes_total";
 /// Requests answered by a model's fallback (answers only), by model and reason.
 pub const FALLBACK_TOTAL: &str = "kiln_fallback_total";
+/// Shadow comparisons: class agreement, cosine distance, shadow latency,
+/// and copies not compared.
+pub const SHADOW_COMPARED: &str = "kiln_shadow_rows_compared_total";
+pub const SHADOW_DISTANCE: &str = "kiln_shadow_cosine_distance";
+pub const SHADOW_DURATION: &str = "kiln_shadow_duration_seconds";
+pub const SHADOW_DROPPED: &str = "kiln_shadow_dropped_total";
 /// Admin actions, by action and outcome.
 pub const ADMIN_ACTIONS: &str = "kiln_admin_actions_total";
 pub const BUILD_INFO: &str = "kiln_build_info";

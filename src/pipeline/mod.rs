@@ -12,6 +12,7 @@ pub mod admission;
 pub mod fallback;
 pub mod params;
 pub mod router;
+pub mod shadow;
 pub mod validate;
 
 use std::sync::Arc;

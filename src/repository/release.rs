@@ -34,11 +34,40 @@ pub struct Release {
     /// Version -> weight for requests that name no version.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub split: BTreeMap<u64, u32>,
+    /// A candidate version that silently gets copies of requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
     /// Who made the last change, and when (Unix ms).
     #[serde(default)]
     pub updated_by: String,
     #[serde(default)]
     pub updated_ms: u64,
+}
+
+/// Shadow traffic: a sampled share of requests copied to `version`, at
+/// most `max_inflight` at once; its answers are compared, never returned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    pub version: u64,
+    /// Share of requests copied, in (0, 1].
+    pub sample: f64,
+    /// Most shadow copies in flight; beyond it copies are dropped.
+    pub max_inflight: u32,
+}
+
+impl Eq for Shadow {}
+
+impl Shadow {
+    fn check(&self) -> Result<(), String> {
+        if !(self.sample > 0.0 && self.sample <= 1.0) {
+            return Err(format!("field `shadow.sample`: a share in (0, 1], got {}", self.sample));
+        }
+        if !(1..=1024).contains(&self.max_inflight) {
+            return Err(format!("field `shadow.max_inflight`: 1 to 1024, got {}", self.max_inflight));
+        }
+        Ok(())
+    }
 }
 
 /// One operator action.
@@ -49,6 +78,8 @@ pub enum Action {
     Pause(String),
     Resume,
     Split(BTreeMap<u64, u32>),
+    /// Starts (or, with `None`, stops) shadow traffic.
+    Shadow(Option<Shadow>),
 }
 
 impl Action {
@@ -60,6 +91,7 @@ impl Action {
             Self::Pause(_) => "pause",
             Self::Resume => "resume",
             Self::Split(_) => "split",
+            Self::Shadow(_) => "shadow",
         }
     }
 }
@@ -69,6 +101,9 @@ impl Release {
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let release: Self = serde_json::from_str(text).map_err(|e| ConfigError::new(file, e.to_string()))?;
         release.check_split().map_err(|m| ConfigError::new(file, m))?;
+        if let Some(shadow) = &release.shadow {
+            shadow.check().map_err(|m| ConfigError::new(file, m))?;
+        }
         Ok(release)
     }
 
@@ -131,6 +166,18 @@ impl Release {
                 }
                 next.split = weights.clone();
                 next.check_split()?;
+            }
+            Action::Shadow(None) => {
+                if next.shadow.take().is_none() {
+                    return Err("no shadow traffic to stop".into());
+                }
+            }
+            Action::Shadow(Some(shadow)) => {
+                if !serving(&shadow.version) {
+                    return Err(format!("version {} is not serving (serving {served:?})", shadow.version));
+                }
+                shadow.check()?;
+                next.shadow = Some(shadow.clone());
             }
         }
         Ok(next)
@@ -195,6 +242,20 @@ mod tests {
         assert!(zero.contains("every weight is 0"), "{zero}");
         let unknown = Release::default().apply(&Action::Split([(9, 1)].into()), &[1], 1).unwrap_err();
         assert!(unknown.contains("version 9"), "{unknown}");
+    }
+
+    #[test]
+    fn shadow_needs_a_served_version_and_bounded_share() {
+        let on = Shadow { version: 2, sample: 0.5, max_inflight: 4 };
+        let r = Release::default().apply(&Action::Shadow(Some(on.clone())), &[1, 2], 1).expect("shadow");
+        assert_eq!(r.shadow, Some(on.clone()));
+        assert!(r.apply(&Action::Shadow(None), &[1, 2], 1).expect("off").shadow.is_none());
+        let bad = Shadow { sample: 0.0, ..on.clone() };
+        assert!(
+            Release::default().apply(&Action::Shadow(Some(bad)), &[1, 2], 1).unwrap_err().contains("shadow.sample")
+        );
+        let gone = Shadow { version: 9, ..on };
+        assert!(Release::default().apply(&Action::Shadow(Some(gone)), &[1, 2], 1).unwrap_err().contains("version 9"));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct ServedVersion {
     /// Trips after consecutive model failures: its requests then go to
     /// the model's fallback for a while.
     pub breaker: Arc<crate::pipeline::fallback::Breaker>,
+    /// Shadow copies this version is computing now (bounded by the
+    /// release state's `max_inflight`).
+    pub shadow_inflight: std::sync::atomic::AtomicU32,
     /// Which load of this version it is: its threads' names end in
     /// `#generation`, so unloading it joins its threads and not those of
     /// the copy that replaced it.

@@ -233,6 +233,7 @@ impl Runtime {
                 metrics,
                 drift,
                 breaker: Default::default(),
+                shadow_inflight: Default::default(),
                 generation,
             })
         })();

@@ -85,6 +85,9 @@ fn release_state(model: &ServedModel) -> admin_pb::ReleaseState {
         split: r.split.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
         updated_by: r.updated_by.clone(),
         updated_ms: r.updated_ms,
+        shadow_version: r.shadow.as_ref().map(|s| s.version.to_string()).unwrap_or_default(),
+        shadow_sample: r.shadow.as_ref().map_or(0.0, |s| s.sample),
+        shadow_max_inflight: r.shadow.as_ref().map_or(0, |s| s.max_inflight),
     }
 }
 
@@ -213,6 +216,24 @@ impl Admin for AdminService {
         self.change(request, |r| {
             let weights = r.weights.iter().map(|(v, w)| Ok((version_number(v)?, *w))).collect::<Result<_, Status>>()?;
             Ok(Action::Split(weights))
+        })
+        .await
+    }
+
+    async fn shadow(
+        &self,
+        request: Request<admin_pb::ReleaseChange>,
+    ) -> Result<Response<admin_pb::ReleaseState>, Status> {
+        self.change(request, |r| {
+            if r.version.is_empty() {
+                return Ok(Action::Shadow(None));
+            }
+            let shadow = crate::repository::release::Shadow {
+                version: version_number(&r.version)?,
+                sample: if r.sample == 0.0 { 1.0 } else { r.sample },
+                max_inflight: if r.max_inflight == 0 { 8 } else { r.max_inflight },
+            };
+            Ok(Action::Shadow(Some(shadow)))
         })
         .await
     }

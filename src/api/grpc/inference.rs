@@ -116,6 +116,7 @@ pub struct InferenceService {
 }
 
 /// Where the call came from, beyond its message.
+#[derive(Clone)]
 struct CallContext {
     received: Instant,
     grpc_deadline: Option<GrpcDeadline>,
@@ -186,22 +187,80 @@ impl InferenceService {
         version: &ServedVersion,
         call: &CallContext,
     ) -> Result<pb::ModelInferResponse, InferError> {
-        let deadline = match call.grpc_deadline {
-            None => None,
-            Some(GrpcDeadline::At(at)) => Some(at),
-            Some(GrpcDeadline::Invalid) => {
-                return Err(InferError::InvalidArgument("metadata 'grpc-timeout': not a valid gRPC timeout".into()));
-            }
-        };
-        let decoded = decode::decode(req, &version.spec, version.config.max_batch_size).inspect_err(|e| {
-            if let InferError::NonFinite { input, column, .. } = e {
-                version.drift.refused_non_finite(*input, *column);
-            }
-        })?;
-        let call = Call { received: call.received, deadline, caller: call.caller.clone(), tenant: call.tenant.clone() };
-        let answer = self.pipeline.infer(version, decoded, &call).await?;
-        Ok(encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us))
+        run(&self.pipeline, req, version, call, false).await
     }
+
+    /// Under shadow traffic, maybe copies the request to the candidate
+    /// version on its own task (lowest priority, bounded in flight); the
+    /// returned sender takes the primary's answer to compare with. Nothing
+    /// the copy does reaches the caller.
+    fn shadow_copy(
+        &self,
+        repo: &Repository,
+        req: &pb::ModelInferRequest,
+        primary: &ServedVersion,
+        call: &CallContext,
+    ) -> Option<tokio::sync::oneshot::Sender<pb::ModelInferResponse>> {
+        let model = repo.models.get(&primary.spec.name)?;
+        let shadow = model.release.shadow.as_ref()?;
+        if shadow.version == primary.spec.version || rand::random::<f64>() >= shadow.sample {
+            return None;
+        }
+        let target = model.versions.get(&shadow.version)?.clone();
+        if target.shadow_inflight.fetch_add(1, Ordering::AcqRel) >= shadow.max_inflight {
+            target.shadow_inflight.fetch_sub(1, Ordering::AcqRel);
+            crate::pipeline::shadow::dropped(&model.name, "inflight");
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<pb::ModelInferResponse>();
+        let (pipeline, req, call) = (self.pipeline.clone(), req.clone(), call.clone());
+        tokio::spawn(async move {
+            let result = run(&pipeline, &req, &target, &call, true).await;
+            let seconds = call.received.elapsed().as_secs_f64();
+            target.shadow_inflight.fetch_sub(1, Ordering::AcqRel);
+            let name = &target.spec.name;
+            match (result, rx.await) {
+                (Ok(answer), Ok(primary)) => {
+                    let comparisons = crate::pipeline::shadow::compare(&primary, &answer);
+                    crate::pipeline::shadow::record(name, target.spec.version, seconds, &comparisons);
+                }
+                (Err(_), _) => crate::pipeline::shadow::dropped(name, "refused"),
+                (Ok(_), Err(_)) => crate::pipeline::shadow::dropped(name, "primary_failed"),
+            }
+        });
+        Some(tx)
+    }
+}
+
+/// Decodes the V2 message against `version` and runs it through the
+/// pipeline; a shadow copy runs at the model's lowest priority.
+async fn run(
+    pipeline: &Pipeline,
+    req: &pb::ModelInferRequest,
+    version: &ServedVersion,
+    call: &CallContext,
+    shadow: bool,
+) -> Result<pb::ModelInferResponse, InferError> {
+    let deadline = match call.grpc_deadline {
+        None => None,
+        Some(GrpcDeadline::At(at)) => Some(at),
+        Some(GrpcDeadline::Invalid) => {
+            return Err(InferError::InvalidArgument("metadata 'grpc-timeout': not a valid gRPC timeout".into()));
+        }
+    };
+    let mut decoded = decode::decode(req, &version.spec, version.config.max_batch_size).inspect_err(|e| {
+        if let InferError::NonFinite { input, column, .. } = e
+            && !shadow
+        {
+            version.drift.refused_non_finite(*input, *column);
+        }
+    })?;
+    if shadow {
+        decoded.params.priority = Some(u64::from(version.config.priority_levels));
+    }
+    let call = Call { received: call.received, deadline, caller: call.caller.clone(), tenant: call.tenant.clone() };
+    let answer = pipeline.infer(version, decoded, &call).await?;
+    Ok(encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us))
 }
 
 fn duration(stat: &DurationStat) -> Option<pb::StatisticDuration> {
@@ -452,8 +511,12 @@ impl GrpcInferenceService for InferenceService {
             // Unknown names are not metric labels: a client could grow the set.
             (Err(e), _) => return Err(status::to_status(&e)),
         };
+        let shadow = self.shadow_copy(&repo, &req, &version, &call);
         let result = self.infer(&req, &version, &call).await;
         version.breaker.record(&result);
+        if let (Some(shadow), Ok(answer)) = (shadow, &result) {
+            let _ = shadow.send(answer.clone());
+        }
         if let (Err(e @ InferError::DeadlineUnmeetable(_)), Some(model)) = (&result, fallback)
             && model.config.fallback_on_deadline
         {
