@@ -2,27 +2,18 @@
 //! promote, rollback, pause, resume, split), each an admin call written to
 //! the server's audit log.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use kiln::api::admin_pb::{ReleaseChange, ReleaseState};
+use std::collections::HashMap;
 
-use super::{ClientSecurity, emit, status_error};
+use super::{emit, status_error};
 
 #[derive(clap::Args)]
 pub struct AdminArgs {
     #[command(subcommand)]
     pub action: Action,
-    /// Server address, host:port.
-    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001", global = true)]
-    pub url: String,
     #[command(flatten)]
-    pub security: ClientSecurity,
-    /// File holding the admin token; also the `KILN_ADMIN_TOKEN`
-    /// environment variable, or an admin's API key.
-    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE", global = true)]
-    pub admin_token_file: Option<PathBuf>,
+    pub target: super::AdminTarget,
     /// Why, for the audit log (and, for pause, the answer callers get).
     #[arg(long, default_value = "", global = true)]
     pub reason: String,
@@ -84,8 +75,8 @@ fn weights(pairs: &[String]) -> Result<HashMap<String, u32>> {
 }
 
 async fn admin(args: AdminArgs) -> Result<()> {
-    let credentials = super::admin_credentials(&args.security, args.admin_token_file.as_deref())?;
-    let mut client = kiln::client::admin(&args.url, &credentials).await?;
+    let credentials = args.target.credentials()?;
+    let mut client = kiln::client::admin(&args.target.url, &credentials).await?;
     let change = |model: &str, version: &str| ReleaseChange {
         model: model.into(),
         version: version.into(),

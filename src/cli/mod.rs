@@ -69,6 +69,27 @@ impl ClientSecurity {
     }
 }
 
+/// The server an operator command talks to, and as whom.
+#[derive(clap::Args)]
+pub struct AdminTarget {
+    /// Server address, host:port.
+    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001", global = true)]
+    pub url: String,
+    #[command(flatten)]
+    pub security: ClientSecurity,
+    /// File holding the admin token; also the `KILN_ADMIN_TOKEN`
+    /// environment variable, or an admin's API key.
+    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl AdminTarget {
+    /// The admin credentials (see [`admin_credentials`]).
+    pub fn credentials(&self) -> anyhow::Result<kiln::client::Credentials> {
+        admin_credentials(&self.security, self.admin_token_file.as_deref())
+    }
+}
+
 /// Credentials for an admin call: the admin token from `token_file`, else
 /// `KILN_ADMIN_TOKEN`, else an admin's API key (--api-key-file,
 /// `KILN_API_KEY`).

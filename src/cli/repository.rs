@@ -2,27 +2,18 @@
 //! version with its state and the reason), and, under explicit model
 //! control, loading and unloading a model (admin calls).
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use kiln::api::pb;
 use kiln::client::Client;
 
-use super::{ClientSecurity, emit, status_error};
+use super::{emit, status_error};
 
 #[derive(clap::Args)]
 pub struct RepositoryArgs {
     #[command(subcommand)]
     pub action: Action,
-    /// Server address, host:port.
-    #[arg(long, env = "KILN_URL", default_value = "127.0.0.1:8001", global = true)]
-    pub url: String,
     #[command(flatten)]
-    pub security: ClientSecurity,
-    /// File holding the admin token (load and unload); also the
-    /// `KILN_ADMIN_TOKEN` environment variable, or an admin's API key.
-    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE", global = true)]
-    pub admin_token_file: Option<PathBuf>,
+    pub target: super::AdminTarget,
 }
 
 #[derive(clap::Subcommand)]
@@ -43,10 +34,10 @@ pub fn run(args: RepositoryArgs) -> Result<()> {
 
 async fn repository(args: RepositoryArgs) -> Result<()> {
     let credentials = match args.action {
-        Action::Index => args.security.credentials(None)?,
-        _ => super::admin_credentials(&args.security, args.admin_token_file.as_deref())?,
+        Action::Index => args.target.security.credentials(None)?,
+        _ => args.target.credentials()?,
     };
-    let mut client = Client::connect_with(&args.url, &credentials).await?;
+    let mut client = Client::connect_with(&args.target.url, &credentials).await?;
     match &args.action {
         Action::Index => {
             let index = client.raw.repository_index(pb::RepositoryIndexRequest::default()).await;
