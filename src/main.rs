@@ -34,6 +34,8 @@ enum Command {
     Drift(cli::drift::DriftArgs),
     /// Release controls of a running server: status, promote, rollback, pause, resume, split.
     Admin(cli::admin::AdminArgs),
+    /// Health check of a running server or model: exit code 0 when SERVING (container healthchecks).
+    Health(cli::health::HealthArgs),
     /// A running server's model repository: index, load, unload.
     Repository(cli::repository::RepositoryArgs),
     /// Make API keys for the keys file.
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(args) => cli::profile::run(args),
         Command::Drift(args) => cli::drift::run(args),
         Command::Admin(args) => cli::admin::run(args),
+        Command::Health(args) => cli::health::run(args),
         Command::Repository(args) => cli::repository::run(args),
         Command::Keys(args) => cli::keys::run(args),
         Command::Certs(args) => cli::certs::run(args),

@@ -315,10 +315,30 @@ async fn health_follows_unload_and_load() {
     let unload = pb::RepositoryModelUnloadRequest { model_name: "risk".into(), ..Default::default() };
     c.raw.repository_model_unload(unload).await.expect("unload");
     health_becomes(&server, ServingStatus::NotServing).await;
+    let (model_check, server_check) = tokio::task::block_in_place(|| {
+        (kiln_health(&server.addr.to_string(), &["--model", "risk"]), kiln_health(&server.addr.to_string(), &[]))
+    });
+    assert_eq!(model_check.status.code(), Some(1), "{model_check:?}");
+    assert!(String::from_utf8_lossy(&model_check.stdout).contains("model risk at"), "{model_check:?}");
+    assert!(String::from_utf8_lossy(&model_check.stdout).contains("NOT_SERVING"), "{model_check:?}");
+    assert!(server_check.status.success(), "the server itself still serves: {server_check:?}");
     let ready = c.raw.model_ready(pb::ModelReadyRequest { name: "risk".into(), version: String::new() }).await;
     assert!(!ready.expect("a known model answers ModelReady").into_inner().ready);
     let load = pb::RepositoryModelLoadRequest { model_name: "risk".into(), ..Default::default() };
     c.raw.repository_model_load(load).await.expect("load");
     health_becomes(&server, ServingStatus::Serving).await;
+    let addr = server.addr.to_string();
+    let model_check = tokio::task::block_in_place(|| kiln_health(&addr, &["--model", "risk"]));
+    assert!(model_check.status.success() && String::from_utf8_lossy(&model_check.stdout).contains("SERVING"));
     server.stop().await.expect("clean stop");
+    let gone = tokio::task::block_in_place(|| kiln_health(&addr, &["--timeout", "2"]));
+    assert_eq!(gone.status.code(), Some(1), "a stopped server is not healthy: {gone:?}");
+    assert!(String::from_utf8_lossy(&gone.stdout).contains("no answer"), "{gone:?}");
+}
+
+/// `kiln health --url ADDR ARGS` (the container healthcheck).
+fn kiln_health(addr: &str, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command.args(["health", "--url", addr]).args(args).env_remove("KILN_API_KEY").env_remove("KILN_API_KEY_FILE");
+    command.output().expect("run kiln health")
 }

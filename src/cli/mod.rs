@@ -6,6 +6,7 @@ pub mod admin;
 pub mod bench;
 pub mod certs;
 pub mod drift;
+pub mod health;
 pub mod infer;
 pub mod keys;
 pub mod plan;

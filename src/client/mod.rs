@@ -246,3 +246,17 @@ pub async fn admin(
     let bearer = Bearer::new(credentials.bearer.as_ref())?;
     Ok(crate::api::admin_pb::admin_client::AdminClient::with_interceptor(channel, bearer))
 }
+
+/// The gRPC health status of `service` ("" for the server, or a model
+/// name): `Ok(true)` when SERVING. Health checks need no key.
+pub async fn healthy(
+    url: &str,
+    credentials: &Credentials,
+    service: &str,
+) -> Result<Result<bool, tonic::Status>, ClientError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = secure_channel(url, credentials.tls.as_ref()).await?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+    Ok(client.check(request).await.map(|r| r.into_inner().status == ServingStatus::Serving as i32))
+}
