@@ -598,51 +598,84 @@ mod tests {
         }
     }
 
-    /// Closed-loop clients against a deterministic server driven by the
-    /// policy and the arrival-rate estimate, the clock injected: each client
-    /// sends its next request `think` after its answer. Returns (mean
-    /// latency, answers per second) over `rounds` answers per client.
-    fn closed_loop(policy: BatchPolicy, l: LatencyEstimate, clients: usize, rounds: usize) -> (Duration, f64) {
-        let t0 = Instant::now();
-        let think = 100 * US;
-        let mut rate = super::super::arrivals::ArrivalRate::new(t0);
-        let mut queue: Vec<QueuedView> = (0..clients).map(|_| req(t0, 0, 1000, 1)).collect();
-        let mut next_send: Vec<Instant> = Vec::new();
-        let mut now = t0;
-        let mut busy_until: Option<Instant> = None;
-        let (mut answered, mut total) = (0usize, Duration::ZERO);
-        rate.set_busy(now, true);
-        while answered < clients * rounds {
-            // Arrivals due by now join the queue.
-            next_send.sort();
-            while next_send.first().is_some_and(|t| *t <= now) {
-                let t = next_send.remove(0);
-                let busy = !queue.is_empty() || busy_until.is_some_and(|b| b > t);
-                rate.arrived(t, busy);
-                queue.push(QueuedView { arrival: t, deadline: t + 1000 * MS, rows: 1, longest: 1, units: 1 });
+    /// A deterministic single-executor server driven by the policy and
+    /// the arrival-rate estimate, the clock injected: what the closed- and
+    /// open-loop simulations share.
+    struct Sim {
+        rate: super::super::arrivals::ArrivalRate,
+        queue: Vec<QueuedView>,
+        busy_until: Option<Instant>,
+    }
+
+    impl Sim {
+        fn new(t0: Instant, queue: Vec<QueuedView>) -> Self {
+            Self { rate: super::super::arrivals::ArrivalRate::new(t0), queue, busy_until: None }
+        }
+
+        /// A request arriving at `t` joins the queue.
+        fn arrive(&mut self, t: Instant) {
+            self.rate.arrived(t, !self.queue.is_empty() || self.busy_until.is_some_and(|b| b > t));
+            self.queue.push(QueuedView { arrival: t, deadline: t + 1000 * MS, rows: 1, longest: 1, units: 1 });
+        }
+
+        /// At `now`: the executor frees up when its batch is done and runs
+        /// what the policy says is due, calling `answered(arrival, done)`
+        /// per request. Returns when something next happens, given the
+        /// next arrival `wake`.
+        fn step(
+            &mut self,
+            policy: &BatchPolicy,
+            l: &LatencyEstimate,
+            now: Instant,
+            mut wake: Option<Instant>,
+            mut answered: impl FnMut(Instant, Instant),
+        ) -> Option<Instant> {
+            if self.busy_until.is_some_and(|b| b <= now) {
+                self.busy_until = None;
             }
-            if busy_until.is_some_and(|b| b <= now) {
-                busy_until = None;
-            }
-            let mut wake = next_send.first().copied();
-            if busy_until.is_none() && !queue.is_empty() {
-                match run_if_due(&policy, &l, &mut queue, now, rate.per_second()) {
+            if self.busy_until.is_none() && !self.queue.is_empty() {
+                match run_if_due(policy, l, &mut self.queue, now, self.rate.per_second()) {
                     Free::Ran { done, arrivals } => {
                         for arrival in arrivals {
-                            total += done - arrival;
-                            answered += 1;
-                            next_send.push(done + think);
+                            answered(arrival, done);
                         }
-                        busy_until = Some(done);
+                        self.busy_until = Some(done);
                     }
                     Free::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
                     Free::Idle => {}
                 }
             }
-            if let Some(b) = busy_until {
+            if let Some(b) = self.busy_until {
                 wake = Some(wake.map_or(b, |w| w.min(b)));
             }
-            rate.set_busy(now, busy_until.is_some() || !queue.is_empty());
+            self.rate.set_busy(now, self.busy_until.is_some() || !self.queue.is_empty());
+            wake
+        }
+    }
+
+    /// Closed-loop clients against the simulated server: each client sends
+    /// its next request `think` after its answer. Returns (mean latency,
+    /// answers per second) over `rounds` answers per client.
+    fn closed_loop(policy: BatchPolicy, l: LatencyEstimate, clients: usize, rounds: usize) -> (Duration, f64) {
+        let t0 = Instant::now();
+        let think = 100 * US;
+        let mut sim = Sim::new(t0, (0..clients).map(|_| req(t0, 0, 1000, 1)).collect());
+        let mut next_send: Vec<Instant> = Vec::new();
+        let mut now = t0;
+        let (mut answered, mut total) = (0usize, Duration::ZERO);
+        sim.rate.set_busy(now, true);
+        while answered < clients * rounds {
+            // Arrivals due by now join the queue.
+            next_send.sort();
+            while next_send.first().is_some_and(|t| *t <= now) {
+                sim.arrive(next_send.remove(0));
+            }
+            let first = next_send.first().copied();
+            let wake = sim.step(&policy, &l, now, first, |arrival, done| {
+                total += done - arrival;
+                answered += 1;
+                next_send.push(done + think);
+            });
             now = wake.expect("something is due");
         }
         (total / answered as u32, answered as f64 / (now - t0).as_secs_f64())
@@ -671,43 +704,22 @@ mod tests {
         }
     }
 
-    /// Open-loop arrivals at the given times against a deterministic
-    /// server driven by the policy and the arrival-rate estimate, the clock
-    /// injected. Returns the mean latency (arrival to answer).
+    /// Open-loop arrivals at the given times against the simulated
+    /// server. Returns the mean latency (arrival to answer).
     fn open_loop(policy: BatchPolicy, l: LatencyEstimate, arrivals: &[Instant]) -> Duration {
         let t0 = arrivals[0];
-        let mut rate = super::super::arrivals::ArrivalRate::new(t0);
-        let (mut next, mut queue) = (0usize, Vec::<QueuedView>::new());
-        let (mut now, mut busy_until) = (t0, None::<Instant>);
+        let mut sim = Sim::new(t0, Vec::new());
+        let (mut next, mut now) = (0usize, t0);
         let (mut answered, mut total) = (0usize, Duration::ZERO);
         while answered < arrivals.len() {
             while next < arrivals.len() && arrivals[next] <= now {
-                let t = arrivals[next];
-                rate.arrived(t, !queue.is_empty() || busy_until.is_some_and(|b| b > t));
-                queue.push(QueuedView { arrival: t, deadline: t + 1000 * MS, rows: 1, longest: 1, units: 1 });
+                sim.arrive(arrivals[next]);
                 next += 1;
             }
-            if busy_until.is_some_and(|b| b <= now) {
-                busy_until = None;
-            }
-            let mut wake = arrivals.get(next).copied();
-            if busy_until.is_none() && !queue.is_empty() {
-                match run_if_due(&policy, &l, &mut queue, now, rate.per_second()) {
-                    Free::Ran { done, arrivals } => {
-                        for arrival in arrivals {
-                            total += done - arrival;
-                            answered += 1;
-                        }
-                        busy_until = Some(done);
-                    }
-                    Free::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
-                    Free::Idle => {}
-                }
-            }
-            if let Some(b) = busy_until {
-                wake = Some(wake.map_or(b, |w| w.min(b)));
-            }
-            rate.set_busy(now, busy_until.is_some() || !queue.is_empty());
+            let wake = sim.step(&policy, &l, now, arrivals.get(next).copied(), |arrival, done| {
+                total += done - arrival;
+                answered += 1;
+            });
             match wake {
                 Some(w) => now = w.max(now),
                 None => break,

@@ -409,11 +409,7 @@ impl Runtime {
                     }
                     Err(reason) if config_changed && served.is_some() => {
                         let reason = format!("version {v} does not load with it: {reason}");
-                        self.refuse_config(name, &mut applied, &scan, &mut change, served.is_some(), reason);
-                        let problems = change.problems.clone();
-                        self.publish(name, served, change.notes);
-                        state.models.insert(name.to_string(), applied);
-                        return problems;
+                        return self.refuse_change(&mut state, name, applied, &scan, change, served, reason);
                     }
                     Err(reason) => {
                         tracing::error!(model = name, version = v, error = %reason, "version failed to load: not served");
@@ -439,22 +435,14 @@ impl Runtime {
                 scan.versions.keys().collect::<Vec<_>>()
             );
             if config_changed && served.is_some() {
-                self.refuse_config(name, &mut applied, &scan, &mut change, true, reason);
-                let problems = change.problems.clone();
-                self.publish(name, served, change.notes);
-                state.models.insert(name.to_string(), applied);
-                return problems;
+                return self.refuse_change(&mut state, name, applied, &scan, change, served, reason);
             }
             change.problem(None, VersionState::Unavailable, reason);
         }
         let default_version = match repository::default_version(&config, &wanted) {
             Ok(v) => Some(v),
             Err(reason) if config_changed && served.is_some() => {
-                self.refuse_config(name, &mut applied, &scan, &mut change, true, reason);
-                let problems = change.problems.clone();
-                self.publish(name, served, change.notes);
-                state.models.insert(name.to_string(), applied);
-                return problems;
+                return self.refuse_change(&mut state, name, applied, &scan, change, served, reason);
             }
             Err(reason) => {
                 if !wanted.is_empty() {
@@ -473,11 +461,7 @@ impl Runtime {
             if let Some(spec) = spec
                 && let Err(reason) = crate::pipeline::fallback::check(&self.repo.get(), name, &config, &spec)
             {
-                self.refuse_config(name, &mut applied, &scan, &mut change, served.is_some(), reason);
-                let problems = change.problems.clone();
-                self.publish(name, served, change.notes);
-                state.models.insert(name.to_string(), applied);
-                return problems;
+                return self.refuse_change(&mut state, name, applied, &scan, change, served, reason);
             }
         }
         let release = self.release_state(name, &scan, served.as_ref(), &mut applied, &mut change, &old_notes);
@@ -721,6 +705,25 @@ impl Runtime {
             before,
             after,
         });
+    }
+
+    /// Refuses a `model.toml` change whole and ends the reconcile: the
+    /// settings loaded before keep serving, the model's notes say why.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_change(
+        &self,
+        state: &mut ControlState,
+        name: &str,
+        mut applied: Applied,
+        scan: &ModelScan,
+        mut change: Change,
+        served: Option<ServedModel>,
+        reason: String,
+    ) -> Vec<String> {
+        self.refuse_config(name, &mut applied, scan, &mut change, served.is_some(), reason);
+        self.publish(name, served, change.notes);
+        state.models.insert(name.to_string(), applied);
+        change.problems
     }
 
     /// Refuses a `model.toml` change: logged, counted, noted on the model;
