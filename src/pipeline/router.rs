@@ -58,8 +58,14 @@ pub fn route(repo: &Repository, name: &str, version: &str) -> Result<Arc<ServedV
 }
 
 /// Routes an inference request: refused while the model is paused; a
-/// request naming no version follows the split (sticky per `key`).
-pub fn route_infer(repo: &Repository, name: &str, version: &str, key: &[u8]) -> Result<Arc<ServedVersion>, InferError> {
+/// request naming no version follows the split (sticky per `key`, made
+/// only when there is a split).
+pub fn route_infer(
+    repo: &Repository,
+    name: &str,
+    version: &str,
+    key: impl FnOnce() -> Vec<u8>,
+) -> Result<Arc<ServedVersion>, InferError> {
     let model = model(repo, name)?;
     if let Some(reason) = &model.release.paused {
         return Err(InferError::Unavailable(format!(
@@ -67,7 +73,8 @@ pub fn route_infer(repo: &Repository, name: &str, version: &str, key: &[u8]) -> 
         )));
     }
     if version.is_empty()
-        && let Some(found) = model.release.pick(key).and_then(|v| model.versions.get(&v))
+        && !model.release.split.is_empty()
+        && let Some(found) = model.release.pick(&key()).and_then(|v| model.versions.get(&v))
     {
         return Ok(found.clone());
     }

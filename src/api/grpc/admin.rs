@@ -36,8 +36,7 @@ impl AdminService {
         request: Request<admin_pb::ReleaseChange>,
         action: impl FnOnce(&admin_pb::ReleaseChange) -> Result<Action, Status>,
     ) -> Result<Response<admin_pb::ReleaseState>, Status> {
-        let who =
-            request.extensions().get::<crate::security::Admin>().map_or("an in-process caller".into(), |a| a.0.clone());
+        let who = super::admin_name(&request);
         let req = request.into_inner();
         if req.model.is_empty() {
             return Err(Status::invalid_argument("field 'model': name the model"));

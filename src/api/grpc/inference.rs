@@ -30,12 +30,6 @@ fn caller<T>(request: &Request<T>) -> Caller {
     request.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
 }
 
-/// Who the door admitted to an admin call (in-process tests call without
-/// the door).
-fn admin<T>(request: &Request<T>) -> String {
-    request.extensions().get::<crate::security::Admin>().map_or_else(|| "an in-process caller".into(), |a| a.0.clone())
-}
-
 /// Whether `version` of `model` is one the repository knows of without
 /// serving it.
 fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
@@ -450,7 +444,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        let who = admin(&request);
+        let who = super::admin_name(&request);
         let r = request.into_inner();
         one_repository(&r.repository_name)?;
         if let Some(name) = r.parameters.keys().next() {
@@ -468,7 +462,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        let who = admin(&request);
+        let who = super::admin_name(&request);
         let r = request.into_inner();
         one_repository(&r.repository_name)?;
         // tritonclient always sends `unload_dependents`; Kiln models have none.
@@ -494,7 +488,7 @@ impl GrpcInferenceService for InferenceService {
         };
         let req = request.into_inner();
         let repo = self.repo();
-        let routed = router::route_infer(&repo, &req.model_name, &req.model_version, &routing_key(&req));
+        let routed = router::route_infer(&repo, &req.model_name, &req.model_version, || routing_key(&req));
         let fallback = repo.models.get(&req.model_name).filter(|m| m.config.fallback.is_some());
         let version = match (routed, fallback) {
             (Ok(version), Some(model)) => match version.breaker.tripped() {

@@ -10,3 +10,9 @@ pub(crate) mod encode;
 pub(crate) mod inference;
 pub(crate) mod ingress;
 pub mod wire;
+
+/// Who the door admitted to an admin call, as logs and the audit log name
+/// them (in-process tests call without the door).
+fn admin_name<T>(request: &tonic::Request<T>) -> String {
+    request.extensions().get::<crate::security::Admin>().map_or_else(|| "an in-process caller".into(), |a| a.0.clone())
+}
