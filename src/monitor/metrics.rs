@@ -23,6 +23,9 @@ pub const BATCH_SIZE: &str = "kiln_batch_size";
 pub const BATCH_UNITS: &str = "kiln_batch_units";
 /// Requests waiting, per priority level.
 pub const QUEUE_DEPTH: &str = "kiln_queue_depth";
+/// The most requests the queue holds (`max_queue`): what depth is measured
+/// against when alerting on saturation.
+pub const QUEUE_CAPACITY: &str = "kiln_queue_capacity";
 /// Requests refused or dropped, by reason (`queue_full`, `cancelled`, ...).
 pub const REJECTED_TOTAL: &str = "kiln_rejected_total";
 /// Units over the batch limit, per batch: how full batches run.
@@ -143,6 +146,7 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Requests per formed batch.");
     describe_histogram!(BATCH_UNITS, "Units per formed batch: rows, or padded tokens for text.");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting in the queue.");
+    describe_gauge!(QUEUE_CAPACITY, "The most requests the queue holds (max_queue).");
     describe_counter!(REJECTED_TOTAL, "Requests refused or dropped before compute, by reason.");
     describe_histogram!(BATCH_FILL_RATIO, "Units per batch over the batch limit.");
     describe_histogram!(PADDING_RATIO, "Share of a batch's computed tokens that are padding.");
@@ -271,6 +275,12 @@ impl VersionMetrics {
             self.busy_ratio.set(((busy - last.1) as f64 / wall).min(1.0));
         }
         *last = (now, busy);
+    }
+
+    /// Publishes the queue's capacity, so depth can be read as a share.
+    pub fn publish_queue_capacity(&self, max_queue: usize) {
+        metrics::gauge!(QUEUE_CAPACITY, "model" => self.model.clone(), "version" => self.version.clone())
+            .set(max_queue as f64);
     }
 
     /// The refusals counter for one reason.

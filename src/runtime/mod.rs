@@ -197,6 +197,7 @@ impl Runtime {
             let stats = stats.unwrap_or_default();
             let metrics = VersionMetrics::new(name, number, config.priority_levels, config.max_batch_units());
             metrics.publish_latency(&v.latency.estimate());
+            metrics.publish_queue_capacity(config.max_queue);
             let acts = config.drift.on_alert != crate::monitor::drift::config::OnAlert::None;
             let alerts = acts.then(|| self.alerts.clone());
             let drift = Arc::new(DriftHandle::start(
