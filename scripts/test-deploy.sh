@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 kiln=${KILN_BIN:-target/debug/kiln}
 scripts/deploy-env.sh
+kubectl=$(command -v kubectl || echo .tools/kubernetes-client/usr/bin/kubectl)
 
 echo "-- promtool"
 promtool check config deploy/prometheus/prometheus.yml
@@ -20,10 +21,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$kiln" plan --model risk --budget-ms 20 --rate 20000 --sim-requests 2000 --emit k8s --out "$work/plan" \
   >/dev/null 2>&1
-.venv/bin/python scripts/check-manifests.py --also "$work/plan"
+.venv/bin/python scripts/check-manifests.py --kubectl "$kubectl" --also "$work/plan"
 
 echo "-- Dockerfile lint (hadolint)"
-.venv/bin/hadolint deploy/Dockerfile
+.venv/bin/hadolint deploy/Dockerfile deploy/Dockerfile.cuda
 
 echo "-- the pod's kiln.toml and probe command, with TLS and API keys"
 "$kiln" certs dev --out "$work" --client ci >/dev/null
