@@ -67,6 +67,12 @@ async fn plan(args: PlanArgs) -> Result<()> {
     if args.emit.is_some() && args.rate.is_none() {
         bail!("{}", kiln::plan::emit::EmitError::NoRate);
     }
+    if args.emit.is_some() && !args.k8s_base.join("kustomization.yaml").is_file() {
+        bail!(
+            "--k8s-base {}: no kustomization.yaml there (run from Kiln's repository root, or name deploy/k8s/base)",
+            args.k8s_base.display()
+        );
+    }
     let command = std::env::args().map(|a| if a.contains(' ') { format!("{a:?}") } else { a }).collect::<Vec<_>>();
     let source = args.repo.clone().map(RepositorySource::Dir).unwrap_or(RepositorySource::BuiltIn);
     let options = kiln::plan::PlanOptions {
