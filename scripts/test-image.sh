@@ -38,6 +38,8 @@ cleanup() {
   for m in "$work/root/models" "$work/root/tmp" "$work/root"; do mountpoint -q "$m" && umount "$m"; done
   [ -n "$container" ] && buildah rm "$container" >/dev/null
   buildah rmi -f "$image" >/dev/null 2>&1 || true
+  # The `host` stage's image, which FROM ${BINARY} made, has no name.
+  buildah rmi --prune >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
