@@ -60,7 +60,7 @@ install -m 0755 "$kiln" "$work/context/target/release/kiln"
 strip "$work/context/target/release/kiln"
 cp .dockerignore "$work/context/"
 # --format docker keeps HEALTHCHECK, which the OCI image format drops.
-buildah bud --format docker --layers=false --build-arg BINARY=host --build-arg RUNTIME_BASE="$base" \
+buildah bud --force-rm --format docker --layers=false --build-arg BINARY=host --build-arg RUNTIME_BASE="$base" \
   --target runtime -f deploy/Dockerfile -t "$image" "$work/context" >"$work/build.log" 2>&1 ||
   { cat "$work/build.log"; exit 1; }
 echo "ok   runtime stage built ($(du -h "$work/context/target/release/kiln" | cut -f1) binary on $base)"
