@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Drives Kiln with Triton's perf_analyzer over gRPC, feeding real held-out
-# feature rows (--input-data). Without KILN_URL it starts a server itself.
+# Drives Kiln with Triton's perf_analyzer over gRPC, then over HTTP (V2 REST
+# with binary tensors, perf_analyzer's default) when KILN_HTTP_URL is set,
+# feeding real held-out feature rows (--input-data). Without KILN_URL it
+# starts a server itself.
 #
 #   scripts/perf-analyzer.sh                         # a short run, as CI does
 #   KILN_URL=host:8001 scripts/perf-analyzer.sh --concurrency-range 1:32:2
@@ -94,13 +96,27 @@ if [ ${#args[@]} -eq 0 ]; then
   # your own arguments for capacity curves.
   args=(--concurrency-range 1:8:4 --measurement-interval 1000 --stability-percentage 10000 --max-trials 3)
 fi
-tls=()
+run() {
+  "$libs/ld-linux-x86-64.so.2" --library-path "$libs:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" \
+    "$pa" -m risk --input-data "$input" "$@" "${args[@]}"
+}
+grpc_tls=()
+http_tls=()
 if [ -n "${KILN_TLS_DIR:-}" ]; then
   # perf_analyzer's own TLS options; the client certificate names the tenant.
-  tls=(--ssl-grpc-use-ssl --ssl-grpc-root-certifications-file "$KILN_TLS_DIR/ca.pem"
-       --ssl-grpc-private-key-file "$KILN_TLS_DIR/client.key"
-       --ssl-grpc-certificate-chain-file "$KILN_TLS_DIR/client.pem")
+  grpc_tls=(--ssl-grpc-use-ssl --ssl-grpc-root-certifications-file "$KILN_TLS_DIR/ca.pem"
+    --ssl-grpc-private-key-file "$KILN_TLS_DIR/client.key"
+    --ssl-grpc-certificate-chain-file "$KILN_TLS_DIR/client.pem")
+  http_tls=(--ssl-https-verify-peer 1 --ssl-https-verify-host 2
+    --ssl-https-ca-certificates-file "$KILN_TLS_DIR/ca.pem"
+    --ssl-https-client-certificate-file "$KILN_TLS_DIR/client.pem"
+    --ssl-https-private-key-file "$KILN_TLS_DIR/client.key")
 fi
-"$libs/ld-linux-x86-64.so.2" --library-path "$libs:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" \
-  "$pa" -m risk -u "$KILN_URL" -i grpc --input-data "$input" -f "$tools/last-run.csv" "${tls[@]}" "${args[@]}"
-echo "perf_analyzer: results in $tools/last-run.csv"
+run -u "$KILN_URL" -i grpc -f "$tools/last-run.csv" "${grpc_tls[@]}"
+echo "perf_analyzer: gRPC results in $tools/last-run.csv"
+if [ -n "${KILN_HTTP_URL:-}" ]; then
+  scheme=""
+  [ -n "${KILN_TLS_DIR:-}" ] && scheme="https://"
+  run -u "$scheme$KILN_HTTP_URL" -i http -f "$tools/last-run-http.csv" "${http_tls[@]}"
+  echo "perf_analyzer: HTTP results in $tools/last-run-http.csv"
+fi

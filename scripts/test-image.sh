@@ -83,11 +83,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # Serves as `docker run --read-only --tmpfs /tmp kiln ARGS` would, waits for
 # the image's own healthcheck to pass, and stops it with SIGTERM.
 serve() {
-  local grpc metrics check
+  local grpc metrics http check
   grpc=$(free_port)
   metrics=$(free_port)
+  http=$(free_port)
   chroot --userspec=10001:10001 "$work/root" /usr/local/bin/kiln "$@" --grpc "127.0.0.1:$grpc" \
-    --metrics "127.0.0.1:$metrics" >"$work/serve.log" 2>&1 &
+    --http "127.0.0.1:$http" --metrics "127.0.0.1:$metrics" >"$work/serve.log" 2>&1 &
   server=$!
   # The image's healthcheck, pointed at this server's port.
   check=${health#CMD }
@@ -96,6 +97,8 @@ serve() {
     # shellcheck disable=SC2086 # the healthcheck's words
     if chroot --userspec=10001:10001 "$work/root" $check >/dev/null 2>&1; then
       "$root/$kiln" health --url "127.0.0.1:$grpc" --model risk
+      python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$http/v2/models/risk/ready', timeout=5)" ||
+        { echo "FAIL: the HTTP listener did not say risk is ready"; exit 1; }
       kill -TERM $server
       wait $server || { cat "$work/serve.log"; echo "FAIL: kiln did not stop cleanly"; exit 1; }
       server=""
@@ -109,7 +112,7 @@ serve() {
   exit 1
 }
 serve serve
-echo "ok   built-in model served from a read-only root as uid 10001; healthcheck passed; clean stop on SIGTERM"
+echo "ok   built-in model served (gRPC and HTTP) from a read-only root as uid 10001; healthcheck passed; clean stop on SIGTERM"
 mkdir -p "$work/models/risk"
 cp -r models/risk/. "$work/models/risk/"
 mount --bind -o ro "$work/models" "$work/root/models"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command against a freshly started `kiln serve` (built-in repository)
-# on free loopback ports, exported as KILN_URL and KILN_METRICS_URL; stops
+# on free loopback ports, exported as KILN_URL, KILN_HTTP_URL (host:port)
+# and KILN_METRICS_URL; stops
 # the server afterwards whatever happens.
 #   scripts/with-server.sh CMD [ARGS...]
 #   KILN_SECURE=1 scripts/with-server.sh CMD [ARGS...]
@@ -15,6 +16,7 @@ kiln=${KILN_BIN:-target/debug/kiln}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 grpc_port=$(free_port)
 metrics_port=$(free_port)
+http_port=$(free_port)
 log=$(mktemp)
 secure=()
 tls_dir=""
@@ -40,7 +42,7 @@ EOF
   secure=(--config "$tls_dir/kiln.toml")
   export KILN_TLS_DIR=$tls_dir KILN_API_KEY
 fi
-"$kiln" serve --grpc "127.0.0.1:$grpc_port" --metrics "127.0.0.1:$metrics_port" --admin-token-file "$admin_dir/admin-token" "${secure[@]}" ${KILN_SERVE_ARGS:-} >"$log" 2>&1 &
+"$kiln" serve --grpc "127.0.0.1:$grpc_port" --metrics "127.0.0.1:$metrics_port" --http "127.0.0.1:$http_port" --admin-token-file "$admin_dir/admin-token" "${secure[@]}" ${KILN_SERVE_ARGS:-} >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"; rm -rf "$admin_dir"; [ -n "$tls_dir" ] && rm -rf "$tls_dir"' EXIT
 ready=false
@@ -61,4 +63,5 @@ scheme=http
 [ -n "$tls_dir" ] && scheme=https
 export KILN_ADMIN_TOKEN_FILE="$admin_dir/admin-token"
 export KILN_PID=$pid KILN_URL="127.0.0.1:$grpc_port" KILN_METRICS_URL="$scheme://127.0.0.1:$metrics_port/metrics"
+export KILN_HTTP_URL="127.0.0.1:$http_port"
 "$@"

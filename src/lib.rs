@@ -61,4 +61,4 @@ pub mod runtime;
 pub mod security;
 mod server;
 
-pub use server::{ServeError, serve};
+pub use server::{Listeners, ServeError, serve};

@@ -67,7 +67,7 @@ pub struct Timing {
 }
 
 /// A computed answer: the requested outputs, in the requested order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct InferResponse {
     pub outputs: Vec<Tensor>,
     pub timing: Timing,

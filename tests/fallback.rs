@@ -109,7 +109,9 @@ async fn a_failing_version_trips_and_a_hopeless_deadline_goes_to_the_fallback() 
 
 async fn start_error(repo: &Path) -> String {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let err = kiln::serve(config(repo), grpc, None, std::future::pending()).await.expect_err("refused");
+    let err = kiln::serve(config(repo), kiln::Listeners { grpc, http: None, metrics: None }, std::future::pending())
+        .await
+        .expect_err("refused");
     err.to_string()
 }
 

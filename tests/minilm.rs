@@ -267,3 +267,70 @@ async fn a_text_request_over_max_batch_tokens_is_refused_at_the_door() {
     assert_eq!(stats.model_stats[0].inference_count, 0, "the refused texts reached the model");
     client.raw.model_infer(text_request(MODEL, "text", &texts[..8])).await.expect("fewer texts are served");
 }
+
+/// OpenAI's embeddings API over HTTP: the same vectors as gRPC (within
+/// 1e-6), base64 equal to float, `usage` counting the reference's tokens,
+/// and its refusals in OpenAI's error shape.
+#[tokio::test]
+async fn openai_embeddings_over_http_equal_the_grpc_ones() {
+    use common::http::{get, post_json};
+    use serde_json::json;
+    let server = server().await;
+    let mut client = server.client().await;
+    let reference = reference();
+    let texts: Vec<&str> = reference.iter().map(|r| r.text.as_str()).collect();
+    let grpc = embed(&mut client, &texts).await;
+
+    let answer = post_json(server.http_addr, "/v1/embeddings", &json!({"input": texts, "model": MODEL})).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let v = answer.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], MODEL);
+    let tokens: usize = reference.iter().map(|r| r.tokens).sum();
+    assert_eq!(v["usage"], json!({"prompt_tokens": tokens, "total_tokens": tokens}));
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), texts.len());
+    for (i, (row, expected)) in data.iter().zip(&grpc).enumerate() {
+        assert_eq!(row["index"], i);
+        assert_eq!(row["object"], "embedding");
+        let got: Vec<f64> =
+            row["embedding"].as_array().expect("floats").iter().map(|x| x.as_f64().expect("f")).collect();
+        assert_eq!(got.len(), 384);
+        let worst = got.iter().zip(expected).map(|(a, b)| (a - f64::from(*b)).abs()).fold(0.0, f64::max);
+        assert!(worst <= 1e-6, "row {i}: {worst:e} from the gRPC embedding");
+    }
+
+    let one = post_json(
+        server.http_addr,
+        "/v1/embeddings",
+        &json!({"input": texts[0], "model": MODEL, "encoding_format": "base64", "dimensions": 384}),
+    )
+    .await;
+    assert_eq!(one.status, 200, "{}", String::from_utf8_lossy(&one.body));
+    let encoded = one.json()["data"][0]["embedding"].as_str().expect("base64").to_string();
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).expect("base64");
+    let floats: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let worst = floats.iter().zip(&grpc[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-6, "base64 row: {worst:e} from gRPC");
+
+    let refusals = [
+        (json!({"input": [[101, 2023]], "model": MODEL}), 400, "token arrays are not accepted"),
+        (json!({"input": "a", "model": MODEL, "dimensions": 128}), 400, "cannot shorten"),
+        (json!({"input": "a", "model": MODEL, "encoding_format": "int8"}), 400, "encoding_format"),
+        (json!({"input": "a", "model": "nope"}), 404, "nope"),
+        (json!({"input": [], "model": MODEL}), 400, "empty list"),
+    ];
+    for (body, status, expected) in refusals {
+        let answer = post_json(server.http_addr, "/v1/embeddings", &body).await;
+        assert_eq!(answer.status, status, "{body}: {}", String::from_utf8_lossy(&answer.body));
+        let error = &answer.json()["error"];
+        assert!(error["message"].as_str().expect("message").contains(expected), "{body}: {error}");
+        assert_eq!(error["type"], if status == 404 { "not_found_error" } else { "invalid_request_error" });
+    }
+    let models = get(server.http_addr, "/v1/models").await.json();
+    assert_eq!(
+        models["data"].as_array().expect("models").iter().map(|m| m["id"].clone()).collect::<Vec<_>>(),
+        vec![json!(MODEL)]
+    );
+}

@@ -90,7 +90,9 @@ async fn serve_refuses_a_bad_repository_instead_of_panicking() {
     let dir = repo_with("kind = \"mlp\"\n", &[1]);
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let config = ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), ..Default::default() };
-    let err = kiln::serve(config, grpc, None, std::future::pending()).await.expect_err("refused");
+    let err = kiln::serve(config, kiln::Listeners { grpc, http: None, metrics: None }, std::future::pending())
+        .await
+        .expect_err("refused");
     assert!(err.to_string().contains("model.toml"), "{err}");
 }
 

@@ -190,7 +190,7 @@ async fn metrics_endpoint_exports_request_queue_and_batch_metrics() {
     let text = server.metrics_text().await;
     assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(200)]);
     for name in [
-        "kiln_requests_total{model=\"risk\",version=\"1\",code=\"OK\"}",
+        "kiln_requests_total{model=\"risk\",version=\"1\",code=\"OK\",protocol=\"grpc\"}",
         "kiln_request_duration_seconds_bucket",
         "kiln_queue_duration_seconds_bucket",
         "kiln_compute_duration_seconds_bucket",

@@ -3,9 +3,6 @@
 //! panic, and whatever the pass admits decodes within twice its wire size
 //! plus 1 MiB, measured by a counting allocator on the decoding thread.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use kiln::api::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use kiln::api::pb::{InferParameter, InferTensorContents, ModelInferRequest, infer_parameter::ParameterChoice};
 use kiln::api::wire::{WireLimits, check_infer_request};
@@ -13,56 +10,13 @@ use kiln::model::{DataType, ModelSpec, TensorSpec};
 use proptest::prelude::*;
 use prost::Message;
 
-/// Counts this thread's live heap bytes and their peak.
-struct Counting;
+#[path = "common/alloc.rs"]
+mod alloc;
 
-thread_local! {
-    static LIVE: Cell<usize> = const { Cell::new(0) };
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn grow(bytes: usize) {
-    let _ = LIVE.try_with(|live| {
-        let now = live.get() + bytes;
-        live.set(now);
-        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
-    });
-}
-
-fn shrink(bytes: usize) {
-    let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(bytes)));
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; the
-// counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        grow(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        shrink(layout.size());
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // Old and new blocks may both be live while the bytes are copied.
-        grow(new_size);
-        let out = unsafe { System.realloc(ptr, layout, new_size) };
-        shrink(layout.size());
-        out
-    }
-}
+use alloc::peak_of;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// Peak heap bytes this thread allocated beyond what it held before `f`.
-fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let base = LIVE.with(Cell::get);
-    PEAK.with(|p| p.set(base));
-    let out = f();
-    (out, PEAK.with(Cell::get) - base)
-}
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 fn risk_limits() -> WireLimits {
     let spec = ModelSpec::in_memory("risk", vec![TensorSpec::fp32("features", 30)], vec![TensorSpec::fp32("p", 1)]);

@@ -1,10 +1,12 @@
 //! The front ends: the gRPC border (`grpc/`: V2 inference, Kiln's admin
 //! service, the door before decoding, the wire check, V2 decoding and
-//! encoding, the deadline header), health and reflection, and the one
-//! error → status mapping. Protocol types live here and in `client/`;
+//! encoding, the deadline header), health and reflection, the HTTP front
+//! end (`http/`: V2 REST with binary tensors, OpenAI embeddings), and the
+//! one error → status mapping. Protocol types live here and in `client/`;
 //! everything behind works on Kiln's own, through the pipeline.
 
 pub(crate) mod grpc;
+pub mod http;
 pub mod status;
 
 pub use grpc::wire;

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Prometheus `/metrics` listen address. Port 8002 as Triton.
     #[arg(long, env = "KILN_METRICS_ADDR", default_value = "0.0.0.0:8002")]
     pub metrics: SocketAddr,
+    /// HTTP listen address (KServe V2 REST with binary tensors, OpenAI
+    /// `/v1/embeddings`), or `off`. Port 8000 as Triton.
+    #[arg(long, env = "KILN_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http: HttpAddr,
     /// CPU threads one model computation may use: `auto` (time one thread
     /// against all cores at warm-up and keep the faster, for text models;
     /// row models use one), or a count (sets RAYON_NUM_THREADS). More
@@ -177,8 +181,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let metrics = tokio::net::TcpListener::bind(args.metrics)
         .await
         .with_context(|| format!("binding metrics on {}", args.metrics))?;
-    tracing::info!(grpc = %grpc.local_addr()?, metrics = %metrics.local_addr()?, "kiln listening");
-    kiln::serve(config, grpc, Some(metrics), shutdown_signal()?).await?;
+    let http = match args.http.0 {
+        None => None,
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTP on {addr}"))?)
+        }
+    };
+    let http_addr =
+        http.as_ref().map(|l| l.local_addr()).transpose()?.map_or_else(|| "off".to_string(), |a| a.to_string());
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http_addr, metrics = %metrics.local_addr()?, "kiln listening");
+    let listeners = kiln::Listeners { grpc, http, metrics: Some(metrics) };
+    kiln::serve(config, listeners, shutdown_signal()?).await?;
     Ok(())
 }
 
@@ -251,6 +264,20 @@ impl Signals {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term => {}
+        }
+    }
+}
+
+/// `--http`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self(None)),
+            addr => addr.parse().map(|a| Self(Some(a))).map_err(|e| format!("expected ADDR:PORT or `off`: {e}")),
         }
     }
 }

@@ -188,7 +188,6 @@ fn describe() {
 pub struct VersionMetrics {
     model: String,
     version: String,
-    pub request_duration: Histogram,
     pub queue_duration: Histogram,
     pub compute_duration: Histogram,
     pub batch_size: Histogram,
@@ -219,7 +218,6 @@ impl VersionMetrics {
             latency_fixed: metrics::gauge!(LATENCY_MODEL, "model" => m.clone(), "version" => v.clone(), "term" => "fixed"),
             latency_per_unit: metrics::gauge!(LATENCY_MODEL, "model" => m.clone(), "version" => v.clone(), "term" => "per_unit"),
             max_batch_units: max_batch_units.max(1),
-            request_duration: metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "version" => v.clone()),
             queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
             compute_duration: metrics::histogram!(COMPUTE_DURATION, "model" => m.clone(), "version" => v.clone()),
             batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
@@ -239,9 +237,14 @@ impl VersionMetrics {
         }
     }
 
-    /// The answered-requests counter for one gRPC code.
-    pub fn requests(&self, code: &'static str) -> Counter {
-        metrics::counter!(REQUESTS_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "code" => code)
+    /// The answered-requests counter for one gRPC code and front end.
+    pub fn requests(&self, code: &'static str, protocol: &'static str) -> Counter {
+        metrics::counter!(REQUESTS_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "code" => code, "protocol" => protocol)
+    }
+
+    /// Receipt to answer, per front end.
+    pub fn request_duration(&self, protocol: &'static str) -> Histogram {
+        metrics::histogram!(REQUEST_DURATION, "model" => self.model.clone(), "version" => self.version.clone(), "protocol" => protocol)
     }
 
     /// Publishes the latency model's current terms.

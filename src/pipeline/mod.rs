@@ -9,6 +9,7 @@
 //! ([`Answer`]), settling the tenant's budget whatever happens.
 
 pub mod admission;
+pub mod controls;
 pub mod fallback;
 pub mod params;
 pub mod router;
@@ -54,6 +55,9 @@ pub struct Call {
     /// The tenant the transport names (`x-kiln-tenant`) when the request's
     /// `tenant` parameter does not.
     pub tenant: Option<String>,
+    /// The front end (`grpc`, `http`): the `protocol` label of the request
+    /// counts and durations.
+    pub protocol: &'static str,
 }
 
 /// Stage 2: inputs in the form the backend computes on (token rows for
@@ -69,7 +73,7 @@ pub struct Prepared {
 }
 
 /// The last stage: a computed answer within its deadline.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     pub id: String,
     /// Indices into the declared outputs, in the order answered.
@@ -77,6 +81,9 @@ pub struct Answer {
     pub response: InferResponse,
     /// Receipt to answer, never past the deadline.
     pub server_us: u64,
+    /// Real units computed: rows, or unpadded tokens for text (what
+    /// OpenAI's `usage.prompt_tokens` reports).
+    pub units: usize,
 }
 
 /// The stages' shared state: tenant budgets and the tokenization service.
@@ -118,7 +125,7 @@ impl Pipeline {
             tenant.as_deref(),
         )?;
         let charge = decision.charge;
-        let (id, outputs) = (prepared.id.clone(), prepared.outputs.clone());
+        let (id, outputs, units) = (prepared.id.clone(), prepared.outputs.clone(), prepared.size.units);
         let request = InferRequest {
             id: prepared.id,
             inputs: prepared.inputs,
@@ -163,7 +170,7 @@ impl Pipeline {
                     return Err(expired());
                 }
                 let server_us = answered.saturating_duration_since(call.received).as_micros() as u64;
-                Ok(Answer { id, outputs, response, server_us })
+                Ok(Answer { id, outputs, response, server_us, units })
             }
             Err(_elapsed) => {
                 // Still queued: never computed, refund it (the scheduler's

@@ -3,7 +3,8 @@
 //! score is a class (at or above 0.5), compared for agreement; a wider
 //! FP32 output is an embedding, compared by cosine distance.
 
-use crate::api::pb::ModelInferResponse;
+use super::Answer;
+use crate::model::{ModelSpec, TensorData};
 use crate::monitor::metrics::{SHADOW_COMPARED, SHADOW_DISTANCE, SHADOW_DROPPED, SHADOW_DURATION};
 
 /// What comparing one output found.
@@ -15,36 +16,36 @@ pub enum Comparison {
     Distances(Vec<f64>),
 }
 
-fn floats(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+/// One answer's FP32 outputs by name, with their rows.
+fn fp32_outputs<'a>(spec: &'a ModelSpec, answer: &'a Answer) -> impl Iterator<Item = (&'a str, &'a [f32], usize)> {
+    answer.outputs.iter().zip(&answer.response.outputs).filter_map(|(&o, tensor)| match &tensor.data {
+        TensorData::Fp32(values) => Some((spec.outputs.get(o)?.name.as_str(), values.as_slice(), tensor.rows())),
+        _ => None,
+    })
 }
 
-/// Compares the outputs the two answers share by name (FP32 only).
-pub fn compare(primary: &ModelInferResponse, shadow: &ModelInferResponse) -> Vec<(String, Comparison)> {
+/// Compares the FP32 outputs the two answers share by name, each answer
+/// with the spec of the version that gave it.
+pub fn compare(primary: (&ModelSpec, &Answer), shadow: (&ModelSpec, &Answer)) -> Vec<(String, Comparison)> {
     let mut out = Vec::new();
-    for (i, p) in primary.outputs.iter().enumerate() {
-        let Some(j) = shadow.outputs.iter().position(|s| s.name == p.name && s.datatype == p.datatype) else {
+    for (name, a, rows) in fp32_outputs(primary.0, primary.1) {
+        let Some((_, b, _)) = fp32_outputs(shadow.0, shadow.1).find(|(n, _, _)| *n == name) else {
             continue;
         };
-        let (Some(a), Some(b)) = (primary.raw_output_contents.get(i), shadow.raw_output_contents.get(j)) else {
-            continue;
-        };
-        if p.datatype != "FP32" || a.len() != b.len() {
+        if a.len() != b.len() {
             continue;
         }
-        let (a, b) = (floats(a), floats(b));
-        let rows = p.shape.first().copied().unwrap_or(1).max(1) as usize;
-        let width = a.len() / rows;
+        let width = a.len() / rows.max(1);
         if width == 0 {
             continue;
         }
         let comparison = if width == 1 {
-            let agreed = a.iter().zip(&b).filter(|(x, y)| (**x >= 0.5) == (**y >= 0.5)).count();
+            let agreed = a.iter().zip(b).filter(|(x, y)| (**x >= 0.5) == (**y >= 0.5)).count();
             Comparison::Classes { agreed, rows: a.len() }
         } else {
             Comparison::Distances(a.chunks(width).zip(b.chunks(width)).map(|(x, y)| cosine_distance(x, y)).collect())
         };
-        out.push((p.name.clone(), comparison));
+        out.push((name.to_string(), comparison));
     }
     out
 }
@@ -85,27 +86,31 @@ pub fn dropped(model: &str, reason: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::pb::model_infer_response::InferOutputTensor;
+    use crate::model::{DataType, Tensor, TensorSpec};
+    use crate::request::{InferResponse, Timing};
 
-    fn answer(values: &[f32], rows: i64) -> ModelInferResponse {
-        let width = values.len() as i64 / rows;
-        ModelInferResponse {
-            outputs: vec![InferOutputTensor {
-                name: "y".into(),
-                datatype: "FP32".into(),
-                shape: vec![rows, width],
-                ..Default::default()
-            }],
-            raw_output_contents: vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()],
-            ..Default::default()
+    fn spec() -> ModelSpec {
+        let y = TensorSpec { name: "y".into(), datatype: DataType::Fp32, shape: vec![-1, -1], features: vec![] };
+        ModelSpec::in_memory("m", vec![], vec![y])
+    }
+
+    fn answer(values: &[f32], rows: usize) -> Answer {
+        let tensor = Tensor { shape: vec![rows, values.len() / rows], data: TensorData::Fp32(values.to_vec()) };
+        Answer {
+            id: String::new(),
+            outputs: vec![0],
+            response: InferResponse { outputs: vec![tensor], timing: Timing::default() },
+            server_us: 0,
+            units: rows,
         }
     }
 
     #[test]
     fn scores_compare_as_classes_and_vectors_by_cosine() {
-        let classes = compare(&answer(&[0.9, 0.2, 0.6], 3), &answer(&[0.8, 0.7, 0.4], 3));
+        let spec = spec();
+        let classes = compare((&spec, &answer(&[0.9, 0.2, 0.6], 3)), (&spec, &answer(&[0.8, 0.7, 0.4], 3)));
         assert_eq!(classes, vec![("y".to_string(), Comparison::Classes { agreed: 1, rows: 3 })]);
-        let vectors = compare(&answer(&[1.0, 0.0, 0.0, 1.0], 2), &answer(&[1.0, 0.0, 1.0, 0.0], 2));
+        let vectors = compare((&spec, &answer(&[1.0, 0.0, 0.0, 1.0], 2)), (&spec, &answer(&[1.0, 0.0, 1.0, 0.0], 2)));
         let Comparison::Distances(d) = &vectors[0].1 else { panic!("{vectors:?}") };
         assert!(d[0].abs() < 1e-12 && (d[1] - 1.0).abs() < 1e-12, "{d:?}");
     }

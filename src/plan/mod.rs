@@ -192,7 +192,8 @@ async fn measure_serving(options: &PlanOptions) -> Result<(f64, ceiling::Ceiling
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
             runtime.block_on(async move {
                 let grpc = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-                crate::serve(config, grpc, None, async move {
+                let listeners = crate::Listeners { grpc, http: None, metrics: None };
+                crate::serve(config, listeners, async move {
                     let _ = stopped.await;
                 })
                 .await

@@ -49,6 +49,14 @@ pub enum ServeError {
     Tls(#[from] crate::security::TlsError),
 }
 
+/// The listeners a server answers on, already bound: gRPC always, the
+/// HTTP front end and the Prometheus endpoint when given.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
+}
+
 /// Serves `config` on already-bound listeners until `shutdown` completes,
 /// then drains: health turns NOT_SERVING first (Watch streams end), new
 /// calls are refused UNAVAILABLE, and every admitted request is answered
@@ -57,10 +65,10 @@ pub enum ServeError {
 /// Tests bind `127.0.0.1:0` and read the address from the listener.
 pub async fn serve(
     config: ServeConfig,
-    grpc: TcpListener,
-    metrics: Option<TcpListener>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners { grpc, http, metrics } = listeners;
     config.check()?;
     // Certificates and keys before the models: a bad file fails fast.
     let tls = config.tls.as_ref().map(crate::security::Tls::load).transpose()?;
@@ -111,6 +119,7 @@ pub async fn serve(
         .max_decoding_message_size(SMALL_MESSAGE_BYTES);
 
     let ready = Arc::new(AtomicBool::new(true));
+    let ready_http = ready.clone();
     let pipeline = Arc::new(crate::pipeline::Pipeline::new(
         crate::pipeline::admission::Admission::new(&config.tenants),
         Tokenization::new(PreparePool::new(config.prepare_threads, config.limits.prepare_queue, runtime.threads())?),
@@ -177,6 +186,31 @@ pub async fn serve(
         tls.watch();
     }
     auth.watch();
+    let http_task = http.map(|listener| {
+        let state = Arc::new(crate::api::http::HttpState {
+            auth: auth.clone(),
+            repo: repo.clone(),
+            pipeline: pipeline.clone(),
+            budget: budget.clone(),
+            max_message_bytes: config.max_message_bytes,
+            body_timeout: config.limits.body_timeout(),
+            drain: drain.clone(),
+            ready: ready_http.clone(),
+        });
+        let mut stop = stop_rx.clone();
+        let (limits, grace, drain) = (config.limits.clone(), config.drain_timeout, drain.clone());
+        let tls = tls.as_ref().map(|t| t.acceptor(false));
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let service = crate::api::http::HttpService::new(state);
+            accept::accept_loop(listener, service, accept::Protocol::Http1, tls, limits, stopped, grace, || {
+                drain.expire()
+            })
+            .await;
+        })
+    });
     let ingress = Arc::new(IngressState {
         auth,
         repo: repo.clone(),
@@ -207,6 +241,9 @@ pub async fn serve(
         tracing::info!(threads = joined.joined, "clean stop: every serving thread joined");
     } else {
         tracing::warn!(joined = joined.joined, running = ?joined.running, "threads still running at exit");
+    }
+    if let Some(task) = http_task {
+        let _ = task.await;
     }
     if let Some(task) = metrics_task {
         let _ = task.await;

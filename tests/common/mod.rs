@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod http;
 pub mod load;
 
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ use tokio::task::JoinHandle;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The HTTP front end (V2 REST, OpenAI embeddings).
+    pub http_addr: SocketAddr,
     /// What its clients present: TLS settings and a key.
     pub credentials: kiln::client::Credentials,
     stop: Option<oneshot::Sender<()>>,
@@ -33,13 +36,16 @@ impl TestServer {
     pub async fn start_with(config: ServeConfig, credentials: kiln::client::Credentials) -> Self {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
         let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let addr = grpc.local_addr().expect("addr");
         let metrics_addr = metrics.local_addr().expect("addr");
+        let http_addr = http.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(kiln::serve(config, grpc, Some(metrics), async move {
+        let listeners = kiln::Listeners { grpc, http: Some(http), metrics: Some(metrics) };
+        let task = tokio::spawn(kiln::serve(config, listeners, async move {
             let _ = stopped.await;
         }));
-        let server = Self { addr, metrics_addr, credentials, stop: Some(stop), task: Some(task) };
+        let server = Self { addr, metrics_addr, http_addr, credentials, stop: Some(stop), task: Some(task) };
         let mut client = server.client().await;
         tokio::time::timeout(Duration::from_secs(60), async {
             loop {

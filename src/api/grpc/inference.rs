@@ -13,11 +13,10 @@ use super::{decode, encode};
 use crate::api::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use crate::api::status;
 use crate::error::InferError;
-use crate::monitor::metrics::FALLBACK_TOTAL;
 use crate::monitor::stats::{DurationStat, VersionStats};
-use crate::pipeline::fallback;
-use crate::pipeline::{Call, Pipeline, router};
-use crate::repository::{Repository, ServedModel, ServedVersion, VersionState};
+use crate::pipeline::controls::{self, FrontRequest, Served};
+use crate::pipeline::{Call, Decoded, Pipeline, router};
+use crate::repository::{Repository, ServedVersion, VersionState};
 use crate::runtime::Runtime;
 use crate::security::Caller;
 
@@ -36,32 +35,24 @@ fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
     version.parse::<u64>().ok().is_some_and(|v| repo.note(model, Some(v)).is_some())
 }
 
-/// Counts a request's answer on the version that gave it and turns it
-/// into the call's answer.
-fn finish(
-    version: &ServedVersion,
-    call: &CallContext,
-    result: Result<pb::ModelInferResponse, InferError>,
-) -> Result<Response<pb::ModelInferResponse>, Status> {
-    let elapsed = call.received.elapsed();
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(e) => status::code(e),
-    };
-    version.metrics.requests(status::code_name(code)).increment(1);
-    version.metrics.request_duration.record(elapsed.as_secs_f64());
-    match result {
-        Ok(response) => {
-            version.stats.success.add(1, elapsed);
-            Ok(Response::new(response))
-        }
-        Err(e) => {
-            version.stats.fail.add(1, elapsed);
-            if let Some(reason) = e.rejection_reason() {
-                version.metrics.rejected(reason).increment(1);
-            }
-            Err(status::to_status(&e))
-        }
+/// A V2 request as the release controls take it.
+struct GrpcRequest(pb::ModelInferRequest);
+
+impl FrontRequest for GrpcRequest {
+    fn model(&self) -> &str {
+        &self.0.model_name
+    }
+
+    fn version(&self) -> &str {
+        &self.0.model_version
+    }
+
+    fn routing_key(&self) -> Vec<u8> {
+        routing_key(&self.0)
+    }
+
+    fn decode(&self, version: &ServedVersion) -> Result<Decoded, InferError> {
+        decode::decode(&self.0, &version.spec, version.config.max_batch_size)
     }
 }
 
@@ -109,15 +100,6 @@ pub struct InferenceService {
     ready: Arc<AtomicBool>,
 }
 
-/// Where the call came from, beyond its message.
-#[derive(Clone)]
-struct CallContext {
-    received: Instant,
-    grpc_deadline: Option<GrpcDeadline>,
-    caller: Caller,
-    tenant: Option<String>,
-}
-
 impl InferenceService {
     /// `ready` turns false when shutdown starts, so health checks see it
     /// before the listener closes.
@@ -133,128 +115,6 @@ impl InferenceService {
     fn version(&self, name: &str, version: &str) -> Result<Arc<ServedVersion>, Status> {
         router::route(&self.repo(), name, version).map_err(|e| status::to_status(&e))
     }
-
-    /// Answers with `model`'s fallback because `primary` cannot (`reason`
-    /// labels the count, `why` goes in the `fallback` response
-    /// parameter). An error when no fallback can answer either.
-    #[allow(clippy::too_many_arguments)]
-    async fn fall_back(
-        &self,
-        repo: &Repository,
-        model: &ServedModel,
-        primary: &ServedVersion,
-        req: &pb::ModelInferRequest,
-        call: &CallContext,
-        reason: &'static str,
-        why: String,
-    ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let target = fallback::resolve(repo, model, &primary.spec)
-            .map_err(|m| Status::unavailable(format!("{why}; the fallback cannot answer: {m}")))?;
-        let note = pb::InferParameter {
-            parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(format!("{reason}: {why}"))),
-        };
-        let mut response = match target {
-            fallback::Target::Version(version) => {
-                let result = self.infer(req, &version, call).await;
-                version.breaker.record(&result);
-                finish(&version, call, result)?
-            }
-            fallback::Target::Answer(answer) => {
-                let decoded = decode::decode(req, &primary.spec, primary.config.max_batch_size);
-                let result = decoded.map(|d| {
-                    let computed = fallback::fixed_answer(answer, &primary.spec, &d.outputs, d.rows);
-                    let server_us = call.received.elapsed().as_micros() as u64;
-                    encode::infer_response(d.id, &primary.spec, &d.outputs, computed, server_us)
-                });
-                finish(primary, call, result)?
-            }
-        };
-        response.get_mut().parameters.insert("fallback".into(), note);
-        metrics::counter!(FALLBACK_TOTAL, "model" => model.name.clone(), "reason" => reason).increment(1);
-        Ok(response)
-    }
-
-    /// Decodes the V2 message and runs it through the pipeline.
-    async fn infer(
-        &self,
-        req: &pb::ModelInferRequest,
-        version: &ServedVersion,
-        call: &CallContext,
-    ) -> Result<pb::ModelInferResponse, InferError> {
-        run(&self.pipeline, req, version, call, false).await
-    }
-
-    /// Under shadow traffic, maybe copies the request to the candidate
-    /// version on its own task (lowest priority, bounded in flight); the
-    /// returned sender takes the primary's answer to compare with. Nothing
-    /// the copy does reaches the caller.
-    fn shadow_copy(
-        &self,
-        repo: &Repository,
-        req: &pb::ModelInferRequest,
-        primary: &ServedVersion,
-        call: &CallContext,
-    ) -> Option<tokio::sync::oneshot::Sender<pb::ModelInferResponse>> {
-        let model = repo.models.get(&primary.spec.name)?;
-        let shadow = model.release.shadow.as_ref()?;
-        if shadow.version == primary.spec.version || rand::random::<f64>() >= shadow.sample {
-            return None;
-        }
-        let target = model.versions.get(&shadow.version)?.clone();
-        if target.shadow_inflight.fetch_add(1, Ordering::AcqRel) >= shadow.max_inflight {
-            target.shadow_inflight.fetch_sub(1, Ordering::AcqRel);
-            crate::pipeline::shadow::dropped(&model.name, "inflight");
-            return None;
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel::<pb::ModelInferResponse>();
-        let (pipeline, req, call) = (self.pipeline.clone(), req.clone(), call.clone());
-        tokio::spawn(async move {
-            let result = run(&pipeline, &req, &target, &call, true).await;
-            let seconds = call.received.elapsed().as_secs_f64();
-            target.shadow_inflight.fetch_sub(1, Ordering::AcqRel);
-            let name = &target.spec.name;
-            match (result, rx.await) {
-                (Ok(answer), Ok(primary)) => {
-                    let comparisons = crate::pipeline::shadow::compare(&primary, &answer);
-                    crate::pipeline::shadow::record(name, target.spec.version, seconds, &comparisons);
-                }
-                (Err(_), _) => crate::pipeline::shadow::dropped(name, "refused"),
-                (Ok(_), Err(_)) => crate::pipeline::shadow::dropped(name, "primary_failed"),
-            }
-        });
-        Some(tx)
-    }
-}
-
-/// Decodes the V2 message against `version` and runs it through the
-/// pipeline; a shadow copy runs at the model's lowest priority.
-async fn run(
-    pipeline: &Pipeline,
-    req: &pb::ModelInferRequest,
-    version: &ServedVersion,
-    call: &CallContext,
-    shadow: bool,
-) -> Result<pb::ModelInferResponse, InferError> {
-    let deadline = match call.grpc_deadline {
-        None => None,
-        Some(GrpcDeadline::At(at)) => Some(at),
-        Some(GrpcDeadline::Invalid) => {
-            return Err(InferError::InvalidArgument("metadata 'grpc-timeout': not a valid gRPC timeout".into()));
-        }
-    };
-    let mut decoded = decode::decode(req, &version.spec, version.config.max_batch_size).inspect_err(|e| {
-        if let InferError::NonFinite { input, column, .. } = e
-            && !shadow
-        {
-            version.drift.refused_non_finite(*input, *column);
-        }
-    })?;
-    if shadow {
-        decoded.params.priority = Some(u64::from(version.config.priority_levels));
-    }
-    let call = Call { received: call.received, deadline, caller: call.caller.clone(), tenant: call.tenant.clone() };
-    let answer = pipeline.infer(version, decoded, &call).await?;
-    Ok(encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us))
 }
 
 fn duration(stat: &DurationStat) -> Option<pb::StatisticDuration> {
@@ -262,7 +122,7 @@ fn duration(stat: &DurationStat) -> Option<pb::StatisticDuration> {
     Some(pb::StatisticDuration { count, ns })
 }
 
-fn statistics(name: &str, version: u64, s: &VersionStats) -> pb::ModelStatistics {
+pub(crate) fn statistics(name: &str, version: u64, s: &VersionStats) -> pb::ModelStatistics {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     pb::ModelStatistics {
         name: name.to_string(),
@@ -480,45 +340,32 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let call = CallContext {
-            received: Instant::now(),
-            grpc_deadline: request.extensions().get::<GrpcDeadline>().copied(),
+        let received = Instant::now();
+        let deadline = match request.extensions().get::<GrpcDeadline>().copied() {
+            None => None,
+            Some(GrpcDeadline::At(at)) => Some(at),
+            Some(GrpcDeadline::Invalid) => {
+                return Err(Status::invalid_argument("metadata 'grpc-timeout': not a valid gRPC timeout"));
+            }
+        };
+        let call = Call {
+            received,
+            deadline,
             caller: caller(&request),
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
+            protocol: "grpc",
         };
-        let req = request.into_inner();
-        let repo = self.repo();
-        let routed = router::route_infer(&repo, &req.model_name, &req.model_version, || routing_key(&req));
-        let fallback = repo.models.get(&req.model_name).filter(|m| m.config.fallback.is_some());
-        let version = match (routed, fallback) {
-            (Ok(version), Some(model)) => match version.breaker.tripped() {
-                Some(why) => return self.fall_back(&repo, model, &version, &req, &call, "unhealthy", why).await,
-                None => version,
-            },
-            (Ok(version), None) => version,
-            (Err(e), Some(model)) if model.release.paused.is_some() => {
-                let Some(primary) = model.versions.get(&model.default_version) else {
-                    return Err(status::to_status(&e));
-                };
-                return self.fall_back(&repo, model, primary, &req, &call, "paused", e.to_string()).await;
-            }
-            // Unknown names are not metric labels: a client could grow the set.
-            (Err(e), _) => return Err(status::to_status(&e)),
-        };
-        let shadow = self.shadow_copy(&repo, &req, &version, &call);
-        let result = self.infer(&req, &version, &call).await;
-        version.breaker.record(&result);
-        if let (Some(shadow), Ok(answer)) = (shadow, &result) {
-            let _ = shadow.send(answer.clone());
+        let req = Arc::new(GrpcRequest(request.into_inner()));
+        let served =
+            controls::serve(&self.pipeline, &self.repo(), &req, &call).await.map_err(|e| status::to_status(&e))?;
+        let Served { version, answer, fallback } = served;
+        let mut response =
+            encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us);
+        if let Some(note) = fallback {
+            let note =
+                pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(note)) };
+            response.parameters.insert("fallback".into(), note);
         }
-        if let (Err(e @ InferError::DeadlineUnmeetable(_)), Some(model)) = (&result, fallback)
-            && model.config.fallback_on_deadline
-        {
-            let why = e.to_string();
-            if let Ok(answer) = self.fall_back(&repo, model, &version, &req, &call, "deadline", why).await {
-                return Ok(answer);
-            }
-        }
-        finish(&version, &call, result)
+        Ok(Response::new(response))
     }
 }
