@@ -55,7 +55,7 @@ trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 declare -A url
 for s in "${settings[@]}"; do
   port=$(free_port)
-  "$kiln" serve --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 >"$out/serve-$s.log" 2>&1 &
+  "$kiln" serve --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 --http 127.0.0.1:0 >"$out/serve-$s.log" 2>&1 &
   pids+=($!)
   url[$s]=127.0.0.1:$port
 done

@@ -29,7 +29,7 @@ for setup in "${setups[@]}"; do
   sed "s/^\[bert\]$/[bert]\nengine = \"$engine\"/" models/minilm/model.toml >"$repo/model.toml"
   for f in model.safetensors config.json tokenizer.json; do ln -s "$(pwd)/models/minilm/1/$f" "$repo/1/$f"; done
   port=$(free_port)
-  "$kiln" serve --repo "$work/$name" --grpc "127.0.0.1:$port" --metrics "127.0.0.1:$(free_port)" \
+  "$kiln" serve --repo "$work/$name" --grpc "127.0.0.1:$port" --metrics "127.0.0.1:$(free_port)" --http 127.0.0.1:0 \
     --model-threads "$threads" >"$work/$name.log" 2>&1 &
   pids+=($!)
   url[$name]=127.0.0.1:$port

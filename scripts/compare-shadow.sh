@@ -20,7 +20,7 @@ mkdir -p "$work/repo/risk/1" "$work/repo/risk/2"
 cp models/risk/1/model.safetensors "$work/repo/risk/1/"
 cp models/risk/1/model.safetensors "$work/repo/risk/2/"
 python3 -c 'import secrets; print(secrets.token_hex(16))' >"$work/token"
-"$kiln" serve --repo "$work/repo" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 \
+"$kiln" serve --repo "$work/repo" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 --http 127.0.0.1:0 \
   --admin-token-file "$work/token" >"$work/serve.log" 2>&1 &
 pid=$!
 export KILN_URL="127.0.0.1:$port" KILN_ADMIN_TOKEN_FILE="$work/token"

@@ -30,7 +30,17 @@ fn start(drain_timeout: &str) -> (Server, tempfile::TempDir) {
     std::fs::write(&config, "[limits]\nhandshake_timeout_ms = 600000\n").expect("config");
     let mut command = Command::new(kiln_bin());
     command
-        .args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--drain-timeout", drain_timeout])
+        .args([
+            "serve",
+            "--grpc",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            drain_timeout,
+        ])
         .arg("--repo")
         .arg(repo.path())
         .arg("--config")

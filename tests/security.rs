@@ -413,7 +413,7 @@ async fn secrets_never_reach_logs_metrics_or_answers() {
     );
     let mut command = Command::new(kiln_bin());
     command
-        .args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--config"])
+        .args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--http", "127.0.0.1:0", "--config"])
         .arg(&config)
         .env("RUST_LOG", "debug")
         .env_remove("KILN_ADMIN_TOKEN");
@@ -488,7 +488,9 @@ fn empty_and_short_secrets_are_refused_from_every_source() {
         let path = dir.path().join("kiln.toml");
         write(&path, config);
         let mut command = Command::new(kiln_bin());
-        command.args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--config"]).arg(&path);
+        command
+            .args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--http", "127.0.0.1:0", "--config"])
+            .arg(&path);
         command.args(args).env_remove("KILN_ADMIN_TOKEN").env_remove("KILN_REQUEST_LOG_KEY");
         for (k, v) in env {
             command.env(k, v);

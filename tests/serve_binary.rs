@@ -19,7 +19,8 @@ fn serve_with_env(config: &str, dir: tempfile::TempDir, env: &[(&str, &str)]) ->
         .arg("serve")
         .env("KILN_CONFIG", &path)
         .env("KILN_GRPC_ADDR", "127.0.0.1:0")
-        .env("KILN_METRICS_ADDR", "127.0.0.1:0");
+        .env("KILN_METRICS_ADDR", "127.0.0.1:0")
+        .env("KILN_HTTP_ADDR", "127.0.0.1:0");
     for (k, v) in env {
         command.env(k, v);
     }

@@ -30,7 +30,9 @@ impl Server {
         let path = dir.path().join("kiln.toml");
         std::fs::write(&path, config).expect("write config");
         let mut command = Command::new(kiln_bin());
-        command.args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--config"]).arg(&path);
+        command
+            .args(["serve", "--grpc", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--http", "127.0.0.1:0", "--config"])
+            .arg(&path);
         Self::spawn(command, dir).expect("kiln serve started")
     }
 
