@@ -200,3 +200,22 @@ async fn http_and_grpc_requests_share_a_batch() {
     assert_eq!(v["parameters"]["batch_size"], 2, "{v}");
     assert_eq!(int_parameter(&grpc, "batch_size"), Some(2));
 }
+
+/// Shutdown drains HTTP as it drains gRPC: a request computing when the
+/// signal comes (a 600 ms batch, stopped 200 ms in) is answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_answers_an_admitted_http_request() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    common::test_model(repo.path(), "slow", 1.0, "", "delay_ms = 600");
+    let config = ServeConfig { repository: RepositorySource::Dir(repo.path().to_path_buf()), ..Default::default() };
+    let server = TestServer::start(config).await;
+    let addr = server.http_addr;
+    let body = json!({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 1, 1]}]});
+    let admitted = tokio::spawn(async move { post_json(addr, "/v2/models/slow/infer", &body).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let stopping = tokio::spawn(server.stop());
+    let answer = admitted.await.expect("the request task");
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.json()["outputs"][0]["data"], json!([3.0]));
+    stopping.await.expect("stop task").expect("a clean stop");
+}
