@@ -33,6 +33,36 @@ pub fn params(parameters: &HashMap<String, InferParameter>) -> Result<RequestPar
     RequestParams::parse(parameters.iter().map(|(k, v)| (k.as_str(), param_value(v))))
 }
 
+/// A V2 message, from gRPC or built from an HTTP body, as the release
+/// controls take it: decodable against any version of its model.
+pub(crate) struct V2Request(pub ModelInferRequest);
+
+impl crate::pipeline::controls::FrontRequest for V2Request {
+    fn model(&self) -> &str {
+        &self.0.model_name
+    }
+
+    fn version(&self) -> &str {
+        &self.0.model_version
+    }
+
+    /// The `routing_key` parameter, else the request id, else nothing in
+    /// common with any other request (a random key).
+    fn routing_key(&self) -> Vec<u8> {
+        use crate::api::pb::infer_parameter::ParameterChoice;
+        match self.0.parameters.get("routing_key").and_then(|p| p.parameter_choice.as_ref()) {
+            Some(ParameterChoice::StringParam(key)) => key.as_bytes().to_vec(),
+            Some(ParameterChoice::Int64Param(key)) => key.to_le_bytes().to_vec(),
+            _ if !self.0.id.is_empty() => self.0.id.as_bytes().to_vec(),
+            _ => rand::random::<[u8; 8]>().to_vec(),
+        }
+    }
+
+    fn decode(&self, version: &crate::repository::ServedVersion) -> Result<Decoded, InferError> {
+        decode(&self.0, &version.spec, version.config.max_batch_size)
+    }
+}
+
 /// Reads `req`'s inputs from its typed or raw contents and validates the
 /// request against `spec`, building the pipeline's first stage.
 pub fn decode(req: &ModelInferRequest, spec: &ModelSpec, max_rows: usize) -> Result<Decoded, InferError> {

@@ -9,13 +9,14 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::deadline::GrpcDeadline;
-use super::{decode, encode};
+use super::decode::V2Request;
+use super::encode;
 use crate::api::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use crate::api::status;
 use crate::error::InferError;
 use crate::monitor::stats::{DurationStat, VersionStats};
-use crate::pipeline::controls::{self, FrontRequest, Served};
-use crate::pipeline::{Call, Decoded, Pipeline, router};
+use crate::pipeline::controls::{self, Served};
+use crate::pipeline::{Call, Pipeline, router};
 use crate::repository::{Repository, ServedVersion, VersionState};
 use crate::runtime::Runtime;
 use crate::security::Caller;
@@ -33,40 +34,6 @@ fn caller<T>(request: &Request<T>) -> Caller {
 /// serving it.
 fn noted_version(repo: &Repository, model: &str, version: &str) -> bool {
     version.parse::<u64>().ok().is_some_and(|v| repo.note(model, Some(v)).is_some())
-}
-
-/// A V2 request as the release controls take it.
-struct GrpcRequest(pb::ModelInferRequest);
-
-impl FrontRequest for GrpcRequest {
-    fn model(&self) -> &str {
-        &self.0.model_name
-    }
-
-    fn version(&self) -> &str {
-        &self.0.model_version
-    }
-
-    fn routing_key(&self) -> Vec<u8> {
-        routing_key(&self.0)
-    }
-
-    fn decode(&self, version: &ServedVersion) -> Result<Decoded, InferError> {
-        decode::decode(&self.0, &version.spec, version.config.max_batch_size)
-    }
-}
-
-/// What keeps a request on one side of a canary split: the `routing_key`
-/// parameter, else the request id, else nothing in common with any other
-/// request (a random key).
-fn routing_key(req: &pb::ModelInferRequest) -> Vec<u8> {
-    use pb::infer_parameter::ParameterChoice;
-    match req.parameters.get("routing_key").and_then(|p| p.parameter_choice.as_ref()) {
-        Some(ParameterChoice::StringParam(key)) => key.as_bytes().to_vec(),
-        Some(ParameterChoice::Int64Param(key)) => key.to_le_bytes().to_vec(),
-        _ if !req.id.is_empty() => req.id.as_bytes().to_vec(),
-        _ => rand::random::<[u8; 8]>().to_vec(),
-    }
 }
 
 /// Runs a model-control change (blocking: a load takes seconds) off the
@@ -355,7 +322,7 @@ impl GrpcInferenceService for InferenceService {
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
             protocol: "grpc",
         };
-        let req = Arc::new(GrpcRequest(request.into_inner()));
+        let req = Arc::new(V2Request(request.into_inner()));
         let served =
             controls::serve(&self.pipeline, &self.repo(), &req, &call).await.map_err(|e| status::to_status(&e))?;
         let Served { version, answer, fallback } = served;

@@ -305,20 +305,7 @@ where
     let mut buffer = BytesMut::new();
     let mut declared: Option<usize> = None;
     let deadline = tokio::time::Instant::now() + state.body_timeout;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => {
-                return Err(InferError::Expired(format!(
-                    "request body not received within body_timeout_ms {} ({} bytes arrived)",
-                    state.body_timeout.as_millis(),
-                    buffer.len()
-                )));
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(InferError::InvalidArgument(format!("request body: {e}"))),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else { continue };
+    while let Some(data) = next_data(&mut body, deadline, state.body_timeout, buffer.len()).await? {
         let expected = declared.map_or(FRAME_HEADER + limit, |len| FRAME_HEADER + len);
         if buffer.len() + data.len() > expected {
             return Err(match declared {
@@ -355,6 +342,37 @@ where
         )));
     }
     Ok((buffer.freeze(), reservation))
+}
+
+/// The next data frame of a body (trailers skipped), `None` at its end;
+/// refused past `deadline` (the body timeout, `timeout`) with how much had
+/// arrived.
+pub(crate) async fn next_data<B>(
+    body: &mut B,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    arrived: usize,
+) -> Result<Option<Bytes>, InferError>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(InferError::Expired(format!(
+                    "request body not received within body_timeout_ms {} ({arrived} bytes arrived)",
+                    timeout.as_millis()
+                )));
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err(InferError::InvalidArgument(format!("request body: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
 }
 
 fn too_large(len: usize, limit: usize) -> InferError {

@@ -23,16 +23,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use http::{Method, StatusCode, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use crate::api::grpc::decode;
-use crate::api::grpc::ingress::{Guarded, InflightBudget, Reservation};
-use crate::api::{pb, status};
+use crate::api::grpc::decode::V2Request;
+use crate::api::grpc::ingress::{Guarded, InflightBudget, Reservation, next_data};
+use crate::api::status;
 use crate::error::InferError;
-use crate::pipeline::controls::{self, FrontRequest, Served};
-use crate::pipeline::{Call, Decoded, Pipeline, router};
+use crate::pipeline::controls::{self, Served};
+use crate::pipeline::{Call, Pipeline, router};
 use crate::repository::{LiveRepository, ServedVersion};
 use crate::security::{Auth, Caller, ClientCertificate};
 use crate::server::drain::Drain;
@@ -343,32 +342,6 @@ enum Inference {
     Embeddings,
 }
 
-/// A V2 message from either endpoint, as the release controls take it.
-struct HttpRequest(pb::ModelInferRequest);
-
-impl FrontRequest for HttpRequest {
-    fn model(&self) -> &str {
-        &self.0.model_name
-    }
-
-    fn version(&self) -> &str {
-        &self.0.model_version
-    }
-
-    fn routing_key(&self) -> Vec<u8> {
-        match self.0.parameters.get("routing_key").and_then(|p| p.parameter_choice.as_ref()) {
-            Some(pb::infer_parameter::ParameterChoice::StringParam(key)) => key.as_bytes().to_vec(),
-            Some(pb::infer_parameter::ParameterChoice::Int64Param(key)) => key.to_le_bytes().to_vec(),
-            _ if !self.0.id.is_empty() => self.0.id.as_bytes().to_vec(),
-            _ => rand::random::<[u8; 8]>().to_vec(),
-        }
-    }
-
-    fn decode(&self, version: &ServedVersion) -> Result<Decoded, InferError> {
-        decode::decode(&self.0, &version.spec, version.config.max_batch_size)
-    }
-}
-
 fn call(parts: &http::request::Parts, received: Instant, caller: Caller) -> Result<Call, InferError> {
     let deadline = match parts.headers.get(TIMEOUT_HEADER) {
         None => None,
@@ -417,7 +390,7 @@ async fn infer(
             };
             let (message, binary) = v2::parse_request(&name, &version, &bytes, header_length)?;
             drop(bytes);
-            let req = Arc::new(HttpRequest(message));
+            let req = Arc::new(V2Request(message));
             let Served { version, answer, fallback } = controls::serve(&state.pipeline, &repo, &req, &call).await?;
             let (body, json_length) = v2::encode_response(&version.spec, &answer, fallback.as_deref(), &binary);
             match json_length {
@@ -438,7 +411,7 @@ async fn infer(
                 other => other,
             })?;
             let (message, encoding) = openai::to_v2(&request, &primary.spec)?;
-            let req = Arc::new(HttpRequest(message));
+            let req = Arc::new(V2Request(message));
             let Served { answer, .. } = controls::serve(&state.pipeline, &repo, &req, &call).await?;
             respond(StatusCode::OK, "application/json", openai::encode(&request.model, &answer, encoding)?)
         }
@@ -462,20 +435,7 @@ async fn receive(
     let mut reservation = state.budget.reserve();
     let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     let deadline = tokio::time::Instant::now() + state.body_timeout;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
-            Err(_) => {
-                return Err(InferError::Expired(format!(
-                    "request body not received within body_timeout_ms {} ({} bytes arrived)",
-                    state.body_timeout.as_millis(),
-                    buffer.len()
-                )));
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(InferError::InvalidArgument(format!("request body: {e}"))),
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else { continue };
+    while let Some(data) = next_data(&mut incoming, deadline, state.body_timeout, buffer.len()).await? {
         if buffer.len() + data.len() > limit {
             return Err(too_large(buffer.len() + data.len(), limit));
         }
