@@ -60,9 +60,14 @@ install -m 0755 "$kiln" "$work/context/target/release/kiln"
 strip "$work/context/target/release/kiln"
 cp .dockerignore "$work/context/"
 # --format docker keeps HEALTHCHECK, which the OCI image format drops.
-buildah bud --force-rm --format docker --layers=false --build-arg BINARY=host --build-arg RUNTIME_BASE="$base" \
+# buildah leaves the working container of a stage another stage builds FROM
+# (--force-rm instead fails the build: "identifier is not an image"), so
+# the containers this build adds are removed after it.
+before=$(buildah containers -q | sort)
+buildah bud --format docker --layers=false --build-arg BINARY=host --build-arg RUNTIME_BASE="$base" \
   --target runtime -f deploy/Dockerfile -t "$image" "$work/context" >"$work/build.log" 2>&1 ||
   { cat "$work/build.log"; exit 1; }
+comm -13 <(echo "$before") <(buildah containers -q | sort) | xargs -r buildah rm >/dev/null
 echo "ok   runtime stage built ($(du -h "$work/context/target/release/kiln" | cut -f1) binary on $base)"
 
 config() { buildah inspect --type image --format "$1" "$image"; }
