@@ -34,6 +34,37 @@ pub struct Served {
     pub fallback: Option<String>,
 }
 
+/// A response parameter's value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum AnswerParam {
+    Int(u64),
+    Str(String),
+}
+
+impl Served {
+    /// The parameters every answer carries, on every front end: where the
+    /// time went (`server_us`: receipt to answer, within the deadline by
+    /// construction), exactly which weights computed it, and why the
+    /// fallback answered when it did.
+    pub fn parameters(&self) -> Vec<(&'static str, AnswerParam)> {
+        let (spec, t) = (&self.version.spec, self.answer.response.timing);
+        let mut out = vec![
+            ("server_us", AnswerParam::Int(self.answer.server_us)),
+            ("queue_us", AnswerParam::Int(t.queue_us)),
+            ("compute_us", AnswerParam::Int(t.compute_us)),
+            ("batch_size", AnswerParam::Int(t.batch_size)),
+            ("cost_us", AnswerParam::Int(t.cost_us)),
+            ("model_version", AnswerParam::Str(spec.version.to_string())),
+            ("weights_sha256", AnswerParam::Str(spec.weights_sha256.clone())),
+        ];
+        if let Some(note) = &self.fallback {
+            out.push(("fallback", AnswerParam::Str(note.clone())));
+        }
+        out
+    }
+}
+
 /// Routes, runs and counts one request under its model's release controls.
 /// Errors before a version is chosen (unknown model or version, a paused
 /// model without a fallback) are not counted: their names come from the

@@ -9,8 +9,8 @@ use crate::api::pb::{
 };
 use crate::config::ModelToml;
 use crate::model::{DataType, ModelSpec, TensorSpec};
+use crate::pipeline::controls::{AnswerParam, Served};
 use crate::repository::ServedModel;
-use crate::request::InferResponse;
 
 fn int_param(v: u64) -> InferParameter {
     InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(v.min(i64::MAX as u64) as i64)) }
@@ -20,29 +20,26 @@ fn string_param(v: &str) -> InferParameter {
     InferParameter { parameter_choice: Some(ParameterChoice::StringParam(v.to_string())) }
 }
 
-/// The V2 answer for a computed request. Parameters carry where the time
-/// went (`server_us`: receipt to answer, within the deadline by
-/// construction) and exactly which weights computed it.
-pub fn infer_response(
-    id: String,
-    spec: &ModelSpec,
-    outputs: &[usize],
-    response: InferResponse,
-    server_us: u64,
-) -> ModelInferResponse {
-    let t = response.timing;
-    let parameters = HashMap::from([
-        ("server_us".to_string(), int_param(server_us)),
-        ("queue_us".to_string(), int_param(t.queue_us)),
-        ("compute_us".to_string(), int_param(t.compute_us)),
-        ("batch_size".to_string(), int_param(t.batch_size)),
-        ("cost_us".to_string(), int_param(t.cost_us)),
-        ("model_version".to_string(), string_param(&spec.version.to_string())),
-        ("weights_sha256".to_string(), string_param(&spec.weights_sha256)),
-    ]);
-    let (meta, raw) = outputs
+/// The V2 answer for a served request, with the parameters every answer
+/// carries ([`Served::parameters`]).
+pub fn infer_response(served: Served) -> ModelInferResponse {
+    let parameters: HashMap<String, InferParameter> = served
+        .parameters()
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value {
+                AnswerParam::Int(v) => int_param(v),
+                AnswerParam::Str(v) => string_param(&v),
+            };
+            (name.to_string(), value)
+        })
+        .collect();
+    let Served { version, answer, .. } = served;
+    let (spec, id) = (&version.spec, answer.id);
+    let (meta, raw) = answer
+        .outputs
         .iter()
-        .zip(response.outputs)
+        .zip(answer.response.outputs)
         .map(|(&o, tensor)| {
             let declared = &spec.outputs[o];
             let meta = InferOutputTensor {

@@ -15,7 +15,7 @@ use crate::api::pb::{self, grpc_inference_service_server::GrpcInferenceService};
 use crate::api::status;
 use crate::error::InferError;
 use crate::monitor::stats::{DurationStat, VersionStats};
-use crate::pipeline::controls::{self, Served};
+use crate::pipeline::controls;
 use crate::pipeline::{Call, Pipeline, router};
 use crate::repository::{Repository, ServedVersion, VersionState};
 use crate::runtime::Runtime;
@@ -325,14 +325,6 @@ impl GrpcInferenceService for InferenceService {
         let req = Arc::new(V2Request(request.into_inner()));
         let served =
             controls::serve(&self.pipeline, &self.repo(), &req, &call).await.map_err(|e| status::to_status(&e))?;
-        let Served { version, answer, fallback } = served;
-        let mut response =
-            encode::infer_response(answer.id, &version.spec, &answer.outputs, answer.response, answer.server_us);
-        if let Some(note) = fallback {
-            let note =
-                pb::InferParameter { parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(note)) };
-            response.parameters.insert("fallback".into(), note);
-        }
-        Ok(Response::new(response))
+        Ok(Response::new(encode::infer_response(served)))
     }
 }

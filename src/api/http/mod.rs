@@ -391,8 +391,8 @@ async fn infer(
             let (message, binary) = v2::parse_request(&name, &version, &bytes, header_length)?;
             drop(bytes);
             let req = Arc::new(V2Request(message));
-            let Served { version, answer, fallback } = controls::serve(&state.pipeline, &repo, &req, &call).await?;
-            let (body, json_length) = v2::encode_response(&version.spec, &answer, fallback.as_deref(), &binary);
+            let served = controls::serve(&state.pipeline, &repo, &req, &call).await?;
+            let (body, json_length) = v2::encode_response(&served, &binary);
             match json_length {
                 None => respond(StatusCode::OK, "application/json", body),
                 Some(n) => {

@@ -20,8 +20,8 @@ use serde_json::value::RawValue;
 
 use crate::api::pb;
 use crate::error::InferError;
-use crate::model::{DataType, ModelSpec, Tensor, TensorData};
-use crate::pipeline::Answer;
+use crate::model::{DataType, Tensor, TensorData};
+use crate::pipeline::controls::{AnswerParam, Served};
 
 /// The header naming where the JSON part of a body ends.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -335,14 +335,6 @@ impl<'de> Visitor<'de> for DataSeed<'_> {
     }
 }
 
-/// A response parameter.
-#[derive(Serialize)]
-#[serde(untagged)]
-pub enum ParamOut {
-    Int(u64),
-    Str(String),
-}
-
 #[derive(Serialize)]
 #[serde(untagged)]
 enum DataOut<'a> {
@@ -369,30 +361,8 @@ struct ResponseOut<'a> {
     model_name: &'a str,
     model_version: String,
     id: &'a str,
-    parameters: BTreeMap<&'static str, ParamOut>,
+    parameters: BTreeMap<&'static str, AnswerParam>,
     outputs: Vec<OutputOut<'a>>,
-}
-
-/// The parameters every answer carries, as the gRPC front end sends them.
-pub fn answer_parameters(
-    spec: &ModelSpec,
-    answer: &Answer,
-    fallback: Option<&str>,
-) -> BTreeMap<&'static str, ParamOut> {
-    let t = answer.response.timing;
-    let mut p = BTreeMap::from([
-        ("server_us", ParamOut::Int(answer.server_us)),
-        ("queue_us", ParamOut::Int(t.queue_us)),
-        ("compute_us", ParamOut::Int(t.compute_us)),
-        ("batch_size", ParamOut::Int(t.batch_size)),
-        ("cost_us", ParamOut::Int(t.cost_us)),
-        ("model_version", ParamOut::Str(spec.version.to_string())),
-        ("weights_sha256", ParamOut::Str(spec.weights_sha256.clone())),
-    ]);
-    if let Some(note) = fallback {
-        p.insert("fallback", ParamOut::Str(note.to_string()));
-    }
-    p
 }
 
 fn data_out(tensor: &Tensor) -> DataOut<'_> {
@@ -408,12 +378,8 @@ fn data_out(tensor: &Tensor) -> DataOut<'_> {
 /// The answer as a V2 REST body: JSON, then the raw bytes of each output
 /// wanted in binary, in order. Returns the body and the JSON part's length
 /// when binary data follows it.
-pub fn encode_response(
-    spec: &ModelSpec,
-    answer: &Answer,
-    fallback: Option<&str>,
-    binary: &BinaryOutputs,
-) -> (Vec<u8>, Option<usize>) {
+pub fn encode_response(served: &Served, binary: &BinaryOutputs) -> (Vec<u8>, Option<usize>) {
+    let (spec, answer) = (&served.version.spec, &served.answer);
     let mut raw = Vec::new();
     let outputs = answer
         .outputs
@@ -442,7 +408,7 @@ pub fn encode_response(
         model_name: &spec.name,
         model_version: spec.version.to_string(),
         id: &answer.id,
-        parameters: answer_parameters(spec, answer, fallback),
+        parameters: served.parameters().into_iter().collect(),
         outputs,
     };
     let mut body = serde_json::to_vec(&response).unwrap_or_default();
