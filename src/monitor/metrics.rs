@@ -9,6 +9,23 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// The front end a request came through: the `protocol` label of the
+/// request counts and durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc = 0,
+    Http = 1,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http => "http",
+        }
+    }
+}
+
 /// Requests answered, by gRPC status code name (`OK`, `INVALID_ARGUMENT`, ...).
 pub const REQUESTS_TOTAL: &str = "kiln_requests_total";
 /// Receipt to answer, per request.
@@ -190,6 +207,8 @@ pub struct VersionMetrics {
     version: String,
     pub queue_duration: Histogram,
     pub compute_duration: Histogram,
+    /// By [`Protocol`], in its order.
+    request_duration: [Histogram; 2],
     pub batch_size: Histogram,
     pub batch_units: Histogram,
     pub batch_fill_ratio: Histogram,
@@ -220,6 +239,9 @@ impl VersionMetrics {
             max_batch_units: max_batch_units.max(1),
             queue_duration: metrics::histogram!(QUEUE_DURATION, "model" => m.clone(), "version" => v.clone()),
             compute_duration: metrics::histogram!(COMPUTE_DURATION, "model" => m.clone(), "version" => v.clone()),
+            request_duration: [Protocol::Grpc, Protocol::Http].map(|p| {
+                metrics::histogram!(REQUEST_DURATION, "model" => m.clone(), "version" => v.clone(), "protocol" => p.as_str())
+            }),
             batch_size: metrics::histogram!(BATCH_SIZE, "model" => m.clone(), "version" => v.clone()),
             batch_units: metrics::histogram!(BATCH_UNITS, "model" => m.clone(), "version" => v.clone()),
             queue_depth: (1..=priority_levels.max(1))
@@ -238,13 +260,13 @@ impl VersionMetrics {
     }
 
     /// The answered-requests counter for one gRPC code and front end.
-    pub fn requests(&self, code: &'static str, protocol: &'static str) -> Counter {
-        metrics::counter!(REQUESTS_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "code" => code, "protocol" => protocol)
+    pub fn requests(&self, code: &'static str, protocol: Protocol) -> Counter {
+        metrics::counter!(REQUESTS_TOTAL, "model" => self.model.clone(), "version" => self.version.clone(), "code" => code, "protocol" => protocol.as_str())
     }
 
-    /// Receipt to answer, per front end.
-    pub fn request_duration(&self, protocol: &'static str) -> Histogram {
-        metrics::histogram!(REQUEST_DURATION, "model" => self.model.clone(), "version" => self.version.clone(), "protocol" => protocol)
+    /// Receipt to answer, per front end (registered once, at load).
+    pub fn request_duration(&self, protocol: Protocol) -> &Histogram {
+        &self.request_duration[protocol as usize]
     }
 
     /// Publishes the latency model's current terms.

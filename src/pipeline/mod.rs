@@ -55,9 +55,8 @@ pub struct Call {
     /// The tenant the transport names (`x-kiln-tenant`) when the request's
     /// `tenant` parameter does not.
     pub tenant: Option<String>,
-    /// The front end (`grpc`, `http`): the `protocol` label of the request
-    /// counts and durations.
-    pub protocol: &'static str,
+    /// The front end it came through.
+    pub protocol: crate::monitor::metrics::Protocol,
 }
 
 /// Stage 2: inputs in the form the backend computes on (token rows for

@@ -320,7 +320,7 @@ impl GrpcInferenceService for InferenceService {
             deadline,
             caller: caller(&request),
             tenant: request.metadata().get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string),
-            protocol: "grpc",
+            protocol: crate::monitor::metrics::Protocol::Grpc,
         };
         let req = Arc::new(V2Request(request.into_inner()));
         let served =

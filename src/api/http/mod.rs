@@ -358,7 +358,7 @@ fn call(parts: &http::request::Parts, received: Instant, caller: Caller) -> Resu
         }
     };
     let tenant = parts.headers.get(TENANT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
-    Ok(Call { received, deadline, caller, tenant, protocol: "http" })
+    Ok(Call { received, deadline, caller, tenant, protocol: crate::monitor::metrics::Protocol::Http })
 }
 
 async fn infer(
