@@ -89,7 +89,29 @@ fn duration(stat: &DurationStat) -> Option<pb::StatisticDuration> {
     Some(pb::StatisticDuration { count, ns })
 }
 
-pub(crate) fn statistics(name: &str, version: u64, s: &VersionStats) -> pb::ModelStatistics {
+/// The statistics a caller asked for: every model it may see (`name`
+/// empty), every version of one model, or one version.
+pub(crate) fn select_statistics(
+    repo: &Repository,
+    who: &Caller,
+    name: &str,
+    version: &str,
+) -> Result<Vec<pb::ModelStatistics>, InferError> {
+    let all = |m: &crate::repository::ServedModel| {
+        m.versions.iter().map(|(v, served)| statistics(&m.name, *v, &served.stats)).collect::<Vec<_>>()
+    };
+    if name.is_empty() {
+        return Ok(repo.models.values().filter(|m| who.permit(&m.name).is_ok()).flat_map(all).collect());
+    }
+    who.permit(name)?;
+    if version.is_empty() {
+        return Ok(all(router::model(repo, name)?));
+    }
+    let served = router::route(repo, name, version)?;
+    Ok(vec![statistics(name, served.spec.version, &served.stats)])
+}
+
+fn statistics(name: &str, version: u64, s: &VersionStats) -> pb::ModelStatistics {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     pb::ModelStatistics {
         name: name.to_string(),
@@ -199,25 +221,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let who = caller(&request);
         let r = request.into_inner();
-        let mut model_stats = Vec::new();
-        let repo = self.repo();
-        if r.name.is_empty() {
-            for m in repo.models.values().filter(|m| who.permit(&m.name).is_ok()) {
-                for (v, served) in &m.versions {
-                    model_stats.push(statistics(&m.name, *v, &served.stats));
-                }
-            }
-        } else if r.version.is_empty() {
-            who.permit(&r.name).map_err(denied)?;
-            let m = router::model(&repo, &r.name).map_err(|e| status::to_status(&e))?;
-            for (v, served) in &m.versions {
-                model_stats.push(statistics(&m.name, *v, &served.stats));
-            }
-        } else {
-            who.permit(&r.name).map_err(denied)?;
-            let served = self.version(&r.name, &r.version)?;
-            model_stats.push(statistics(&r.name, served.spec.version, &served.stats));
-        }
+        let model_stats = select_statistics(&self.repo(), &who, &r.name, &r.version).map_err(denied)?;
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 

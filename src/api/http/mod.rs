@@ -318,22 +318,8 @@ fn model_ready(state: &HttpState, caller: &Caller, name: &str, version: &str) ->
 }
 
 fn stats(state: &HttpState, caller: &Caller, name: &str, version: &str) -> Result<Response, InferError> {
-    use crate::api::grpc::inference::statistics;
-    let repo = state.repo.get();
-    let mut out = Vec::new();
-    if name.is_empty() {
-        for m in repo.models.values().filter(|m| caller.permit(&m.name).is_ok()) {
-            out.extend(m.versions.iter().map(|(v, served)| statistics(&m.name, *v, &served.stats)));
-        }
-    } else if version.is_empty() {
-        caller.permit(name)?;
-        let m = router::model(&repo, name)?;
-        out.extend(m.versions.iter().map(|(v, served)| statistics(&m.name, *v, &served.stats)));
-    } else {
-        let served = served(state, caller, name, version)?;
-        out.push(statistics(name, served.spec.version, &served.stats));
-    }
-    Ok(json(StatusCode::OK, &triton::statistics(&out)))
+    let stats = crate::api::grpc::inference::select_statistics(&state.repo.get(), caller, name, version)?;
+    Ok(json(StatusCode::OK, &triton::statistics(&stats)))
 }
 
 /// Which inference endpoint a body is for.
