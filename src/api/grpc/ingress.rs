@@ -312,7 +312,7 @@ where
                 Some(_) => InferError::InvalidArgument(
                     "request body holds more than one message; a unary call carries exactly one".into(),
                 ),
-                None => too_large(buffer.len() + data.len() - FRAME_HEADER, limit),
+                None => too_large("message", buffer.len() + data.len() - FRAME_HEADER, limit),
             });
         }
         reservation.grow(data.len())?;
@@ -325,7 +325,7 @@ where
             }
             let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
             if len > limit {
-                return Err(too_large(len, limit));
+                return Err(too_large("message", len, limit));
             }
             declared = Some(len);
             // One allocation of the declared size; pages are touched only
@@ -375,10 +375,11 @@ where
     }
 }
 
-fn too_large(len: usize, limit: usize) -> InferError {
+/// A request over `max_message_bytes`; `what` names it (`message`, `body`).
+pub(crate) fn too_large(what: &str, len: usize, limit: usize) -> InferError {
     InferError::Overloaded {
         reason: "message_size",
-        message: format!("request message of {len} bytes is over max_message_bytes {limit}"),
+        message: format!("request {what} of {len} bytes is over max_message_bytes {limit}"),
     }
 }
 

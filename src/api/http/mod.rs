@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::api::grpc::decode::V2Request;
-use crate::api::grpc::ingress::{Guarded, InflightBudget, Reservation, next_data};
+use crate::api::grpc::ingress::{Guarded, InflightBudget, Reservation, next_data, too_large};
 use crate::api::status;
 use crate::error::InferError;
 use crate::pipeline::controls::{self, Served};
@@ -122,20 +122,18 @@ enum Dialect {
 
 fn route(method: &Method, path: &str) -> Option<Route> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let model = |name: &str, rest: &[&str]| -> Option<(String, String, usize)> {
-        match rest {
-            ["versions", v, ..] => Some((name.to_string(), v.to_string(), 2)),
-            _ => Some((name.to_string(), String::new(), 0)),
-        }
-    };
     Some(match (method, parts.as_slice()) {
         (&Method::GET, ["v2"]) => Route::Server,
         (&Method::GET, ["v2", "health", "live"]) => Route::Live,
         (&Method::GET, ["v2", "health", "ready"]) => Route::Ready,
         (&Method::GET, ["v2", "models", "stats"]) => Route::Stats { name: String::new(), version: String::new() },
         (m, ["v2", "models", name, rest @ ..]) => {
-            let (name, version, used) = model(name, rest)?;
-            match (m, &rest[used..]) {
+            let (version, rest) = match rest {
+                ["versions", v, rest @ ..] => (v.to_string(), rest),
+                _ => (String::new(), rest),
+            };
+            let name = name.to_string();
+            match (m, rest) {
                 (&Method::GET, []) => Route::Model { name, version },
                 (&Method::GET, ["ready"]) => Route::ModelReady { name, version },
                 (&Method::GET, ["config"]) => Route::Config { name, version },
@@ -416,26 +414,19 @@ async fn receive(
     let limit = state.max_message_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     if let Some(len) = declared.filter(|len: &usize| *len > limit) {
-        return Err(too_large(len, limit));
+        return Err(too_large("body", len, limit));
     }
     let mut reservation = state.budget.reserve();
     let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
     let deadline = tokio::time::Instant::now() + state.body_timeout;
     while let Some(data) = next_data(&mut incoming, deadline, state.body_timeout, buffer.len()).await? {
         if buffer.len() + data.len() > limit {
-            return Err(too_large(buffer.len() + data.len(), limit));
+            return Err(too_large("body", buffer.len() + data.len(), limit));
         }
         reservation.grow(data.len())?;
         buffer.extend_from_slice(&data);
     }
     Ok((buffer.freeze(), reservation))
-}
-
-fn too_large(len: usize, limit: usize) -> InferError {
-    InferError::Overloaded {
-        reason: "message_size",
-        message: format!("request body of {len} bytes is over max_message_bytes {limit}"),
-    }
 }
 
 #[cfg(test)]
@@ -479,7 +470,7 @@ mod tests {
             (InferError::Unauthenticated("x".into()), 401),
             (InferError::PermissionDenied("x".into()), 403),
             (InferError::QueueFull { model: "m".into(), version: 1, max_queue: 1 }, 429),
-            (too_large(10, 5), 413),
+            (too_large("body", 10, 5), 413),
             (InferError::Unavailable("x".into()), 503),
             (InferError::Expired("x".into()), 504),
             (InferError::DeadlineUnmeetable("x".into()), 504),
