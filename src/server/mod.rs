@@ -49,6 +49,11 @@ pub enum ServeError {
     Tls(#[from] crate::security::TlsError),
 }
 
+/// Completes once the server's stop signal has been sent.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// The listeners a server answers on, already bound: gRPC always, the
 /// HTTP front end and the Prometheus endpoint when given.
 pub struct Listeners {
@@ -154,17 +159,15 @@ pub async fn serve(
 
     let budget = InflightBudget::new(config.limits.max_inflight_bytes);
     let metrics_task = metrics.map(|listener| {
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let service = monitor::metrics::MetricsService::new(prometheus.clone(), budget.clone());
         let limits = config.limits.clone();
         let grace = config.drain_timeout;
         let tls = tls.as_ref().map(|t| t.acceptor(false));
         tokio::spawn(async move {
             let upkeep = tokio::spawn(monitor::metrics::upkeep(prometheus));
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            accept::accept_loop(listener, service, accept::Protocol::Http1, tls, limits, stopped, grace, || {}).await;
+            accept::accept_loop(listener, service, accept::Protocol::Http1, tls, limits, stopped(stop), grace, || {})
+                .await;
             upkeep.abort();
         })
     });
@@ -197,18 +200,14 @@ pub async fn serve(
             drain: drain.clone(),
             ready: ready_http.clone(),
         });
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let (limits, grace, drain) = (config.limits.clone(), config.drain_timeout, drain.clone());
         let tls = tls.as_ref().map(|t| t.acceptor(false));
+        let service = crate::api::http::HttpService::new(state);
         tokio::spawn(async move {
-            let stopped = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            let service = crate::api::http::HttpService::new(state);
-            accept::accept_loop(listener, service, accept::Protocol::Http1, tls, limits, stopped, grace, || {
-                drain.expire()
-            })
-            .await;
+            let expire = || drain.expire();
+            accept::accept_loop(listener, service, accept::Protocol::Http1, tls, limits, stopped(stop), grace, expire)
+                .await;
         })
     });
     let ingress = Arc::new(IngressState {
