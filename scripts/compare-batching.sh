@@ -68,8 +68,24 @@ done
 
 input=$tools/risk-input.json
 readings=$out/readings.csv
+split=$out/split.csv
 echo "model,setting,clients,rep,throughput,p50_us" >"$readings"
+echo "model,setting,rep,queue_p50_us,compute_p50_us" >"$split"
+# The server's own queue and compute medians at one client (kiln bench
+# reads them from every answer).
+one_client() {
+  "$kiln" bench --url "$2" --model "$1" --concurrency 1 --duration 3 --json "$out/one.json" >/dev/null
+  python3 - "$out/one.json" "$1" "$3" "$4" >>"$split" <<'PY'
+import json, sys
+server = json.load(open(sys.argv[1]))["steps"][0]["server"]
+print(f"{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{server['queue_p50_us']},{server['compute_p50_us']}")
+PY
+}
 for rep in $(seq 1 "$reps"); do
+  for s in "${settings[@]}"; do
+    one_client risk "${url[$s]}" "$s" "$rep"
+    one_client minilm "${url[$s]}" "$s" "$rep"
+  done
   for c in "${levels[@]}"; do
     for s in "${settings[@]}"; do
       pa -m risk -u "${url[$s]}" -i grpc --input-data "$input" --concurrency-range "$c:$c" \
@@ -110,6 +126,22 @@ for model in ("risk", "minilm"):
         flag = "" if tr >= 0.95 and pr <= 1.1 else "  <- goal missed"
         print(f"{c:>7} {t['zero']:>9.0f} {t['fixed']:>9.0f} {t['adaptive']:>9.0f} {tr:>9.2f}   "
               f"{p['zero']:>8.0f}µ {p['fixed']:>8.0f}µ {p['adaptive']:>8.0f}µ {pr:>9.2f}{flag}")
+PY
+
+python3 - "$split" <<'PY'
+import csv, statistics, sys
+from collections import defaultdict
+cell = defaultdict(list)
+for r in csv.DictReader(open(sys.argv[1])):
+    cell[(r["model"], r["setting"])].append((float(r["queue_p50_us"]), float(r["compute_p50_us"])))
+print("\none client: the server's queue and compute medians (medians of the repetitions); goal: queue <= 2 % of compute")
+print(f"{'model':>7} {'setting':>9} {'queue':>9} {'compute':>9} {'share':>7}")
+for (model, setting), xs in sorted(cell.items()):
+    q = statistics.median(x[0] for x in xs)
+    c = statistics.median(x[1] for x in xs)
+    share = q / c if c else float("inf")
+    flag = "  <- goal missed" if setting == "adaptive" and share > 0.02 else ""
+    print(f"{model:>7} {setting:>9} {q:>8.0f}µ {c:>8.0f}µ {100 * share:>6.1f}%{flag}")
 PY
 
 # The planner against the measured ceiling, shipped settings.

@@ -1,68 +1,293 @@
-//! The arrival rate the adaptive wait plans with: requests per second that
-//! arrive while the version already has work (queued or computing). A
-//! request that arrives to an empty version proves nothing about company:
-//! one client waiting for each answer sends exactly such requests, and
-//! waiting for it would only delay it. Counts and busy time decay together
-//! (half-life [`HALF_LIFE`]), so the rate follows load within a second or
-//! two and falls to nothing when traffic stops.
+//! What the adaptive wait knows of the traffic: how many requests arrive,
+//! and when.
+//!
+//! Arrivals are not memoryless. Clients that wait for each answer come
+//! back a round trip after their batch finished, together; bursts bring
+//! many requests within microseconds of each other; open-loop traffic
+//! arrives at its rate whatever the server does. Two profiles capture
+//! these: the arrival intensity by time since the last batch finished,
+//! and by time since the last arrival. Each is kept in [`BUCKETS`] steps
+//! up to the horizon (the longest the adaptive wait may last) and one
+//! open tail beyond it, each step's arrivals divided by the time the
+//! clock spent in that step (so steps cut short by the next anchor are
+//! not under-counted). Counts and times decay together (half-life
+//! [`HALF_LIFE`]), so the profiles follow the load within a second or two
+//! and fade when traffic stops.
 
 use std::time::{Duration, Instant};
 
-/// How fast old arrivals stop counting.
+/// How fast old evidence stops counting.
 pub const HALF_LIFE: Duration = Duration::from_secs(1);
 
-/// Decayed busy time below which the rate is not trusted (reads as zero):
-/// after about seven idle half-lives the old evidence no longer counts.
-const MIN_BUSY: Duration = Duration::from_millis(10);
+/// Steps between a finish and the horizon.
+pub const BUCKETS: usize = 32;
 
-/// Decayed counts of arrivals during busy time, and the busy time itself.
+/// A step is trusted once the clock has spent this many step widths in it
+/// (decayed): before that its arrivals read as none.
+const MIN_WINDOWS: f64 = 16.0;
+
+/// Decayed arrivals and exposure after each finish, by time since it.
 #[derive(Debug, Clone)]
-pub struct ArrivalRate {
-    last: Instant,
-    busy: bool,
-    /// Arrivals that found work already there, decayed.
-    arrivals: f64,
-    /// Seconds the version had work, decayed.
-    busy_s: f64,
+struct ArrivalProfile {
+    /// One step's width: the horizon over [`BUCKETS`].
+    step: Duration,
+    /// The last finish, and arrivals since it.
+    anchor: Option<Instant>,
+    since_anchor: usize,
+    /// Up to when exposure has been counted.
+    counted_to: Instant,
+    /// When the counts last decayed.
+    decayed_at: Instant,
+    /// Per step, then the open tail: arrivals and seconds of exposure.
+    arrivals: [f64; BUCKETS + 1],
+    exposure_s: [f64; BUCKETS + 1],
 }
 
-impl ArrivalRate {
-    pub fn new(now: Instant) -> Self {
-        Self { last: now, busy: false, arrivals: 0.0, busy_s: 0.0 }
+impl ArrivalProfile {
+    /// A profile looking `horizon` past each finish (at least a microsecond
+    /// per step).
+    fn new(now: Instant, horizon: Duration) -> Self {
+        let step = (horizon / BUCKETS as u32).max(Duration::from_micros(1));
+        Self {
+            step,
+            anchor: None,
+            since_anchor: 0,
+            counted_to: now,
+            decayed_at: now,
+            arrivals: [0.0; BUCKETS + 1],
+            exposure_s: [0.0; BUCKETS + 1],
+        }
     }
 
-    /// Folds in the time since the last update.
-    fn advance(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last);
-        if elapsed.is_zero() {
+    /// A profile of arrivals at a steady rate, as if measured for ever.
+    fn steady(rate_per_s: f64, horizon: Duration) -> Self {
+        let now = Instant::now();
+        let mut profile = Self::new(now, horizon);
+        let step_s = profile.step.as_secs_f64();
+        let exposure = step_s * MIN_WINDOWS * 1e3;
+        for (a, e) in profile.arrivals.iter_mut().zip(profile.exposure_s.iter_mut()) {
+            *e = exposure;
+            *a = rate_per_s.max(0.0) * exposure;
+        }
+        profile
+    }
+
+    fn horizon(&self) -> Duration {
+        self.step * BUCKETS as u32
+    }
+
+    /// Counts the time from `counted_to` to `now` as exposure of the steps
+    /// it covered since the anchor.
+    fn expose(&mut self, now: Instant) {
+        let Some(anchor) = self.anchor else {
+            self.counted_to = self.counted_to.max(now);
+            return;
+        };
+        let from = self.counted_to.max(anchor).saturating_duration_since(anchor);
+        let to = now.saturating_duration_since(anchor);
+        if to <= from {
+            return;
+        }
+        let horizon = self.horizon();
+        let mut at = from;
+        while at < to.min(horizon) {
+            let j = (at.as_nanos() / self.step.as_nanos()) as usize;
+            let end = (self.step * (j as u32 + 1)).min(to);
+            self.exposure_s[j] += (end - at).as_secs_f64();
+            at = end;
+        }
+        if to > horizon {
+            self.exposure_s[BUCKETS] += (to - from.max(horizon)).as_secs_f64();
+        }
+        self.counted_to = now;
+    }
+
+    fn decay(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.decayed_at);
+        // Decaying more often than every ~1 % of a half-life changes nothing
+        // that matters, and costs a pass over the steps.
+        if elapsed < HALF_LIFE / 128 {
             return;
         }
         let keep = 0.5f64.powf(elapsed.as_secs_f64() / HALF_LIFE.as_secs_f64());
-        self.arrivals *= keep;
-        // Busy for all of `elapsed` (the state only changes at updates);
-        // the time itself decays from its midpoint on average, close enough.
-        self.busy_s = self.busy_s * keep + if self.busy { elapsed.as_secs_f64() * keep.sqrt() } else { 0.0 };
-        self.last = now;
+        for v in self.arrivals.iter_mut().chain(self.exposure_s.iter_mut()) {
+            *v *= keep;
+        }
+        self.decayed_at = now;
     }
 
-    /// A request arrived; `busy` says whether the version had work then.
-    pub fn arrived(&mut self, now: Instant, busy: bool) {
-        self.set_busy(now, busy);
-        if busy {
-            self.arrivals += 1.0;
+    /// A request arrived at `now`.
+    fn arrived(&mut self, now: Instant) {
+        self.expose(now);
+        if let Some(anchor) = self.anchor {
+            let offset = now.saturating_duration_since(anchor);
+            let j = ((offset.as_nanos() / self.step.as_nanos()) as usize).min(BUCKETS);
+            self.arrivals[j] += 1.0;
+            self.since_anchor += 1;
         }
     }
 
-    /// The version has work (something queued or computing), or not.
-    pub fn set_busy(&mut self, now: Instant, busy: bool) {
-        self.advance(now);
-        self.busy = busy;
+    /// Time from now on counts from `now`: a batch finished, or a request
+    /// arrived, depending on what the profile follows.
+    fn anchor_at(&mut self, now: Instant) {
+        self.expose(now);
+        self.decay(now);
+        self.anchor = Some(now);
+        self.since_anchor = 0;
+        self.counted_to = now;
     }
 
-    /// Requests per second arriving while there is work; zero until
-    /// enough busy time has been seen.
-    pub fn per_second(&self) -> f64 {
-        if self.busy_s < MIN_BUSY.as_secs_f64() { 0.0 } else { self.arrivals / self.busy_s }
+    /// Arrivals per second in step `j` (the tail for `BUCKETS`), zero until
+    /// trusted.
+    fn intensity(&self, j: usize) -> f64 {
+        let trusted = self.step.as_secs_f64() * MIN_WINDOWS;
+        if self.exposure_s[j] < trusted { 0.0 } else { self.arrivals[j] / self.exposure_s[j] }
+    }
+
+    /// Expected arrivals from the anchor to `offset` after it.
+    fn cumulative(&self, offset: Duration) -> f64 {
+        let step_s = self.step.as_secs_f64();
+        let x = offset.as_secs_f64();
+        let whole = ((x / step_s) as usize).min(BUCKETS);
+        let mut sum: f64 = (0..whole).map(|j| self.intensity(j) * step_s).sum();
+        let rest = x - whole as f64 * step_s;
+        sum += self.intensity(whole) * rest;
+        sum
+    }
+
+    /// Calls `each(wait, expected)` for the waits worth considering up to
+    /// `bound` from `now` (the ends of the steps ahead, at most
+    /// [`BUCKETS`] of them, then `bound` itself), with the arrivals
+    /// expected within each: the profile's count from the anchor to then,
+    /// less those already come since the anchor.
+    fn outlook(&self, now: Instant, bound: Duration, mut each: impl FnMut(Duration, f64)) {
+        let (s, base) = match self.anchor {
+            // What is expected from now on: the profile's count to then,
+            // less its count to now. Arrivals that came early are counted
+            // off too (those clients came back): to the start of the current
+            // step, where the profile cannot tell early from on time.
+            Some(anchor) => {
+                let s = now.saturating_duration_since(anchor);
+                let base = if self.since_anchor == 0 {
+                    self.cumulative(s)
+                } else {
+                    let step_start = self.step * (s.as_nanos() / self.step.as_nanos()) as u32;
+                    self.cumulative(step_start).max(self.since_anchor as f64)
+                };
+                (s, base)
+            }
+            // Nothing anchors it yet: the open tail is all it knows.
+            None => (self.horizon(), self.cumulative(self.horizon())),
+        };
+        let first = (s.as_nanos() / self.step.as_nanos()) as u32 + 1;
+        for j in first..first + BUCKETS as u32 {
+            let wait = self.step * j - s;
+            if wait >= bound {
+                break;
+            }
+            each(wait, (self.cumulative(s + wait) - base).max(0.0));
+        }
+        each(bound, (self.cumulative(s + bound) - base).max(0.0));
+    }
+}
+
+/// The two profiles the adaptive wait consults: arrivals by time since
+/// the last finish (clients coming back for more), and by time since the
+/// last arrival (bursts, and open-loop traffic at its rate). Each offers
+/// its own expectation; the policy takes whichever promises the better
+/// wait.
+#[derive(Debug, Clone)]
+pub struct Arrivals {
+    after_finish: ArrivalProfile,
+    after_arrival: ArrivalProfile,
+    busy: Utilisation,
+}
+
+/// The share of executor time spent computing, decayed like the profiles:
+/// what executor time saved by batching is worth. Near idle, the time a
+/// wait saves would have gone unused anyway; near saturation, it is what
+/// everyone queues for.
+#[derive(Debug, Clone)]
+struct Utilisation {
+    last: Instant,
+    /// Share of the executors computing since `last`.
+    now_busy: f64,
+    busy_s: f64,
+    total_s: f64,
+}
+
+impl Utilisation {
+    fn new(now: Instant) -> Self {
+        Self { last: now, now_busy: 0.0, busy_s: 0.0, total_s: 0.0 }
+    }
+
+    fn set(&mut self, now: Instant, busy: f64) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        if dt > 0.0 {
+            let keep = 0.5f64.powf(dt / HALF_LIFE.as_secs_f64());
+            self.busy_s = self.busy_s * keep + self.now_busy * dt;
+            self.total_s = self.total_s * keep + dt;
+            self.last = now;
+        }
+        self.now_busy = busy.clamp(0.0, 1.0);
+    }
+
+    fn ratio(&self) -> f64 {
+        if self.total_s > 0.0 { self.busy_s / self.total_s } else { 0.0 }
+    }
+}
+
+impl Arrivals {
+    /// Profiles looking `horizon` ahead (the longest the wait may last).
+    pub fn new(now: Instant, horizon: Duration) -> Self {
+        Self {
+            after_finish: ArrivalProfile::new(now, horizon),
+            after_arrival: ArrivalProfile::new(now, horizon),
+            busy: Utilisation::new(now),
+        }
+    }
+
+    /// Open-loop arrivals at a known steady rate and executors busy for
+    /// `utilisation` of the time, as if measured for ever (the planner's
+    /// simulator plans with this); [`busy`](Self::busy) still moves it.
+    pub fn steady(rate_per_s: f64, utilisation: f64, horizon: Duration) -> Self {
+        let now = Instant::now();
+        let total_s = HALF_LIFE.as_secs_f64() / std::f64::consts::LN_2;
+        let busy = Utilisation { last: now, now_busy: 0.0, busy_s: utilisation.clamp(0.0, 1.0) * total_s, total_s };
+        Self {
+            after_finish: ArrivalProfile::steady(rate_per_s, horizon),
+            after_arrival: ArrivalProfile::steady(rate_per_s, horizon),
+            busy,
+        }
+    }
+
+    /// From `now`, this share of the executors is computing.
+    pub fn busy(&mut self, now: Instant, share: f64) {
+        self.busy.set(now, share);
+    }
+
+    /// The share of executor time spent computing lately.
+    pub fn utilisation(&self) -> f64 {
+        self.busy.ratio()
+    }
+
+    /// A request arrived at `now`.
+    pub fn arrived(&mut self, now: Instant) {
+        self.after_finish.arrived(now);
+        self.after_arrival.arrived(now);
+        self.after_arrival.anchor_at(now);
+    }
+
+    /// A batch finished at `now` (its answers are about to leave).
+    pub fn finished(&mut self, now: Instant) {
+        self.after_finish.anchor_at(now);
+    }
+
+    /// Calls `each(wait, expected arrivals)` for the waits worth
+    /// considering up to `bound` from `now`, by either profile.
+    pub fn outlook(&self, now: Instant, bound: Duration, mut each: impl FnMut(Duration, f64)) {
+        self.after_finish.outlook(now, bound, &mut each);
+        self.after_arrival.outlook(now, bound, &mut each);
     }
 }
 
@@ -71,50 +296,103 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    const US: Duration = Duration::from_micros(1);
+
+    fn expected(profile: &ArrivalProfile, now: Instant, wait: Duration) -> f64 {
+        let mut got = 0.0;
+        profile.outlook(now, wait, |w, e| {
+            if w == wait {
+                got = e;
+            }
+        });
+        got
+    }
 
     #[test]
     fn one_client_waiting_for_each_answer_brings_no_company() {
         let t0 = Instant::now();
-        let mut rate = ArrivalRate::new(t0);
-        // Each request arrives to an empty version, computes for 1 ms, and
-        // the next arrives 0.2 ms after the answer.
+        let mut p = ArrivalProfile::new(t0, 2 * MS);
+        // Each request arrives 0.2 ms after the answer and computes 1 ms:
+        // while one is queued right after a finish, no other is expected.
         let mut t = t0;
-        for _ in 0..500 {
-            rate.arrived(t, false);
-            rate.set_busy(t, true);
+        for _ in 0..2000 {
             t += MS;
-            rate.set_busy(t, false);
-            t += MS / 5;
+            p.anchor_at(t);
+            t += 200 * US;
+            p.arrived(t);
         }
-        assert_eq!(rate.per_second(), 0.0);
+        // Its own arrival is already counted: nothing more is coming.
+        assert!(expected(&p, t, 2 * MS) < 0.05, "{}", expected(&p, t, 2 * MS));
     }
 
     #[test]
-    fn arrivals_during_busy_time_measure_the_rate_and_it_decays_when_they_stop() {
+    fn clients_coming_back_after_a_finish_are_expected_and_then_counted_off() {
         let t0 = Instant::now();
-        let mut rate = ArrivalRate::new(t0);
-        // Always busy; one arrival every 0.5 ms: 2000 per second.
+        let mut p = ArrivalProfile::new(t0, 2 * MS);
+        // Two clients, answered together, back 300 and 310 µs later.
         let mut t = t0;
-        rate.set_busy(t, true);
-        for _ in 0..4000 {
-            t += MS / 2;
-            rate.arrived(t, true);
+        for _ in 0..2000 {
+            t += 10 * MS;
+            p.anchor_at(t);
+            p.arrived(t + 300 * US);
+            p.arrived(t + 310 * US);
         }
-        let measured = rate.per_second();
-        assert!((measured - 2000.0).abs() < 100.0, "{measured}");
-        // Then one client alone for three half-lives: its busy time, with
-        // no company, dilutes the old rate.
-        rate.set_busy(t, false);
-        for _ in 0..2500 {
-            rate.arrived(t, false);
-            rate.set_busy(t, true);
-            t += MS;
-            rate.set_busy(t, false);
-            t += MS / 5;
+        t += 10 * MS;
+        p.anchor_at(t);
+        // Right after the finish, two are on their way within 0.5 ms.
+        let two = expected(&p, t, 500 * US);
+        assert!((two - 2.0).abs() < 0.1, "{two}");
+        // Nothing is expected before they come.
+        assert!(expected(&p, t, 200 * US) < 0.05);
+        // Once the first came, one more is expected.
+        p.arrived(t + 300 * US);
+        let one = expected(&p, t + 300 * US, 200 * US);
+        assert!((one - 1.0).abs() < 0.1, "{one}");
+    }
+
+    #[test]
+    fn open_loop_arrivals_read_as_their_rate_past_the_horizon() {
+        let t0 = Instant::now();
+        let mut p = ArrivalProfile::new(t0, MS);
+        // One arrival every 0.25 ms (4000/s); batches finish every 5 ms.
+        let mut t = t0;
+        for i in 0..40_000 {
+            t += 250 * US;
+            if i % 20 == 0 {
+                p.anchor_at(t);
+            }
+            p.arrived(t + US);
         }
-        assert!(rate.per_second() < measured / 5.0, "{}", rate.per_second());
-        // Idle for twenty half-lives: the evidence is gone.
-        rate.set_busy(t + 20 * HALF_LIFE, false);
-        assert_eq!(rate.per_second(), 0.0);
+        // A finish, then 4 ms of arrivals at the same rate: over the next
+        // 3 ms, 4000/s brings 12.
+        t += 250 * US;
+        p.anchor_at(t);
+        for k in 0..16 {
+            p.arrived(t + 250 * US * k + US);
+        }
+        let got = expected(&p, t + 4 * MS, 3 * MS);
+        assert!((got - 12.0).abs() < 1.0, "{got}");
+        // A steady profile says the same.
+        let steady = ArrivalProfile::steady(4000.0, MS);
+        let e = expected(&steady, Instant::now(), 3 * MS);
+        assert!((e - 12.0).abs() < 0.01, "{e}");
+    }
+
+    #[test]
+    fn evidence_fades_when_traffic_stops() {
+        let t0 = Instant::now();
+        let mut p = ArrivalProfile::new(t0, 2 * MS);
+        let mut t = t0;
+        for _ in 0..2000 {
+            t += 10 * MS;
+            p.anchor_at(t);
+            p.arrived(t + 300 * US);
+        }
+        // Twenty idle half-lives later, a finish: the old arrivals no longer
+        // outweigh the time without them.
+        t += 20 * HALF_LIFE;
+        p.arrived(t);
+        p.anchor_at(t);
+        assert!(expected(&p, t, 2 * MS) < 0.05);
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::arrivals::ArrivalRate;
+use super::arrivals::Arrivals;
 use super::executor::{ExecutorPool, Queue, Report};
 use super::latency::SharedLatency;
 use super::observer::BatchObserver;
@@ -219,7 +219,8 @@ pub fn spawn(
         spec: spec.clone(),
         next_expiry: None,
         deaths: Vec::new(),
-        arrivals: ArrivalRate::new(Instant::now()),
+        arrivals: Arrivals::new(Instant::now(), settings.policy.max_queue_delay),
+        free_since: Instant::now(),
     };
     let stopped =
         Stopped { spec: spec.clone(), serving: serving.clone(), depth: depth.clone(), ready: metrics.ready.clone() };
@@ -311,6 +312,12 @@ impl Slots {
         self.in_flight.contains(&1)
     }
 
+    /// Share of the instances computing.
+    fn busy_share(&self) -> f64 {
+        let busy = self.in_flight.iter().filter(|n| **n > 0).count();
+        busy as f64 / self.in_flight.len().max(1) as f64
+    }
+
     fn idle_instance(&self) -> Option<usize> {
         self.in_flight.iter().position(|n| *n == 0)
     }
@@ -349,8 +356,10 @@ struct Scheduler {
     next_expiry: Option<Instant>,
     /// When executors died lately, for the restart limit.
     deaths: Vec<Instant>,
-    /// Arrivals while there was work: the adaptive wait's evidence.
-    arrivals: ArrivalRate,
+    /// Arrivals by time since the last finish: the adaptive wait's evidence.
+    arrivals: Arrivals,
+    /// When an executor last became free.
+    free_since: Instant,
 }
 
 impl Scheduler {
@@ -368,8 +377,7 @@ impl Scheduler {
             };
             match message {
                 Ok(Message::Submit(p)) => {
-                    let busy = self.busy();
-                    self.arrivals.arrived(p.enqueued, busy);
+                    self.arrivals.arrived(p.enqueued);
                     #[cfg(any(test, feature = "test-backends"))]
                     crate::fault::inject("scheduler", &p.request.id);
                     // Its own expiry may come before anything queued.
@@ -380,7 +388,12 @@ impl Scheduler {
                 }
                 Ok(Message::Executor(Report::Finished(i))) => {
                     self.slots.finished(i);
-                    self.arrivals.set_busy(Instant::now(), self.busy());
+                    let now = Instant::now();
+                    self.arrivals.finished(now);
+                    self.arrivals.busy(now, self.slots.busy_share());
+                    if self.slots.has_idle() {
+                        self.free_since = now;
+                    }
                 }
                 Ok(Message::Executor(Report::Died { instance, reason, queue })) => {
                     if let Err(reason) = self.restart(instance, &reason, queue) {
@@ -454,8 +467,7 @@ impl Scheduler {
             }
             let estimate = self.latency.estimate();
             let (keys, views) = self.queue.views();
-            self.arrivals.set_busy(now, self.busy());
-            let traffic = Traffic { rate_per_s: self.arrivals.per_second() };
+            let traffic = Traffic { arrivals: Some(&self.arrivals), free_since: can_run.then_some(self.free_since) };
             let plan = self.policy.plan(&views, now, &estimate, &traffic, draining);
             for &i in &plan.expired {
                 if let Some(p) = self.queue.take(&keys[i]) {
@@ -490,6 +502,7 @@ impl Scheduler {
             self.depth.fetch_sub(requests.len(), Ordering::AcqRel);
             if self.executors.dispatch(instance, Batch { requests }) {
                 self.slots.dispatched(instance);
+                self.arrivals.busy(now, self.slots.busy_share());
             }
         }
     }
@@ -508,11 +521,6 @@ impl Scheduler {
             left.as_micros(),
             estimate.predict(pending.request.padded_units()).as_micros()
         ))));
-    }
-
-    /// Something is queued or with an executor.
-    fn busy(&self) -> bool {
-        !self.queue.is_empty() || self.slots.in_flight.iter().any(|n| *n > 0)
     }
 
     /// Removes requests whose caller has gone, counting each.

@@ -84,6 +84,9 @@ struct Recorder {
     pub(crate) batch_size: u64,
     /// OK answers carrying the server's timing parameters.
     pub(crate) timed: u64,
+    /// Their queue and compute times, in µs.
+    pub(crate) queue_h: Histogram<u64>,
+    pub(crate) compute_h: Histogram<u64>,
 }
 
 impl Recorder {
@@ -98,6 +101,8 @@ impl Recorder {
             compute_us: 0,
             batch_size: 0,
             timed: 0,
+            queue_h: Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid"),
+            compute_h: Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid"),
         }
     }
 
@@ -116,6 +121,8 @@ impl Recorder {
                     self.compute_us += c.max(0) as u64;
                     self.batch_size += b.max(0) as u64;
                     self.timed += 1;
+                    self.queue_h.saturating_record(q.max(0) as u64);
+                    self.compute_h.saturating_record(c.max(0) as u64);
                 }
                 "OK".to_string()
             }

@@ -32,12 +32,15 @@ pub struct Percentiles {
     pub mean: f64,
 }
 
-/// The server's own account (response parameters), averaged over OK answers.
+/// The server's own account (response parameters) over OK answers.
 #[derive(Debug, Clone, Copy, Serialize, Default)]
 pub struct ServerSplit {
     pub queue_ms: f64,
     pub compute_ms: f64,
     pub batch_size: f64,
+    /// Medians, in µs: a handful of slow batches moves the means above.
+    pub queue_p50_us: u64,
+    pub compute_p50_us: u64,
 }
 
 /// One load step.
@@ -100,6 +103,8 @@ impl StepReport {
                 queue_ms: per(r.queue_us) / 1000.0,
                 compute_ms: per(r.compute_us) / 1000.0,
                 batch_size: per(r.batch_size),
+                queue_p50_us: r.queue_h.value_at_quantile(0.5),
+                compute_p50_us: r.compute_h.value_at_quantile(0.5),
             },
         }
     }

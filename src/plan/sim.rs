@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
+use crate::batcher::arrivals::Arrivals;
 use crate::batcher::latency::{LatencyEstimate, LineFit};
 use crate::batcher::policy::{Action, BatchPolicy, Placement, QueuedView, Traffic, place};
 
@@ -131,11 +132,17 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
     let mut timer: Option<Instant>;
     let mut refused = 0usize;
     let mut now = t0;
+    // Poisson arrivals: the same rate whenever the server looks. The
+    // utilisation starts from one request per batch and follows the run.
+    let start_busy = setup.rate * setup.curve.seconds(1) / setup.instances.max(1) as f64;
+    let mut profile = Arrivals::steady(setup.rate, start_busy.min(1.0), setup.policy.max_queue_delay);
+    let mut free_since = t0;
     loop {
         // Completions at `now`: start what was staged.
         for e in &mut executors {
             if e.busy_until.is_some_and(|b| b <= now) {
                 e.busy_until = None;
+                free_since = now;
                 if let Some(batch) = e.staged.take() {
                     let done = now + Duration::from_secs_f64(setup.curve.seconds(batch.len()));
                     for &r in &batch {
@@ -171,8 +178,10 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
                     units: 1,
                 })
                 .collect();
-            // Poisson arrivals: the rate seen while busy is the rate itself.
-            let traffic = Traffic { rate_per_s: setup.rate };
+            let traffic = Traffic {
+                arrivals: Some(&profile),
+                free_since: executors.iter().any(|e| e.busy_until.is_none()).then_some(free_since),
+            };
             let plan = setup.policy.plan(&views, now, &estimate, &traffic, false);
             let mut members = Vec::new();
             let mut wait = None;
@@ -214,6 +223,8 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
             for k in gone.into_iter().rev() {
                 queue.remove(k);
             }
+            let computing = executors.iter().filter(|e| e.busy_until.is_some()).count();
+            profile.busy(now, computing as f64 / executors.len() as f64);
             timer = match (wait, plan.next_expiry) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
