@@ -6,8 +6,9 @@
 #   adaptive  queue_delay = "adaptive", the shipped max_queue_delay_ms as its bound
 # driven at 1, 2, 4, 8, 16, 32 and 64 clients, three interleaved
 # repetitions, medians: the risk model with perf_analyzer, MiniLM with
-# `kiln bench`. Then `kiln plan` against `kiln bench --find-max-rate` for
-# the shipped settings of both. Prints the ratios; writes the raw readings
+# `kiln bench`; the server's queue and compute medians at one client. Then
+# `kiln plan` against `kiln bench --find-max-rate` for the shipped settings
+# (adaptive) of both. Prints the ratios; writes the raw readings
 # to OUTDIR (default target/compare-batching). Not a CI step: it takes
 # about a quarter of an hour.
 #   scripts/compare-batching.sh [OUTDIR]
@@ -55,7 +56,9 @@ trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 declare -A url
 for s in "${settings[@]}"; do
   port=$(free_port)
-  "$kiln" serve --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 --http 127.0.0.1:0 >"$out/serve-$s.log" 2>&1 &
+  # One thread count for all three: their warm-up measurements, taken at
+  # the same moment on the same cores, would otherwise disagree.
+  "$kiln" serve --model-threads "$(nproc)" --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 --http 127.0.0.1:0 >"$out/serve-$s.log" 2>&1 &
   pids+=($!)
   url[$s]=127.0.0.1:$port
 done
@@ -147,8 +150,8 @@ PY
 # The planner against the measured ceiling, shipped settings.
 for m in risk minilm; do
   budget=$([ "$m" = risk ] && echo 10 || echo 500)
-  "$kiln" plan --repo "$out/repo-fixed" --model "$m" --budget-ms "$budget" --json "$out/plan-$m.json" >/dev/null
-  "$kiln" bench --url "${url[fixed]}" --model "$m" --find-max-rate --p99-ms "$budget" --duration 2 \
+  "$kiln" plan --model-threads "$(nproc)" --repo "$out/repo-adaptive" --model "$m" --budget-ms "$budget" --json "$out/plan-$m.json" >/dev/null
+  "$kiln" bench --url "${url[adaptive]}" --model "$m" --find-max-rate --p99-ms "$budget" --duration 2 \
     --rate "$([ "$m" = risk ] && echo 1000 || echo 20)" --json "$out/find-$m.json" >/dev/null
   python3 - "$m" "$out/plan-$m.json" "$out/find-$m.json" <<'PY'
 import json, sys

@@ -85,9 +85,17 @@ async fn the_kind_says_which_files_and_section_it_needs() {
 #[tokio::test]
 async fn an_executor_that_dies_outside_the_model_guard_is_restarted() {
     let repo = tempfile::tempdir().expect("tempdir");
-    common::test_model(repo.path(), "t", 1.0, "", "break_on = 777.0");
+    // The fixed wait: with the adaptive one, a lone request runs on the
+    // inline lane, not on the executor thread this test is about.
+    common::test_model(repo.path(), "t", 1.0, "queue_delay = \"fixed\"", "break_on = 777.0");
+    common::test_model(repo.path(), "u", 1.0, "", "break_on = 777.0");
     let server = serve(repo.path()).await;
     let mut client = server.client().await;
+    // On the inline lane the same panic fails that request alone, and the
+    // version serves on without a restart.
+    expect_refusal(&mut client, request("u", [777.0, 0.0, 0.0]), Code::Unavailable, &["executor stopped"]).await;
+    let answer = client.raw.model_infer(request("u", [1.0, 1.0, 1.0])).await.expect("served on").into_inner();
+    assert_eq!(kiln::client::output_fp32(&answer, 0), Some(vec![3.0]));
     // The test backend answers 777 with an output shorter than its shape:
     // splitting it panics in the executor, outside the model's guard.
     expect_refusal(&mut client, request("t", [777.0, 0.0, 0.0]), Code::Unavailable, &["executor stopped"]).await;

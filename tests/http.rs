@@ -173,7 +173,8 @@ async fn keys_are_needed_and_name_their_models_on_http_too() {
 }
 
 /// Two requests, one per front end, sent together to a model that waits
-/// for a second request: both answers come from one batch of two.
+/// for a second request (a fixed wait: the adaptive one would not wait for
+/// company it has never seen): both answers come from one batch of two.
 #[tokio::test(flavor = "multi_thread")]
 async fn http_and_grpc_requests_share_a_batch() {
     let repo = tempfile::tempdir().expect("tempdir");
@@ -182,7 +183,7 @@ async fn http_and_grpc_requests_share_a_batch() {
     let text = std::fs::read_to_string(&toml).expect("model.toml");
     let text = text
         .replace("max_batch_size = 8\n", "max_batch_size = 2\n")
-        .replace("max_queue_delay_ms = 1\n", "max_queue_delay_ms = 2000\n");
+        .replace("max_queue_delay_ms = 1\n", "max_queue_delay_ms = 2000\nqueue_delay = \"fixed\"\n");
     std::fs::write(&toml, text).expect("model.toml");
     let config = ServeConfig { repository: RepositorySource::Dir(repo.path().to_path_buf()), ..Default::default() };
     let server = TestServer::start(config).await;

@@ -232,6 +232,11 @@ impl Utilisation {
         self.now_busy = busy.clamp(0.0, 1.0);
     }
 
+    /// Busy time that was not followed live (a run on the inline lane).
+    fn add(&mut self, busy_s: f64) {
+        self.busy_s += busy_s;
+    }
+
     fn ratio(&self) -> f64 {
         if self.total_s > 0.0 { self.busy_s / self.total_s } else { 0.0 }
     }
@@ -264,6 +269,12 @@ impl Arrivals {
     /// From `now`, this share of the executors is computing.
     pub fn busy(&mut self, now: Instant, share: f64) {
         self.busy.set(now, share);
+    }
+
+    /// A run of `busy` that [`busy`](Self::busy) did not follow, on one of
+    /// `instances` executors.
+    pub fn ran(&mut self, busy: Duration, instances: usize) {
+        self.busy.add(busy.as_secs_f64() / instances.max(1) as f64);
     }
 
     /// The share of executor time spent computing lately.

@@ -1,10 +1,12 @@
 //! Executor threads: each runs whole batches on the backend, on a dedicated
-//! OS thread (never the tokio runtime), catching the backend's panics so
-//! that only the failing batch fails, then splits the outputs back to each
-//! request. An executor knows nothing of the scheduler: it reports each
-//! finished batch, and its own death, through the callback it was given,
-//! and hands what it ran to the batch observer. A dead executor is
-//! restarted by whoever owns the pool (the scheduler).
+//! OS thread (the tokio runtime only through the scheduler's inline lane,
+//! for single requests predicted to cost less than a thread hand-off),
+//! catching the backend's panics so that only the failing batch fails, then
+//! splits the outputs back to each request. An executor knows nothing of
+//! the scheduler: it reports each finished batch, and its own death,
+//! through the callback it was given, and hands what it ran to the batch
+//! observer. A dead executor is restarted by whoever owns the pool (the
+//! scheduler).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -78,6 +80,11 @@ impl ExecutorPool {
         self.spawn(instance, queue)
     }
 
+    /// Runs single requests on the caller's thread (the inline lane).
+    pub(crate) fn inline_runner(&self) -> InlineRunner {
+        InlineRunner(self.worker.clone())
+    }
+
     /// Instances there are.
     pub fn instances(&self) -> usize {
         self.senders.len()
@@ -93,6 +100,20 @@ impl ExecutorPool {
                 fail_all(batch.requests, &self.worker.spec, "executor thread stopped".into());
                 false
             }
+        }
+    }
+}
+
+/// Runs one request on the caller's own thread, with the pool's backend and
+/// observer: the scheduler's inline lane, for requests that find the
+/// version idle and take less time to compute than a thread hand-off.
+#[derive(Clone)]
+pub(crate) struct InlineRunner(Arc<Worker>);
+
+impl InlineRunner {
+    pub(crate) fn run(&self, pending: Pending) {
+        for (p, response) in self.0.run(Batch { requests: vec![pending] }) {
+            let _ = p.reply.send(Ok(response));
         }
     }
 }

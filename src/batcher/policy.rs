@@ -12,12 +12,13 @@ use super::latency::LatencyEstimate;
 #[serde(rename_all = "lowercase")]
 pub enum QueueWait {
     /// Until its slack runs out or its oldest request has waited
-    /// `max_queue_delay`, as Triton and TF Serving do.
-    #[default]
+    /// `max_queue_delay`, as Triton and TF Serving do: kept for comparison.
     Fixed,
-    /// Only as long as the requests expected to arrive meanwhile make the
-    /// batch cheaper per request, counting the wait (see
-    /// [`worth_waiting`]), and never past the fixed bounds.
+    /// Only as long as the requests expected to arrive meanwhile pay for
+    /// the wait (see [`worth_waiting`]), and never past the fixed bounds;
+    /// an idle version runs a cheap request on the receiving thread (the
+    /// scheduler's inline lane).
+    #[default]
     Adaptive,
 }
 

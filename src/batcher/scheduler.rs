@@ -13,17 +13,17 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
 use super::arrivals::Arrivals;
-use super::executor::{ExecutorPool, Queue, Report};
+use super::executor::{ExecutorPool, InlineRunner, Queue, Report};
 use super::latency::SharedLatency;
 use super::observer::BatchObserver;
-use super::policy::{Action, BatchPolicy, Placement, Traffic, place};
+use super::policy::{Action, BatchPolicy, Placement, QueueWait, Traffic, place};
 use super::queue::{Batch, Pending, ServiceQueue};
 use crate::error::{InferError, panic_message};
 use crate::model::{Backend, ModelSpec};
@@ -36,6 +36,11 @@ use crate::runtime::Threads;
 /// fail every batch while health says SERVING.
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Longest predicted compute a request may run inline: below about a
+/// thread hand-off, computing on the receiving thread costs the runtime
+/// less than waking the scheduler and an executor.
+const INLINE_MAX: Duration = Duration::from_micros(100);
 
 /// Queue settings of one model version.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +64,21 @@ pub(crate) enum Message {
     Sweep,
     /// Every handle is gone: answer what is queued, then stop.
     Close,
+    /// A request ran on the inline lane: the lent executor is back.
+    Inline { arrived: Instant, started: Instant, finished: Instant },
+}
+
+/// The inline lane, with the adaptive wait only. While a version is idle
+/// (nothing queued, an executor free), the scheduler lends that executor
+/// to the lane; the first request to take it, if predicted to compute
+/// within [`INLINE_MAX`], runs on the thread that submitted it, with no
+/// hand-off to the scheduler or an executor thread (which would cost more
+/// than the computation). Whoever swaps `open` from true to false owns the
+/// executor: a submitter runs one request and reports back; the scheduler
+/// takes it back the moment something queues.
+struct Lane {
+    open: AtomicBool,
+    runner: InlineRunner,
 }
 
 /// The API's way into a model version's queue. Cheap to clone; when every
@@ -76,6 +96,8 @@ struct HandleInner {
     version: u64,
     /// True while the scheduler serves; false for good once it stopped.
     serving: Arc<watch::Sender<bool>>,
+    lane: Option<Arc<Lane>>,
+    latency: Arc<SharedLatency>,
 }
 
 impl Drop for HandleInner {
@@ -132,9 +154,19 @@ impl BatcherHandle {
     /// queue refuses at once: the channel is unbounded but `depth` bounds
     /// what is admitted, so memory stays bounded.
     pub fn submit(&self, request: InferRequest) -> Result<Ticket, InferError> {
+        self.submit_with(request, true)
+    }
+
+    /// [`submit`](Self::submit), saying whether the request may take the
+    /// inline lane: a caller that knows other requests are on their way
+    /// says no, so that they can share its batch.
+    pub fn submit_with(&self, request: InferRequest, may_inline: bool) -> Result<Ticket, InferError> {
         let inner = &self.inner;
         if !self.serving() {
             return Err(self.not_serving());
+        }
+        if may_inline && let Some(lane) = self.claim_lane(&request) {
+            return Ok(self.run_inline(lane, request));
         }
         let admitted =
             inner.depth.fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < inner.max_queue).then_some(d + 1));
@@ -156,6 +188,38 @@ impl BatcherHandle {
             ))));
         }
         Ok(Ticket { answer, sweep: inner.submit.clone(), answered: false, dispatched, serving: inner.serving.clone() })
+    }
+
+    /// Claims the inline lane for `request`, if it is open to it.
+    fn claim_lane(&self, request: &InferRequest) -> Option<&Lane> {
+        let inner = &self.inner;
+        let lane = inner.lane.as_deref().filter(|l| l.open.load(Ordering::Acquire))?;
+        // Injected faults belong to the scheduler's thread.
+        #[cfg(any(test, feature = "test-backends"))]
+        if request.id.starts_with("kiln-fault-") {
+            return None;
+        }
+        let compute = inner.latency.estimate().predict(request.padded_units());
+        // A hopeless request goes to the scheduler, which refuses it.
+        if compute > INLINE_MAX || request.deadline < Instant::now() + compute {
+            return None;
+        }
+        lane.open.compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire).is_ok().then_some(lane)
+    }
+
+    /// Runs `request` on this thread, on the claimed lane, and gives the
+    /// executor back to the scheduler.
+    fn run_inline(&self, lane: &Lane, request: InferRequest) -> Ticket {
+        let inner = &self.inner;
+        let arrived = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        let dispatched = Arc::new(AtomicBool::new(true));
+        let pending = Pending { request, reply, enqueued: arrived, dispatched: dispatched.clone() };
+        // A panic outside the backend's own guard fails this request only:
+        // its reply drops, and its ticket reads UNAVAILABLE.
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| lane.runner.run(pending)));
+        let _ = inner.submit.send(Message::Inline { arrived, started: arrived, finished: Instant::now() });
+        Ticket { answer, sweep: inner.submit.clone(), answered: false, dispatched, serving: inner.serving.clone() }
     }
 
     /// Requests admitted and not yet dispatched.
@@ -205,6 +269,8 @@ pub fn spawn(
     };
     let executors = ExecutorPool::start(backend, settings.instances, Arc::new(observer), report, threads)?;
     let slots = Slots::new(executors.instances());
+    let lane = (settings.policy.wait == QueueWait::Adaptive)
+        .then(|| Arc::new(Lane { open: AtomicBool::new(false), runner: executors.inline_runner() }));
     let depth = Arc::new(AtomicUsize::new(0));
     let serving = Arc::new(watch::Sender::new(true));
     let scheduler = Scheduler {
@@ -212,7 +278,7 @@ pub fn spawn(
         queue: ServiceQueue::new(settings.priority_levels),
         depth: depth.clone(),
         policy: settings.policy,
-        latency,
+        latency: latency.clone(),
         executors,
         slots,
         metrics: metrics.clone(),
@@ -221,6 +287,7 @@ pub fn spawn(
         deaths: Vec::new(),
         arrivals: Arrivals::new(Instant::now(), settings.policy.max_queue_delay),
         free_since: Instant::now(),
+        lane: lane.clone(),
     };
     let stopped =
         Stopped { spec: spec.clone(), serving: serving.clone(), depth: depth.clone(), ready: metrics.ready.clone() };
@@ -243,6 +310,8 @@ pub fn spawn(
             model: spec.name.clone(),
             version: spec.version,
             serving,
+            lane,
+            latency,
         }),
     })
 }
@@ -292,19 +361,25 @@ impl Stopped {
 }
 
 /// Batches sent to each executor and not finished: 0 idle, 1 running, 2
-/// running with the next one staged behind it. The scheduler's own
-/// bookkeeping: executors only report that they finished.
+/// running with the next one staged behind it; and the idle one lent to
+/// the inline lane, if any, which is not the scheduler's to use. The
+/// scheduler's own bookkeeping: executors only report that they finished.
 struct Slots {
     in_flight: Vec<u8>,
+    lent: Option<usize>,
 }
 
 impl Slots {
     fn new(instances: usize) -> Self {
-        Self { in_flight: vec![0; instances] }
+        Self { in_flight: vec![0; instances], lent: None }
+    }
+
+    fn is_idle(&self, i: usize) -> bool {
+        self.in_flight[i] == 0 && self.lent != Some(i)
     }
 
     fn has_idle(&self) -> bool {
-        self.in_flight.contains(&0)
+        (0..self.in_flight.len()).any(|i| self.is_idle(i))
     }
 
     /// Some instance runs a batch with nothing staged behind it.
@@ -319,7 +394,7 @@ impl Slots {
     }
 
     fn idle_instance(&self) -> Option<usize> {
-        self.in_flight.iter().position(|n| *n == 0)
+        (0..self.in_flight.len()).find(|&i| self.is_idle(i))
     }
 
     fn stage_instance(&self) -> Option<usize> {
@@ -360,6 +435,7 @@ struct Scheduler {
     arrivals: Arrivals,
     /// When an executor last became free.
     free_since: Instant,
+    lane: Option<Arc<Lane>>,
 }
 
 impl Scheduler {
@@ -371,6 +447,7 @@ impl Scheduler {
             if draining && self.queue.is_empty() {
                 break;
             }
+            self.lend();
             let message = match wake {
                 Some(at) => messages.recv_timeout(at.saturating_duration_since(Instant::now())),
                 None => messages.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -401,11 +478,21 @@ impl Scheduler {
                         break;
                     }
                 }
+                Ok(Message::Inline { arrived, started, finished }) => {
+                    self.arrivals.arrived(arrived);
+                    self.arrivals.finished(finished);
+                    self.arrivals.ran(finished.saturating_duration_since(started), self.slots.in_flight.len());
+                    self.free_since = finished;
+                    self.slots.lent = None;
+                }
                 Ok(Message::Sweep) => self.drop_abandoned(),
                 Ok(Message::Close) => draining = true,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+        }
+        if let Some(lane) = &self.lane {
+            lane.open.store(false, Ordering::Release);
         }
         // Reached with requests left when every sender vanished or the
         // version failed; they are answered, never dropped silently.
@@ -451,9 +538,34 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Lends an idle executor to the inline lane while nothing is queued.
+    fn lend(&mut self) {
+        let Some(lane) = &self.lane else { return };
+        if self.slots.lent.is_some() || !self.queue.is_empty() {
+            return;
+        }
+        if let Some(i) = self.slots.idle_instance() {
+            self.slots.lent = Some(i);
+            lane.open.store(true, Ordering::Release);
+        }
+    }
+
+    /// Takes the lent executor back, unless a request already runs on it
+    /// (then it comes back with that request's report).
+    fn reclaim(&mut self) {
+        if let (Some(lane), Some(_)) = (&self.lane, self.slots.lent)
+            && lane.open.compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            self.slots.lent = None;
+        }
+    }
+
     /// Expires what can no longer be met and dispatches what the policy
     /// allows; returns when to look again.
     fn step(&mut self, draining: bool) -> Option<Instant> {
+        if !self.queue.is_empty() || draining {
+            self.reclaim();
+        }
         loop {
             let now = Instant::now();
             let can_run = self.slots.has_idle();
@@ -778,5 +890,76 @@ mod tests {
         // The batch already running is still answered.
         open.send(()).expect("gate");
         assert_eq!(value_of(first).await, 2.0);
+    }
+
+    /// Doubles its input and notes the name of the thread it ran on.
+    #[derive(Default)]
+    struct WhereRun(Mutex<Vec<String>>);
+
+    impl Backend for WhereRun {
+        fn run(&self, inputs: &Inputs) -> Result<Vec<Tensor>, ModelError> {
+            let inputs = inputs.tensors()?;
+            let name = std::thread::current().name().unwrap_or_default().to_string();
+            self.0.lock().expect("names").push(name);
+            let TensorData::Fp32(v) = &inputs[0].data else { unreachable!("fp32 only") };
+            Ok(vec![Tensor {
+                shape: inputs[0].shape.clone(),
+                data: TensorData::Fp32(v.iter().map(|x| x * 2.0).collect()),
+            }])
+        }
+    }
+
+    fn lane_open(handle: &BatcherHandle) -> bool {
+        handle.inner.lane.as_ref().is_some_and(|l| l.open.load(Ordering::Acquire))
+    }
+
+    #[tokio::test]
+    async fn an_idle_version_runs_a_cheap_request_on_the_callers_thread_and_never_two_at_once() {
+        let model = Arc::new(WhereRun::default());
+        let settings = BatcherSettings {
+            policy: BatchPolicy {
+                max_batch_rows: 8,
+                max_batch_units: 8,
+                max_queue_delay: Duration::from_millis(1),
+                latency_budget: Duration::from_secs(1),
+                wait: QueueWait::Adaptive,
+            },
+            max_queue: 8,
+            instances: 1,
+            priority_levels: 1,
+        };
+        let metrics = VersionMetrics::new("double", 1, 1, 8);
+        let handle =
+            spawn(model.clone(), BatchObserver::new(spec(), metrics), settings, &Threads::default()).expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lane_open(&handle) {
+            assert!(Instant::now() < deadline, "the idle version never opened its inline lane");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let here = std::thread::current().name().unwrap_or_default().to_string();
+        // Answered before submit returns, computed on this thread.
+        let mut ticket = handle.submit(request(2.0)).expect("admitted");
+        assert!(ticket.dispatched());
+        assert_eq!(value(ticket.answer().await), 4.0);
+        assert_eq!(model.0.lock().expect("names").last(), Some(&here));
+        // While a request holds the lane (taken here by hand, as a
+        // submitter would), the executor is not the scheduler's: the next
+        // request waits, queued, until the lane's holder reports back.
+        while !lane_open(&handle) {
+            assert!(Instant::now() < deadline, "the lane did not reopen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let lane = handle.inner.lane.clone().expect("adaptive has a lane");
+        assert!(lane.open.compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire).is_ok());
+        let waiting = handle.submit(request(3.0)).expect("admitted");
+        wait_for_depth(&handle, 1);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(handle.depth(), 1, "it must not run beside the lane's request");
+        let now = Instant::now();
+        handle.inner.submit.send(Message::Inline { arrived: now, started: now, finished: now }).expect("send");
+        assert_eq!(value_of(waiting).await, 6.0);
+        let names = model.0.lock().expect("names").clone();
+        assert_eq!(names.len(), 2);
+        assert!(names[1].starts_with("kiln-exec-"), "{names:?}");
     }
 }

@@ -71,12 +71,14 @@ pub struct ModelToml {
     pub max_batch_size: usize,
     /// Text models: most padded tokens (longest row × rows) in one batch.
     pub max_batch_tokens: Option<usize>,
-    /// Longest a request waits for others to join its batch.
+    /// Longest a request waits for others to join its batch (the bound of
+    /// the adaptive wait).
     #[serde(default = "crate::config::defaults::max_queue_delay_ms")]
     pub max_queue_delay_ms: f64,
-    /// `fixed`: a batch that is not full waits until its slack or
-    /// `max_queue_delay_ms` runs out; `adaptive`: only as long as the
-    /// requests expected meanwhile pay for the wait, within those bounds.
+    /// `adaptive` (the default): a batch that is not full waits only as
+    /// long as the requests expected meanwhile pay for the wait, within
+    /// its slack and `max_queue_delay_ms`; `fixed`: until one of those runs
+    /// out, as Triton and TF Serving do.
     #[serde(default)]
     pub queue_delay: crate::batcher::policy::QueueWait,
     /// Most requests waiting; beyond it requests are refused at once.

@@ -17,6 +17,7 @@ pub mod shadow;
 pub mod validate;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::error::InferError;
@@ -90,11 +91,31 @@ pub struct Pipeline {
     admission: Admission,
     tokenization: Tokenization,
     drain: Arc<Drain>,
+    /// Calls between entering `infer` and leaving it: a request alone in
+    /// the server may take a batcher's inline lane; with others in flight
+    /// it queues, where they can share its batch.
+    calls: AtomicUsize,
+}
+
+/// Counts one call in `infer` while it lives.
+struct InCall<'a>(&'a AtomicUsize);
+
+impl<'a> InCall<'a> {
+    fn enter(calls: &'a AtomicUsize) -> Self {
+        calls.fetch_add(1, Ordering::AcqRel);
+        Self(calls)
+    }
+}
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Pipeline {
     pub fn new(admission: Admission, tokenization: Tokenization, drain: Arc<Drain>) -> Self {
-        Self { admission, tokenization, drain }
+        Self { admission, tokenization, drain, calls: AtomicUsize::new(0) }
     }
 
     /// Stops the tokenization service once its queued work is done.
@@ -105,6 +126,7 @@ impl Pipeline {
     /// Prepares, admits, queues and waits for one request (bounded by its
     /// deadline), settling the tenant's budget whatever happens.
     pub async fn infer(&self, version: &ServedVersion, decoded: Decoded, call: &Call) -> Result<Answer, InferError> {
+        let _in_call = InCall::enter(&self.calls);
         let tenant = Some(call.caller.tenant_for(decoded.params.tenant.as_deref(), call.tenant.as_deref())?);
         let limits = VersionLimits {
             model: &version.spec.name,
@@ -135,7 +157,9 @@ impl Pipeline {
             deadline,
             size: prepared.size,
         };
-        let mut ticket = version.batcher.submit(request).inspect_err(|_| self.admission.settle(&charge, Some(0)))?;
+        let alone = self.calls.load(Ordering::Acquire) == 1;
+        let mut ticket =
+            version.batcher.submit_with(request, alone).inspect_err(|_| self.admission.settle(&charge, Some(0)))?;
         let answer = tokio::select! {
             answer = tokio::time::timeout_at(deadline.into(), ticket.answer()) => answer,
             _ = self.drain.expired() => {
