@@ -86,12 +86,12 @@ fn policy_decision(c: &mut Criterion) {
     let mut profile = Arrivals::new(start, Duration::from_millis(2));
     for k in 0..10_000u32 {
         let finish = start + Duration::from_millis(1) * k;
-        profile.finished(finish);
+        profile.finished(finish, 16);
         for c in 0..16u32 {
             profile.arrived(finish + Duration::from_micros(100 + 10 * c as u64));
         }
     }
-    profile.finished(now);
+    profile.finished(now, 16);
     for n in [1usize, 16, 256] {
         let queue: Vec<QueuedView> = (0..n)
             .map(|i| QueuedView {

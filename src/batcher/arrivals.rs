@@ -34,6 +34,10 @@ struct ArrivalProfile {
     /// The last finish, and arrivals since it.
     anchor: Option<Instant>,
     since_anchor: usize,
+    /// What the anchor weighs: the requests a finish answered (clients
+    /// that may come back), 1 for an arrival. Exposure counts in
+    /// weight-seconds, so intensities are per unit of weight.
+    weight: f64,
     /// Up to when exposure has been counted.
     counted_to: Instant,
     /// When the counts last decayed.
@@ -52,6 +56,7 @@ impl ArrivalProfile {
             step,
             anchor: None,
             since_anchor: 0,
+            weight: 1.0,
             counted_to: now,
             decayed_at: now,
             arrivals: [0.0; BUCKETS + 1],
@@ -93,11 +98,11 @@ impl ArrivalProfile {
         while at < to.min(horizon) {
             let j = (at.as_nanos() / self.step.as_nanos()) as usize;
             let end = (self.step * (j as u32 + 1)).min(to);
-            self.exposure_s[j] += (end - at).as_secs_f64();
+            self.exposure_s[j] += (end - at).as_secs_f64() * self.weight;
             at = end;
         }
         if to > horizon {
-            self.exposure_s[BUCKETS] += (to - from.max(horizon)).as_secs_f64();
+            self.exposure_s[BUCKETS] += (to - from.max(horizon)).as_secs_f64() * self.weight;
         }
         self.counted_to = now;
     }
@@ -116,6 +121,13 @@ impl ArrivalProfile {
         self.decayed_at = now;
     }
 
+    /// The anchor's time ends at `now`: exposure stops counting until the
+    /// profile is anchored again.
+    fn release(&mut self, now: Instant) {
+        self.expose(now);
+        self.anchor = None;
+    }
+
     /// A request arrived at `now`.
     fn arrived(&mut self, now: Instant) {
         self.expose(now);
@@ -129,30 +141,36 @@ impl ArrivalProfile {
 
     /// Time from now on counts from `now`: a batch finished, or a request
     /// arrived, depending on what the profile follows.
-    fn anchor_at(&mut self, now: Instant) {
+    fn anchor_at(&mut self, now: Instant, weight: f64) {
         self.expose(now);
         self.decay(now);
         self.anchor = Some(now);
+        self.weight = weight.max(1.0);
         self.since_anchor = 0;
         self.counted_to = now;
     }
 
     /// Arrivals per second in step `j` (the tail for `BUCKETS`), zero until
-    /// trusted.
-    fn intensity(&self, j: usize) -> f64 {
+    /// trusted, unless `pooled` (a profile of the same steps over more
+    /// evidence) is, when its reading stands in.
+    fn intensity(&self, j: usize, pooled: Option<&ArrivalProfile>) -> f64 {
         let trusted = self.step.as_secs_f64() * MIN_WINDOWS;
-        if self.exposure_s[j] < trusted { 0.0 } else { self.arrivals[j] / self.exposure_s[j] }
+        if self.exposure_s[j] >= trusted {
+            self.arrivals[j] / self.exposure_s[j]
+        } else {
+            pooled.map_or(0.0, |p| p.intensity(j, None))
+        }
     }
 
     /// Expected arrivals from the anchor to `offset` after it.
-    fn cumulative(&self, offset: Duration) -> f64 {
+    fn cumulative(&self, offset: Duration, pooled: Option<&ArrivalProfile>) -> f64 {
         let step_s = self.step.as_secs_f64();
         let x = offset.as_secs_f64();
         let whole = ((x / step_s) as usize).min(BUCKETS);
-        let mut sum: f64 = (0..whole).map(|j| self.intensity(j) * step_s).sum();
+        let mut sum: f64 = (0..whole).map(|j| self.intensity(j, pooled) * step_s).sum();
         let rest = x - whole as f64 * step_s;
-        sum += self.intensity(whole) * rest;
-        sum
+        sum += self.intensity(whole, pooled) * rest;
+        sum * self.weight
     }
 
     /// Calls `each(wait, expected)` for the waits worth considering up to
@@ -160,7 +178,13 @@ impl ArrivalProfile {
     /// [`BUCKETS`] of them, then `bound` itself), with the arrivals
     /// expected within each: the profile's count from the anchor to then,
     /// less those already come since the anchor.
-    fn outlook(&self, now: Instant, bound: Duration, mut each: impl FnMut(Duration, f64)) {
+    fn outlook(
+        &self,
+        pooled: Option<&ArrivalProfile>,
+        now: Instant,
+        bound: Duration,
+        mut each: impl FnMut(Duration, f64),
+    ) {
         let (s, base) = match self.anchor {
             // What is expected from now on: the profile's count to then,
             // less its count to now. Arrivals that came early are counted
@@ -169,15 +193,15 @@ impl ArrivalProfile {
             Some(anchor) => {
                 let s = now.saturating_duration_since(anchor);
                 let base = if self.since_anchor == 0 {
-                    self.cumulative(s)
+                    self.cumulative(s, pooled)
                 } else {
                     let step_start = self.step * (s.as_nanos() / self.step.as_nanos()) as u32;
-                    self.cumulative(step_start).max(self.since_anchor as f64)
+                    self.cumulative(step_start, pooled).max(self.since_anchor as f64)
                 };
                 (s, base)
             }
             // Nothing anchors it yet: the open tail is all it knows.
-            None => (self.horizon(), self.cumulative(self.horizon())),
+            None => (self.horizon(), self.cumulative(self.horizon(), pooled)),
         };
         let first = (s.as_nanos() / self.step.as_nanos()) as u32 + 1;
         for j in first..first + BUCKETS as u32 {
@@ -185,21 +209,35 @@ impl ArrivalProfile {
             if wait >= bound {
                 break;
             }
-            each(wait, (self.cumulative(s + wait) - base).max(0.0));
+            each(wait, (self.cumulative(s + wait, pooled) - base).max(0.0));
         }
-        each(bound, (self.cumulative(s + bound) - base).max(0.0));
+        each(bound, (self.cumulative(s + bound, pooled) - base).max(0.0));
     }
 }
 
-/// The two profiles the adaptive wait consults: arrivals by time since
-/// the last finish (clients coming back for more), and by time since the
-/// last arrival (bursts, and open-loop traffic at its rate). Each offers
-/// its own expectation; the policy takes whichever promises the better
-/// wait.
+/// Arrivals since the last finish that the profiles by time since the
+/// last arrival tell apart; beyond, they share the last one.
+pub const ARRIVAL_STATES: usize = 16;
+
+/// The profiles the adaptive wait consults: arrivals by time since the
+/// last finish (clients coming back for more), and by time since the last
+/// arrival (bursts, and open-loop traffic at its rate). The latter is kept
+/// apart by how many requests had arrived since the last finish (up to
+/// [`ARRIVAL_STATES`]): after the fourth of four clients that take turns
+/// came back, nothing more comes until the next finish, while after the
+/// first, three more are on their way; one profile for both would expect
+/// company after the last, and wait for nobody. Each offers its own
+/// expectation; the policy takes whichever promises the better wait.
 #[derive(Debug, Clone)]
 pub struct Arrivals {
     after_finish: ArrivalProfile,
+    /// By time since the last arrival, over all arrivals: what a state
+    /// reads where its own evidence is still too thin.
     after_arrival: ArrivalProfile,
+    /// The same, by arrivals since the last finish.
+    by_state: Vec<ArrivalProfile>,
+    /// Arrivals since the last finish.
+    since_finish: usize,
     busy: Utilisation,
 }
 
@@ -248,6 +286,8 @@ impl Arrivals {
         Self {
             after_finish: ArrivalProfile::new(now, horizon),
             after_arrival: ArrivalProfile::new(now, horizon),
+            by_state: vec![ArrivalProfile::new(now, horizon); ARRIVAL_STATES],
+            since_finish: 0,
             busy: Utilisation::new(now),
         }
     }
@@ -262,6 +302,8 @@ impl Arrivals {
         Self {
             after_finish: ArrivalProfile::steady(rate_per_s, horizon),
             after_arrival: ArrivalProfile::steady(rate_per_s, horizon),
+            by_state: vec![ArrivalProfile::steady(rate_per_s, horizon); ARRIVAL_STATES],
+            since_finish: 0,
             busy,
         }
     }
@@ -286,19 +328,32 @@ impl Arrivals {
     pub fn arrived(&mut self, now: Instant) {
         self.after_finish.arrived(now);
         self.after_arrival.arrived(now);
-        self.after_arrival.anchor_at(now);
+        self.after_arrival.anchor_at(now, 1.0);
+        let last = self.state();
+        self.by_state[last].arrived(now);
+        self.by_state[last].release(now);
+        self.since_finish += 1;
+        let next = self.state();
+        self.by_state[next].anchor_at(now, 1.0);
     }
 
-    /// A batch finished at `now` (its answers are about to leave).
-    pub fn finished(&mut self, now: Instant) {
-        self.after_finish.anchor_at(now);
+    /// A batch of `answered` requests finished at `now` (its answers are
+    /// about to leave).
+    pub fn finished(&mut self, now: Instant, answered: usize) {
+        self.after_finish.anchor_at(now, answered as f64);
+        self.since_finish = 0;
     }
 
     /// Calls `each(wait, expected arrivals)` for the waits worth
     /// considering up to `bound` from `now`, by either profile.
     pub fn outlook(&self, now: Instant, bound: Duration, mut each: impl FnMut(Duration, f64)) {
-        self.after_finish.outlook(now, bound, &mut each);
-        self.after_arrival.outlook(now, bound, &mut each);
+        self.after_finish.outlook(None, now, bound, &mut each);
+        self.by_state[self.state()].outlook(Some(&self.after_arrival), now, bound, &mut each);
+    }
+
+    /// Which profile by time since the last arrival follows now.
+    fn state(&self) -> usize {
+        self.since_finish.min(ARRIVAL_STATES - 1)
     }
 }
 
@@ -311,7 +366,7 @@ mod tests {
 
     fn expected(profile: &ArrivalProfile, now: Instant, wait: Duration) -> f64 {
         let mut got = 0.0;
-        profile.outlook(now, wait, |w, e| {
+        profile.outlook(None, now, wait, |w, e| {
             if w == wait {
                 got = e;
             }
@@ -328,7 +383,7 @@ mod tests {
         let mut t = t0;
         for _ in 0..2000 {
             t += MS;
-            p.anchor_at(t);
+            p.anchor_at(t, 1.0);
             t += 200 * US;
             p.arrived(t);
         }
@@ -344,12 +399,12 @@ mod tests {
         let mut t = t0;
         for _ in 0..2000 {
             t += 10 * MS;
-            p.anchor_at(t);
+            p.anchor_at(t, 1.0);
             p.arrived(t + 300 * US);
             p.arrived(t + 310 * US);
         }
         t += 10 * MS;
-        p.anchor_at(t);
+        p.anchor_at(t, 1.0);
         // Right after the finish, two are on their way within 0.5 ms.
         let two = expected(&p, t, 500 * US);
         assert!((two - 2.0).abs() < 0.1, "{two}");
@@ -370,14 +425,14 @@ mod tests {
         for i in 0..40_000 {
             t += 250 * US;
             if i % 20 == 0 {
-                p.anchor_at(t);
+                p.anchor_at(t, 1.0);
             }
             p.arrived(t + US);
         }
         // A finish, then 4 ms of arrivals at the same rate: over the next
         // 3 ms, 4000/s brings 12.
         t += 250 * US;
-        p.anchor_at(t);
+        p.anchor_at(t, 1.0);
         for k in 0..16 {
             p.arrived(t + 250 * US * k + US);
         }
@@ -390,20 +445,53 @@ mod tests {
     }
 
     #[test]
+    fn after_the_last_of_four_clients_came_back_nothing_more_is_expected() {
+        let t0 = Instant::now();
+        let mut a = Arrivals::new(t0, 2 * MS);
+        // Four clients answered together every 20 ms, back 0.6, 0.8, 1.0
+        // and 1.4 ms later: after each of the first three, another comes
+        // within 0.4 ms; after the fourth, none until the next finish.
+        let back = [600 * US, 800 * US, 1000 * US, 1400 * US];
+        let mut t = t0;
+        for _ in 0..500 {
+            t += 20 * MS;
+            a.finished(t, 4);
+            for b in back {
+                a.arrived(t + b);
+            }
+        }
+        let most = |a: &Arrivals, now: Instant| {
+            let mut most = 0.0f64;
+            a.outlook(now, MS, |_, e| most = most.max(e));
+            most
+        };
+        t += 20 * MS;
+        a.finished(t, 4);
+        for b in &back[..3] {
+            a.arrived(t + *b);
+            let e = most(&a, t + *b);
+            assert!(e > 0.5, "after {b:?}: {e}");
+        }
+        a.arrived(t + back[3]);
+        let e = most(&a, t + back[3]);
+        assert!(e < 0.05, "after the fourth: {e}");
+    }
+
+    #[test]
     fn evidence_fades_when_traffic_stops() {
         let t0 = Instant::now();
         let mut p = ArrivalProfile::new(t0, 2 * MS);
         let mut t = t0;
         for _ in 0..2000 {
             t += 10 * MS;
-            p.anchor_at(t);
+            p.anchor_at(t, 1.0);
             p.arrived(t + 300 * US);
         }
         // Twenty idle half-lives later, a finish: the old arrivals no longer
         // outweigh the time without them.
         t += 20 * HALF_LIFE;
         p.arrived(t);
-        p.anchor_at(t);
+        p.anchor_at(t, 1.0);
         assert!(expected(&p, t, 2 * MS) < 0.05);
     }
 }

@@ -23,8 +23,9 @@ use crate::runtime::Threads;
 /// What an executor reports about itself.
 #[derive(Debug)]
 pub enum Report {
-    /// Instance `n` finished a batch and can take another.
-    Finished(usize),
+    /// An instance finished a batch of `answered` requests and can take
+    /// another.
+    Finished { instance: usize, answered: usize },
     /// Instance `n`'s thread died (a panic outside the backend's own
     /// guard) while running a batch, whose requests were answered. Its
     /// queue comes back with it, holding what was staged behind that batch
@@ -129,7 +130,7 @@ fn run_instance(worker: &Worker, instance: usize, queue: Queue, report: &(dyn Fn
             // Free before the answers go out: a client that sends its next
             // request the moment it is answered must find this instance
             // free, or the scheduler would count it as company.
-            report(Report::Finished(instance));
+            report(Report::Finished { instance, answered: answers.len() });
             for (p, response) in answers {
                 // A caller that has gone simply does not read its answer.
                 let _ = p.reply.send(Ok(response));

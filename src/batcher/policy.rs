@@ -641,6 +641,8 @@ mod tests {
         profile: Arrivals,
         queue: Vec<QueuedView>,
         busy_until: Option<Instant>,
+        /// Requests in the running batch.
+        running: usize,
         free_since: Instant,
     }
 
@@ -650,6 +652,7 @@ mod tests {
                 profile: Arrivals::new(t0, policy.max_queue_delay),
                 queue: Vec::new(),
                 busy_until: None,
+                running: 0,
                 free_since: t0,
             }
         }
@@ -674,7 +677,7 @@ mod tests {
         ) -> Option<Instant> {
             if let Some(done) = self.busy_until.filter(|b| *b <= now) {
                 self.busy_until = None;
-                self.profile.finished(done);
+                self.profile.finished(done, self.running);
                 self.profile.busy(done, 0.0);
                 self.free_since = done;
             }
@@ -687,6 +690,7 @@ mod tests {
                             answered(self.queue.remove(i).arrival, done);
                         }
                         self.busy_until = Some(done);
+                        self.running = members.len();
                         self.profile.busy(now, 1.0);
                     }
                     Action::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
@@ -736,18 +740,30 @@ mod tests {
         (total / answered as u32, answered as f64 / (now - t0).as_secs_f64())
     }
 
-    /// The closed-loop cases: (name, latency, think time, fixed delay).
-    fn models() -> [(&'static str, LatencyEstimate, Duration, Duration); 4] {
+    /// The closed-loop cases: (name, latency, think time, the adaptive
+    /// policy whose `max_queue_delay` the fixed setting waits).
+    fn models() -> [(&'static str, LatencyEstimate, Duration, BatchPolicy); 5] {
+        let delay = |d: Duration| BatchPolicy { max_queue_delay: d, ..adaptive() };
         [
             // Fixed cost twice the per-row cost.
-            ("cpu", latency(), 100 * US, 2 * MS),
+            ("cpu", latency(), 100 * US, delay(2 * MS)),
             // 2 ms fixed, 20 µs a row.
-            ("gpu", LatencyEstimate { fixed_s: 2e-3, per_unit_s: 20e-6, requests_per_batch: 1.0 }, 100 * US, 2 * MS),
-            // MiniLM on two cores: 7 ms fixed, 9 ms a text; round trip 0.3 ms.
-            ("minilm", LatencyEstimate { fixed_s: 7e-3, per_unit_s: 9e-3, requests_per_batch: 1.0 }, 300 * US, 2 * MS),
+            ("gpu", LatencyEstimate { fixed_s: 2e-3, per_unit_s: 20e-6, requests_per_batch: 1.0 }, 100 * US, delay(2 * MS)),
+            // A costly model on two cores: 7 ms fixed, 9 ms a text; round
+            // trip 0.3 ms.
+            ("bert", LatencyEstimate { fixed_s: 7e-3, per_unit_s: 9e-3, requests_per_batch: 1.0 }, 300 * US, delay(2 * MS)),
+            // MiniLM as served here, with its model.toml: 6 ms fixed, 3.6 ms
+            // a 14-token text, batches of 32 within 500 ms; clients back
+            // 1 ms after their answer.
+            (
+                "minilm",
+                LatencyEstimate { fixed_s: 6e-3, per_unit_s: 3.6e-3, requests_per_batch: 1.0 },
+                MS,
+                BatchPolicy { max_batch_rows: 32, max_batch_units: 32, latency_budget: 500 * MS, ..delay(2 * MS) },
+            ),
             // The risk MLP: 20 µs fixed, 2 µs a row, round trips ten times
             // longer than a batch.
-            ("risk", LatencyEstimate { fixed_s: 20e-6, per_unit_s: 2e-6, requests_per_batch: 1.0 }, 200 * US, MS / 2),
+            ("risk", LatencyEstimate { fixed_s: 20e-6, per_unit_s: 2e-6, requests_per_batch: 1.0 }, 200 * US, delay(MS / 2)),
         ]
     }
 
@@ -757,12 +773,12 @@ mod tests {
         // costly model fall into turns (each computing alone while the
         // other waits), where a fixed wait that caught them together keeps
         // them together. A fixed wait at one client only adds its delay.
-        for (name, l, think, delay) in models() {
+        for (name, l, think, adapt) in models() {
             for clients in [1, 2, 3, 4, 8, 16, 64] {
                 let run = |p: BatchPolicy| closed_loop(p, l, think, clients, 300);
-                let fixed = run(BatchPolicy { wait: QueueWait::Fixed, max_queue_delay: delay, ..adaptive() });
-                let zero = run(BatchPolicy { wait: QueueWait::Fixed, max_queue_delay: Duration::ZERO, ..adaptive() });
-                let adapt = run(BatchPolicy { max_queue_delay: delay, ..adaptive() });
+                let fixed = run(BatchPolicy { wait: QueueWait::Fixed, ..adapt });
+                let zero = run(BatchPolicy { wait: QueueWait::Fixed, max_queue_delay: Duration::ZERO, ..adapt });
+                let adapt = run(adapt);
                 let case = format!("{name}, {clients} clients: adaptive {adapt:?}, fixed {fixed:?}, zero {zero:?}");
                 assert!(adapt.1 >= 0.95 * fixed.1.max(zero.1), "throughput: {case}");
                 assert!(adapt.0 <= fixed.0.min(zero.0).mul_f64(1.1), "latency: {case}");

@@ -463,10 +463,10 @@ impl Scheduler {
                     self.next_expiry = Some(self.next_expiry.map_or(last_start, |n| n.min(last_start)));
                     self.queue.push(p);
                 }
-                Ok(Message::Executor(Report::Finished(i))) => {
-                    self.slots.finished(i);
+                Ok(Message::Executor(Report::Finished { instance, answered })) => {
+                    self.slots.finished(instance);
                     let now = Instant::now();
-                    self.arrivals.finished(now);
+                    self.arrivals.finished(now, answered);
                     self.arrivals.busy(now, self.slots.busy_share());
                     if self.slots.has_idle() {
                         self.free_since = now;
@@ -480,7 +480,7 @@ impl Scheduler {
                 }
                 Ok(Message::Inline { arrived, started, finished }) => {
                     self.arrivals.arrived(arrived);
-                    self.arrivals.finished(finished);
+                    self.arrivals.finished(finished, 1);
                     self.arrivals.ran(finished.saturating_duration_since(started), self.slots.in_flight.len());
                     self.free_since = finished;
                     self.slots.lent = None;
