@@ -28,9 +28,10 @@ pub struct Traffic<'a> {
     /// Arrivals expected after the last finish; none: no company expected.
     pub arrivals: Option<&'a Arrivals>,
     /// Since when an executor has stood free. The adaptive wait is bounded
-    /// by `max_queue_delay` from this or from the oldest arrival, whichever
-    /// is later: requests that queued while every executor was busy have
-    /// not been waiting for company, and may still wait for it.
+    /// by `max_queue_delay` from the first member that arrived since then,
+    /// or from this while none has: requests that queued while every
+    /// executor was busy have not been waiting for company, and may still
+    /// wait for it.
     pub free_since: Option<Instant>,
 }
 
@@ -312,7 +313,14 @@ impl BatchPolicy {
         let latest_start = latest_start.expect("members is non-empty");
         let wait_from = match self.wait {
             QueueWait::Fixed => oldest,
-            QueueWait::Adaptive => traffic.free_since.map_or(oldest, |free| free.max(oldest)),
+            // From the first member that arrived to a free executor, or
+            // from when it stood free if none has yet: requests that queued
+            // behind a running batch were not waiting for company, and the
+            // clients of that batch, coming back, get the same window a
+            // fixed wait gives them.
+            QueueWait::Adaptive => traffic.free_since.map_or(oldest, |free| {
+                members.iter().map(|&i| queue[i].arrival).filter(|&a| a >= free).min().unwrap_or(free)
+            }),
         };
         let delay_due = wait_from + self.max_queue_delay;
         let reason = if draining {
