@@ -99,7 +99,7 @@ import csv, sys
 row = next(csv.DictReader(open(sys.argv[1])))
 print(f"risk,{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{row['Inferences/Second']},{row['p50 latency']}")
 PY
-      "$kiln" bench --url "${url[$s]}" --model minilm --concurrency "$c" --duration 3 \
+      "$kiln" bench --url "${url[$s]}" --model minilm --concurrency "$c" --duration 5 \
         --json "$out/bench.json" >/dev/null
       python3 - "$out/bench.json" "$s" "$c" "$rep" >>"$readings" <<'PY'
 import json, sys

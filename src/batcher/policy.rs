@@ -634,6 +634,18 @@ mod tests {
             p.plan(&queue, t0 + 50 * MS, &l, &freed, false).action,
             Action::Dispatch { members: vec![0], reason: DispatchReason::MaxDelay }
         );
+        // Once a request arrived to the free executor (a client of the
+        // batch that just finished, coming back), the bound counts from
+        // that arrival, as a fixed wait would for it.
+        let back = [req(t0, 0, 100, 1), req(t0, 40, 100, 1)];
+        match p.plan(&back, t0 + 50 * MS, &l, &freed, false).action {
+            Action::WaitUntil(until) => assert!(until > t0 + 50 * MS && until <= t0 + 60 * MS),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p.plan(&back, t0 + 60 * MS, &l, &freed, false).action,
+            Action::Dispatch { reason: DispatchReason::MaxDelay, .. }
+        ));
         // A full batch never waits.
         let full: Vec<QueuedView> = (0..8).map(|_| req(t0, 0, 100, 1)).collect();
         assert!(matches!(
@@ -756,10 +768,20 @@ mod tests {
             // Fixed cost twice the per-row cost.
             ("cpu", latency(), 100 * US, delay(2 * MS)),
             // 2 ms fixed, 20 µs a row.
-            ("gpu", LatencyEstimate { fixed_s: 2e-3, per_unit_s: 20e-6, requests_per_batch: 1.0 }, 100 * US, delay(2 * MS)),
+            (
+                "gpu",
+                LatencyEstimate { fixed_s: 2e-3, per_unit_s: 20e-6, requests_per_batch: 1.0 },
+                100 * US,
+                delay(2 * MS),
+            ),
             // A costly model on two cores: 7 ms fixed, 9 ms a text; round
             // trip 0.3 ms.
-            ("bert", LatencyEstimate { fixed_s: 7e-3, per_unit_s: 9e-3, requests_per_batch: 1.0 }, 300 * US, delay(2 * MS)),
+            (
+                "bert",
+                LatencyEstimate { fixed_s: 7e-3, per_unit_s: 9e-3, requests_per_batch: 1.0 },
+                300 * US,
+                delay(2 * MS),
+            ),
             // MiniLM as served here, with its model.toml: 6 ms fixed, 3.6 ms
             // a 14-token text, batches of 32 within 500 ms; clients back
             // 1 ms after their answer.
@@ -771,7 +793,12 @@ mod tests {
             ),
             // The risk MLP: 20 µs fixed, 2 µs a row, round trips ten times
             // longer than a batch.
-            ("risk", LatencyEstimate { fixed_s: 20e-6, per_unit_s: 2e-6, requests_per_batch: 1.0 }, 200 * US, delay(MS / 2)),
+            (
+                "risk",
+                LatencyEstimate { fixed_s: 20e-6, per_unit_s: 2e-6, requests_per_batch: 1.0 },
+                200 * US,
+                delay(MS / 2),
+            ),
         ]
     }
 
