@@ -466,6 +466,21 @@ mod tests {
         assert!((e - 12.0).abs() < 0.01, "{e}");
     }
 
+    /// Clients answered together every 20 ms for `rounds` rounds, each
+    /// back `back(round)[i]` after its answer. Returns the last finish.
+    fn taking_turns(a: &mut Arrivals, t0: Instant, rounds: usize, back: impl Fn(usize) -> Vec<Duration>) -> Instant {
+        let mut t = t0;
+        for round in 0..rounds {
+            t += 20 * MS;
+            let back = back(round);
+            a.finished(t, back.len());
+            for b in back {
+                a.arrived(t + b);
+            }
+        }
+        t
+    }
+
     #[test]
     fn after_the_last_of_four_clients_came_back_nothing_more_is_expected() {
         let t0 = Instant::now();
@@ -474,14 +489,7 @@ mod tests {
         // and 1.4 ms later: after each of the first three, another comes
         // within 0.4 ms; after the fourth, none until the next finish.
         let back = [600 * US, 800 * US, 1000 * US, 1400 * US];
-        let mut t = t0;
-        for _ in 0..500 {
-            t += 20 * MS;
-            a.finished(t, 4);
-            for b in back {
-                a.arrived(t + b);
-            }
-        }
+        let mut t = taking_turns(&mut a, t0, 500, |_| back.to_vec());
         let most = |a: &Arrivals, now: Instant| {
             let mut most = 0.0f64;
             a.outlook(now, MS, |_, e| most = most.max(e));
@@ -505,15 +513,10 @@ mod tests {
         let mut a = Arrivals::new(t0, 4 * MS);
         // Four clients answered together every 20 ms, back 0.6-0.9 ms
         // later, the last one 1.8 ms late one time in ten.
-        let mut t = t0;
-        for round in 0..1000 {
-            t += 20 * MS;
-            a.finished(t, 4);
+        let mut t = taking_turns(&mut a, t0, 1000, |round| {
             let last = if round % 10 == 0 { 2700 * US } else { 900 * US };
-            for b in [600 * US, 700 * US, 800 * US, last] {
-                a.arrived(t + b);
-            }
-        }
+            vec![600 * US, 700 * US, 800 * US, last]
+        });
         t += 20 * MS;
         a.finished(t, 4);
         for b in [600 * US, 700 * US, 800 * US] {
