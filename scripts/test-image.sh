@@ -48,8 +48,12 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
   echo "debootstrap --variant=minbase bookworm from $mirror"
   debootstrap --variant=minbase bookworm "$work/base" "$mirror" >"$work/debootstrap.log" 2>&1 ||
     { tail -20 "$work/debootstrap.log"; exit 1; }
-  tar -C "$work/base" -c . | buildah import - "$base" >/dev/null 2>&1 ||
-    tar -C "$work/base" -c . | podman import - "$base" >/dev/null
+  # buildah has no `import`: the tree goes into a scratch container's
+  # mounted root (tar keeps owners, modes and device nodes), committed.
+  scratch=$(buildah from scratch)
+  tar -C "$work/base" -c . | tar -C "$(buildah mount "$scratch")" -x
+  buildah umount "$scratch" >/dev/null
+  buildah commit --rm "$scratch" "$base" >/dev/null
   rm -rf "$work/base"
 fi
 
