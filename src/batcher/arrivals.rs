@@ -214,16 +214,16 @@ impl ArrivalProfile {
         // gives a return after `s` of coming by `s + wait` (per answer,
         // where that reads as a chance at all: open-loop traffic brings
         // more than one arrival per answer, and the count alone serves).
-        let by_now = self.cumulative(s, pooled) / self.weight;
+        let by_now = if late > 0.0 { self.cumulative(s, pooled) / self.weight } else { 1.0 };
         let expect = |wait: Duration| {
-            let counted = self.cumulative(s + wait, pooled) - base;
-            let catch_up = if late > 0.0 && by_now < 1.0 {
-                let coming = self.cumulative(s + wait, pooled) / self.weight - by_now;
+            let to_then = self.cumulative(s + wait, pooled);
+            let catch_up = if by_now < 1.0 {
+                let coming = to_then / self.weight - by_now;
                 (late * coming / (1.0 - by_now).max(0.01)).min(late)
             } else {
                 0.0
             };
-            counted.max(catch_up).max(0.0)
+            (to_then - base).max(catch_up).max(0.0)
         };
         let first = (s.as_nanos() / self.step.as_nanos()) as u32 + 1;
         for j in first..first + BUCKETS as u32 {
