@@ -167,17 +167,6 @@ impl ArrivalProfile {
         }
     }
 
-    /// Expected arrivals from the anchor to `offset` after it.
-    fn cumulative(&self, offset: Duration, pooled: Option<&ArrivalProfile>) -> f64 {
-        let step_s = self.step.as_secs_f64();
-        let x = offset.as_secs_f64();
-        let whole = ((x / step_s) as usize).min(BUCKETS);
-        let mut sum: f64 = (0..whole).map(|j| self.intensity(j, pooled) * step_s).sum();
-        let rest = x - whole as f64 * step_s;
-        sum += self.intensity(whole, pooled) * rest;
-        sum * self.weight
-    }
-
     /// Calls `each(wait, expected)` for the waits worth considering up to
     /// `bound` from `now` (the ends of the steps ahead, at most
     /// [`BUCKETS`] of them, then `bound` itself), with the arrivals
@@ -190,6 +179,7 @@ impl ArrivalProfile {
         bound: Duration,
         mut each: impl FnMut(Duration, f64),
     ) {
+        let counts = Counts::new(self, pooled);
         let (s, base, late) = match self.anchor {
             // What is expected from now on: the profile's count to then,
             // less its count to now. Arrivals that came early are counted
@@ -198,25 +188,25 @@ impl ArrivalProfile {
             Some(anchor) => {
                 let s = now.saturating_duration_since(anchor);
                 let base = if self.since_anchor == 0 {
-                    self.cumulative(s, pooled)
+                    counts.until(s)
                 } else {
                     let step_start = self.step * (s.as_nanos() / self.step.as_nanos()) as u32;
-                    self.cumulative(step_start, pooled).max(self.since_anchor as f64)
+                    counts.until(step_start).max(self.since_anchor as f64)
                 };
                 let late = if self.returns { (self.weight - self.since_anchor as f64).max(0.0) } else { 0.0 };
                 (s, base, late)
             }
             // Nothing anchors it yet: the open tail is all it knows.
-            None => (self.horizon(), self.cumulative(self.horizon(), pooled), 0.0),
+            None => (self.horizon(), counts.until(self.horizon()), 0.0),
         };
         // Clients answered at the anchor and not back yet are late, not
         // gone: each comes within the wait with the chance the profile
         // gives a return after `s` of coming by `s + wait` (per answer,
         // where that reads as a chance at all: open-loop traffic brings
         // more than one arrival per answer, and the count alone serves).
-        let by_now = if late > 0.0 { self.cumulative(s, pooled) / self.weight } else { 1.0 };
+        let by_now = if late > 0.0 { counts.until(s) / self.weight } else { 1.0 };
         let expect = |wait: Duration| {
-            let to_then = self.cumulative(s + wait, pooled);
+            let to_then = counts.until(s + wait);
             let catch_up = if by_now < 1.0 {
                 let coming = to_then / self.weight - by_now;
                 (late * coming / (1.0 - by_now).max(0.01)).min(late)
@@ -234,6 +224,40 @@ impl ArrivalProfile {
             each(wait, expect(wait));
         }
         each(bound, expect(bound));
+    }
+}
+
+/// A profile's expected arrivals from its anchor, each reading in constant
+/// time: its steps are read once per outlook, which asks for the count at
+/// every step ahead (the adaptive wait runs at every arrival and finish,
+/// so what it costs is paid per request).
+struct Counts {
+    step_s: f64,
+    weight: f64,
+    /// Arrivals per second in each step, then the tail.
+    rate: [f64; BUCKETS + 1],
+    /// Arrivals expected (per unit of weight) before each step starts.
+    before: [f64; BUCKETS + 1],
+}
+
+impl Counts {
+    fn new(profile: &ArrivalProfile, pooled: Option<&ArrivalProfile>) -> Self {
+        let step_s = profile.step.as_secs_f64();
+        let rate: [f64; BUCKETS + 1] = std::array::from_fn(|j| profile.intensity(j, pooled));
+        let mut sum = 0.0;
+        let before = rate.map(|r| {
+            let start = sum;
+            sum += r * step_s;
+            start
+        });
+        Self { step_s, weight: profile.weight, rate, before }
+    }
+
+    /// Expected arrivals from the anchor to `offset` after it.
+    fn until(&self, offset: Duration) -> f64 {
+        let x = offset.as_secs_f64();
+        let whole = ((x / self.step_s) as usize).min(BUCKETS);
+        (self.before[whole] + self.rate[whole] * (x - whole as f64 * self.step_s)) * self.weight
     }
 }
 
