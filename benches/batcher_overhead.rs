@@ -110,7 +110,7 @@ fn policy_decision(c: &mut Criterion) {
                 latency_budget: Duration::from_millis(50),
                 wait,
             };
-            let traffic = Traffic { arrivals: Some(&profile), free_since: Some(now) };
+            let traffic = Traffic { arrivals: Some(&profile), free_since: Some(now), late_wake: Duration::ZERO };
             group.bench_with_input(BenchmarkId::new(name, n), &queue, |b, queue| {
                 b.iter(|| policy.plan(std::hint::black_box(queue), now, &latency, &traffic, false))
             });

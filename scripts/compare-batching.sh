@@ -12,12 +12,15 @@
 # to OUTDIR (default target/compare-batching). Not a CI step: it takes
 # about a quarter of an hour.
 #   scripts/compare-batching.sh [OUTDIR]
+# REPS (default 3), LEVELS ("1 2 4 8 16 32 64") and MODELS ("risk minilm")
+# narrow or widen it; PLAN=0 leaves out the planner comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/compare-batching}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-levels=(1 2 4 8 16 32 64)
+read -ra levels <<<"${LEVELS:-1 2 4 8 16 32 64}"
+read -ra models <<<"${MODELS:-risk minilm}"
 reps=${REPS:-3}
 settings=(zero fixed adaptive)
 
@@ -84,51 +87,75 @@ server = json.load(open(sys.argv[1]))["steps"][0]["server"]
 print(f"{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{server['queue_p50_us']},{server['compute_p50_us']}")
 PY
 }
-for rep in $(seq 1 "$reps"); do
-  for s in "${settings[@]}"; do
-    one_client risk "${url[$s]}" "$s" "$rep"
-    one_client minilm "${url[$s]}" "$s" "$rep"
-  done
-  for c in "${levels[@]}"; do
-    for s in "${settings[@]}"; do
-      pa -m risk -u "${url[$s]}" -i grpc --input-data "$input" --concurrency-range "$c:$c" \
-        --measurement-interval 1000 --stability-percentage 10000 --max-trials 3 \
-        -f "$out/pa.csv" >/dev/null 2>&1
-      python3 - "$out/pa.csv" "$s" "$c" "$rep" >>"$readings" <<'PY'
+measure_risk() {
+  pa -m risk -u "${url[$1]}" -i grpc --input-data "$input" --concurrency-range "$2:$2" \
+    --measurement-interval 1000 --stability-percentage 10000 --max-trials 3 \
+    -f "$out/pa.csv" >/dev/null 2>&1
+  python3 - "$out/pa.csv" "$1" "$2" "$3" >>"$readings" <<'PY'
 import csv, sys
 row = next(csv.DictReader(open(sys.argv[1])))
 print(f"risk,{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{row['Inferences/Second']},{row['p50 latency']}")
 PY
-      "$kiln" bench --url "${url[$s]}" --model minilm --concurrency "$c" --duration 5 \
-        --json "$out/bench.json" >/dev/null
-      python3 - "$out/bench.json" "$s" "$c" "$rep" >>"$readings" <<'PY'
+}
+measure_minilm() {
+  "$kiln" bench --url "${url[$1]}" --model minilm --concurrency "$2" --duration 5 \
+    --json "$out/bench.json" >/dev/null
+  python3 - "$out/bench.json" "$1" "$2" "$3" >>"$readings" <<'PY'
 import json, sys
 step = json.load(open(sys.argv[1]))["steps"][0]
 print(f"minilm,{sys.argv[2]},{sys.argv[3]},{sys.argv[4]},{step['throughput']},{step['latency_ms']['p50'] * 1000}")
 PY
+}
+turn=0
+for rep in $(seq 1 "$reps"); do
+  for s in "${settings[@]}"; do
+    for m in "${models[@]}"; do one_client "$m" "${url[$s]}" "$s" "$rep"; done
+  done
+  for c in "${levels[@]}"; do
+    # A cell's three settings run back to back, in an order that rotates
+    # from cell to cell, so that none is always measured first or last.
+    turn=$((turn + 1))
+    order=("${settings[@]:turn%3}" "${settings[@]:0:turn%3}")
+    for s in "${order[@]}"; do
+      for m in "${models[@]}"; do "measure_$m" "$s" "$c" "$rep"; done
     done
   done
 done
 
+# Two readings of each cell: the ratio of the settings' medians, and the
+# median of the ratios within each repetition (a repetition's three
+# settings ran back to back, so this one cancels the machine's drift
+# between repetitions, often larger than the effect measured).
 python3 - "$readings" <<'PY'
 import csv, statistics, sys
 from collections import defaultdict
-cell = defaultdict(list)
+cell = defaultdict(dict)
 for r in csv.DictReader(open(sys.argv[1])):
-    cell[(r["model"], r["setting"], int(r["clients"]))].append((float(r["throughput"]), float(r["p50_us"])))
-med = lambda xs, i: statistics.median(x[i] for x in xs)
+    cell[(r["model"], int(r["clients"]))].setdefault(r["setting"], {})[r["rep"]] = (
+        float(r["throughput"]), float(r["p50_us"]))
 for model in ("risk", "minilm"):
-    print(f"\n{model}: medians of the repetitions; adaptive against the better fixed setting")
-    print(f"{'clients':>7} {'zero/s':>9} {'fixed/s':>9} {'adapt/s':>9} {'thr ratio':>9}   "
-          f"{'zero p50':>9} {'fixed p50':>9} {'adapt p50':>9} {'p50 ratio':>9}")
-    for c in sorted({k[2] for k in cell if k[0] == model}):
-        t = {s: med(cell[(model, s, c)], 0) for s in ("zero", "fixed", "adaptive")}
-        p = {s: med(cell[(model, s, c)], 1) for s in ("zero", "fixed", "adaptive")}
+    levels = sorted(c for (m, c) in cell if m == model)
+    if not levels:
+        continue
+    print(f"\n{model}: medians of the repetitions; adaptive against the better fixed setting, "
+          "as a ratio of medians and as the median of the ratios within each repetition (paired)")
+    print(f"{'clients':>7} {'zero/s':>8} {'fixed/s':>8} {'adapt/s':>8} {'thr':>5} {'paired':>6}   "
+          f"{'zero p50':>9} {'fixed p50':>9} {'adapt p50':>9} {'p50':>5} {'paired':>6}")
+    for c in levels:
+        by = cell[(model, c)]
+        med = lambda s, i: statistics.median(v[i] for v in by[s].values())
+        t = {s: med(s, 0) for s in by}
+        p = {s: med(s, 1) for s in by}
         tr = t["adaptive"] / max(t["zero"], t["fixed"])
         pr = p["adaptive"] / min(p["zero"], p["fixed"])
-        flag = "" if tr >= 0.95 and pr <= 1.1 else "  <- goal missed"
-        print(f"{c:>7} {t['zero']:>9.0f} {t['fixed']:>9.0f} {t['adaptive']:>9.0f} {tr:>9.2f}   "
-              f"{p['zero']:>8.0f}µ {p['fixed']:>8.0f}µ {p['adaptive']:>8.0f}µ {pr:>9.2f}{flag}")
+        reps = set(by["zero"]) & set(by["fixed"]) & set(by["adaptive"])
+        tp = statistics.median(by["adaptive"][k][0] / max(by["zero"][k][0], by["fixed"][k][0]) for k in reps)
+        pp = statistics.median(by["adaptive"][k][1] / min(by["zero"][k][1], by["fixed"][k][1]) for k in reps)
+        missed = [name for name, ok in (("medians", tr >= 0.95 and pr <= 1.1), ("paired", tp >= 0.95 and pp <= 1.1))
+                  if not ok]
+        flag = f"  <- goal missed ({', '.join(missed)})" if missed else ""
+        print(f"{c:>7} {t['zero']:>8.0f} {t['fixed']:>8.0f} {t['adaptive']:>8.0f} {tr:>5.2f} {tp:>6.2f}   "
+              f"{p['zero']:>8.0f}µ {p['fixed']:>8.0f}µ {p['adaptive']:>8.0f}µ {pr:>5.2f} {pp:>6.2f}{flag}")
 PY
 
 python3 - "$split" <<'PY'
@@ -148,7 +175,8 @@ for (model, setting), xs in sorted(cell.items()):
 PY
 
 # The planner against the measured ceiling, shipped settings.
-for m in risk minilm; do
+[ "${PLAN:-1}" = 0 ] && models=()
+for m in "${models[@]}"; do
   budget=$([ "$m" = risk ] && echo 10 || echo 500)
   # A plan that finds no answer (its serving-path readings are as noisy
   # as the machine) is reported, and the other model still compared.

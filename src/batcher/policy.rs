@@ -33,6 +33,9 @@ pub struct Traffic<'a> {
     /// executor was busy have not been waiting for company, and may still
     /// wait for it.
     pub free_since: Option<Instant>,
+    /// How late a timed wait ends, lately: the OS wakes a waiting thread
+    /// after its timeout, and a wait costs that much more than asked.
+    pub late_wake: Duration,
 }
 
 /// How long waiting for company pays, if at all, for a batch of `requests`
@@ -52,6 +55,10 @@ pub struct Traffic<'a> {
 ///   to the executor's utilisation `ρ` (near idle, nobody would have
 ///   queued for it): so it favours waiting when `W < ρ·m·a / n`. This is
 ///   what keeps clients that take turns on a costly model together.
+///
+/// A wait `W` asked of the OS lasts `W` plus how late timed waits have
+/// been ending (`traffic.late_wake`): on a busy machine that is tens of
+/// microseconds, as much as a small model's whole batch costs.
 ///
 /// Each wait the profiles offer is scored by the better of the two (per
 /// request) and the best positive one is taken; re-planned at every
@@ -75,9 +82,10 @@ pub fn worth_waiting(
     let a = latency.fixed_s;
     let beta = latency.per_unit_s * units as f64 / n;
     let rho = profile.utilisation();
+    let late = traffic.late_wake.as_secs_f64();
     let mut best: Option<(Duration, f64)> = None;
     profile.outlook(now, bound, |wait, expected| {
-        let (m, w) = (expected.min(room as f64), wait.as_secs_f64());
+        let (m, w) = (expected.min(room as f64), wait.as_secs_f64() + late);
         let by_latency = (m * (a - n * beta) - (n + m) * w) / (n + m);
         let by_throughput = rho * m * a / n - w;
         let gain = by_latency.max(by_throughput);
@@ -559,7 +567,7 @@ mod tests {
     }
 
     fn at(profile: &Arrivals) -> Traffic<'_> {
-        Traffic { arrivals: Some(profile), free_since: None }
+        Traffic { arrivals: Some(profile), free_since: None, late_wake: Duration::ZERO }
     }
 
     #[test]
@@ -586,6 +594,19 @@ mod tests {
         assert_eq!(worth_waiting(8, 8, 0, &l, &at(&busy), t0, 2 * MS), None);
         let flat = LatencyEstimate { fixed_s: 0.0, ..l };
         assert_eq!(worth_waiting(1, 1, 7, &flat, &at(&busy), t0, 2 * MS), None);
+    }
+
+    #[test]
+    fn a_wait_costs_what_the_os_adds_to_it() {
+        let t0 = Instant::now();
+        // A small model (20 µs a batch) at 60 000/s: 12 arrive within
+        // 200 µs and save 240 µs of executor time, more than the wait...
+        let l = LatencyEstimate { fixed_s: 20e-6, per_unit_s: 1e-6, requests_per_batch: 1.0 };
+        let busy = steady(60_000.0);
+        assert!(worth_waiting(1, 1, 63, &l, &at(&busy), t0, 200 * US).is_some());
+        // ...but not more than the wait and the 100 µs the OS takes to end it.
+        let late = Traffic { late_wake: 100 * US, ..at(&busy) };
+        assert_eq!(worth_waiting(1, 1, 63, &l, &late, t0, 200 * US), None);
     }
 
     #[test]
@@ -702,7 +723,11 @@ mod tests {
                 self.free_since = done;
             }
             if self.busy_until.is_none() && !self.queue.is_empty() {
-                let traffic = Traffic { arrivals: Some(&self.profile), free_since: Some(self.free_since) };
+                let traffic = Traffic {
+                    arrivals: Some(&self.profile),
+                    free_since: Some(self.free_since),
+                    late_wake: Duration::ZERO,
+                };
                 match policy.plan(&self.queue, now, l, &traffic, false).action {
                     Action::Dispatch { members, .. } => {
                         let done = now + l.predict(members.len());

@@ -287,11 +287,13 @@ pub fn spawn(
         deaths: Vec::new(),
         arrivals: Arrivals::new(Instant::now(), settings.policy.max_queue_delay),
         free_since: Instant::now(),
+        late_wake: LateWake::default(),
         lane: lane.clone(),
     };
     let stopped =
         Stopped { spec: spec.clone(), serving: serving.clone(), depth: depth.clone(), ready: metrics.ready.clone() };
     threads.spawn(format!("kiln-sched-{}-{}", spec.name, spec.version), move || {
+        crate::runtime::precise_timers();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(move || scheduler.run(messages)));
         match outcome {
             // Shut down: refuse from now on, quietly.
@@ -414,6 +416,26 @@ impl Slots {
     }
 }
 
+/// How late the scheduler's timed waits end: a moving average over the
+/// last few dozen, which the adaptive wait counts into what a wait costs.
+#[derive(Debug, Default)]
+struct LateWake {
+    mean_s: f64,
+}
+
+impl LateWake {
+    /// Weight of the newest reading.
+    const GAIN: f64 = 1.0 / 32.0;
+
+    fn woke(&mut self, late: Duration) {
+        self.mean_s += (late.as_secs_f64() - self.mean_s) * Self::GAIN;
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_secs_f64(self.mean_s.max(0.0))
+    }
+}
+
 struct Scheduler {
     /// First, so that it drops first: a panicking scheduler turns the
     /// version not serving before its queue drops and the tickets read why.
@@ -435,6 +457,8 @@ struct Scheduler {
     arrivals: Arrivals,
     /// When an executor last became free.
     free_since: Instant,
+    /// How late this thread's timed waits end.
+    late_wake: LateWake,
     lane: Option<Arc<Lane>>,
 }
 
@@ -449,7 +473,14 @@ impl Scheduler {
             }
             self.lend();
             let message = match wake {
-                Some(at) => messages.recv_timeout(at.saturating_duration_since(Instant::now())),
+                Some(at) => {
+                    let asked = at.saturating_duration_since(Instant::now());
+                    let message = messages.recv_timeout(asked);
+                    if !asked.is_zero() && matches!(message, Err(RecvTimeoutError::Timeout)) {
+                        self.late_wake.woke(Instant::now().saturating_duration_since(at));
+                    }
+                    message
+                }
                 None => messages.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match message {
@@ -579,7 +610,14 @@ impl Scheduler {
             }
             let estimate = self.latency.estimate();
             let (keys, views) = self.queue.views();
-            let traffic = Traffic { arrivals: Some(&self.arrivals), free_since: can_run.then_some(self.free_since) };
+            // With no executor free only a full batch can leave (staged),
+            // whatever the wait would be: the adaptive wait, the costly part
+            // of a decision, is weighed only when it can matter.
+            let traffic = Traffic {
+                arrivals: can_run.then_some(&self.arrivals),
+                free_since: can_run.then_some(self.free_since),
+                late_wake: self.late_wake.get(),
+            };
             let plan = self.policy.plan(&views, now, &estimate, &traffic, draining);
             for &i in &plan.expired {
                 if let Some(p) = self.queue.take(&keys[i]) {
@@ -660,7 +698,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
     use crate::model::{DataType, Inputs, ModelError, Tensor, TensorData, TensorSpec};
+
+    #[test]
+    fn late_wakes_are_averaged_over_the_last_few_dozen() {
+        let mut late = LateWake::default();
+        assert_eq!(late.get(), Duration::ZERO);
+        for _ in 0..300 {
+            late.woke(Duration::from_micros(80));
+        }
+        assert!(late.get().abs_diff(Duration::from_micros(80)) < Duration::from_micros(1), "{:?}", late.get());
+        // One odd reading moves it by a thirty-second of the difference.
+        late.woke(Duration::from_micros(400));
+        assert!(late.get().abs_diff(Duration::from_micros(90)) < Duration::from_micros(1), "{:?}", late.get());
+    }
 
     /// Doubles its input; blocks each batch until the test opens the gate,
     /// so the test controls when the executor is busy. Negative input fails

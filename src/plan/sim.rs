@@ -178,9 +178,14 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
                     units: 1,
                 })
                 .collect();
+            // As the scheduler does: the wait is weighed only when an
+            // executor is free.
+            let can_run = executors.iter().any(|e| e.busy_until.is_none());
+            // Its clock wakes on time.
             let traffic = Traffic {
-                arrivals: Some(&profile),
-                free_since: executors.iter().any(|e| e.busy_until.is_none()).then_some(free_since),
+                arrivals: can_run.then_some(&profile),
+                free_since: can_run.then_some(free_since),
+                late_wake: Duration::ZERO,
             };
             let plan = setup.policy.plan(&views, now, &estimate, &traffic, false);
             let mut members = Vec::new();

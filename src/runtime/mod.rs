@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use threads::{Joined, Threads};
+pub use threads::{Joined, Threads, precise_timers};
 
 use crate::batcher::BatcherSettings;
 use crate::batcher::observer::BatchObserver;

@@ -6,6 +6,27 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Asks the OS to wake this thread's timed waits on time. Linux lets a
+/// timer fire up to the thread's timer slack late (50 µs by default) to
+/// group wake-ups; the batch scheduler's waits are often shorter than
+/// that. Measured on this 2-core VM: a 5 µs `recv_timeout` took 105 µs on
+/// average by default, 29 µs with a 1 ns slack. Best effort: where it is
+/// unavailable, waits are only later than asked.
+pub fn precise_timers() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes only
+    // the calling thread's timer slack; no memory is passed.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_TIMERSLACK,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        );
+    }
+}
+
 /// A registered thread: its name and handle.
 type Spawned = (String, JoinHandle<()>);
 
