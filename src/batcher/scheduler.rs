@@ -8,8 +8,11 @@
 //!
 //! A thread rather than a tokio task because batching delays and expiry
 //! times are often below a millisecond and tokio's timer rounds sleeps up to
-//! whole milliseconds; `recv_timeout` waits on a futex with microsecond
-//! accuracy.
+//! whole milliseconds; `recv_timeout` waits on a futex, which this thread
+//! asks to wake on time ([`precise_timers`](crate::runtime::precise_timers):
+//! Linux's default 50 µs timer slack is longer than many waits). Even so a
+//! timed wait ends late by tens of microseconds on a busy machine; the
+//! scheduler measures by how much, and the adaptive wait counts it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;

@@ -274,6 +274,22 @@ fn max_rate(setup_at: impl Fn(f64) -> SimSetup, budget: f64, ceiling: f64) -> (f
     (lo, best)
 }
 
+/// Why no configuration met the budget: the serving path's own tail, when
+/// even the lightest load measured put it over the budget (on a busy
+/// machine that, not the model, is what fails), else one request's cost.
+fn no_candidate(budget_s: f64, alone_ms: f64, tail: &[ServingPoint]) -> String {
+    let budget_ms = budget_s * 1e3;
+    match tail.first() {
+        Some(p) if p.outside_ms.p99 > budget_ms => format!(
+            "no configuration meets a {budget_ms} ms p99: the serving path alone (time outside queue and compute) \
+             had a p99 of {:.2} ms at {:.0} requests/s, the lightest load measured, before any batching; \
+             measure on a quieter machine, or plan for a larger budget",
+            p.outside_ms.p99, p.rate
+        ),
+        _ => format!("no configuration meets a {budget_ms} ms p99: one request alone takes {alone_ms:.2} ms"),
+    }
+}
+
 /// Measures, simulates every candidate and recommends one.
 pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
     let started = Instant::now();
@@ -373,13 +389,7 @@ pub async fn plan(options: &PlanOptions) -> Result<Plan, PlanError> {
         .filter(|c| c.max_rate >= 0.98 * top)
         .min_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))
         .cloned()
-        .ok_or_else(|| {
-            PlanError::Serve(format!(
-                "no configuration meets a {} ms p99: one request alone takes {:.2} ms",
-                budget * 1e3,
-                (curve.seconds(1) * 1e3) + overhead_ms
-            ))
-        })?;
+        .ok_or_else(|| PlanError::Serve(no_candidate(budget, curve.seconds(1) * 1e3 + overhead_ms, &serving_tail)))?;
     let current_p99_by_rate = p99_by_rate(&current);
     let p99_by_rate = p99_by_rate(&recommended);
     let replicas = options.rate.map(|r| (r / recommended.max_rate.max(1e-9)).ceil().max(1.0) as u64);
@@ -483,5 +493,24 @@ impl Plan {
             &points,
             Some(self.budget_ms),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::report::Percentiles;
+
+    fn point(rate: f64, p99: f64) -> ServingPoint {
+        ServingPoint { rate, outside_ms: Percentiles { p99, ..Default::default() } }
+    }
+
+    #[test]
+    fn no_candidate_names_the_serving_path_when_its_own_tail_misses_the_budget() {
+        let slow = no_candidate(0.010, 0.4, &[point(1000.0, 14.0), point(3000.0, 20.0)]);
+        assert!(slow.contains("serving path alone") && slow.contains("14.00 ms at 1000"), "{slow}");
+        let costly = no_candidate(0.010, 12.0, &[point(1000.0, 2.0)]);
+        assert!(costly.contains("one request alone takes 12.00 ms"), "{costly}");
+        assert!(no_candidate(0.010, 12.0, &[]).contains("one request alone"));
     }
 }
