@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Where a server's CPU goes, per thread, for the three batching settings
+# side by side: serves the repositories scripts/compare-batching.sh left in
+# OUTDIR (repo-zero, repo-fixed, repo-adaptive), drives each in turn with
+# `kiln bench` at CLIENTS closed-loop clients for SECONDS, and prints each
+# server thread's CPU time (user + system, from /proc) per 1000 requests,
+# REPS interleaved repetitions. Linux only; not a CI step.
+#   scripts/thread-cpu.sh OUTDIR MODEL CLIENTS [SECONDS] [REPS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(cd "${1:?OUTDIR of scripts/compare-batching.sh}" && pwd)
+model=${2:?MODEL}
+clients=${3:?CLIENTS}
+seconds=${4:-4}
+reps=${5:-3}
+settings=(zero fixed adaptive)
+cargo build --release --quiet --bin kiln
+kiln=$(pwd)/target/release/kiln
+hz=$(getconf CLK_TCK)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+declare -A url pid
+for s in "${settings[@]}"; do
+  port=$(free_port)
+  "$kiln" serve --model-threads "$(nproc)" --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 \
+    --http 127.0.0.1:0 >"$out/cpu-serve-$s.log" 2>&1 &
+  pids+=($!)
+  pid[$s]=$!
+  url[$s]=127.0.0.1:$port
+done
+for s in "${settings[@]}"; do
+  for _ in $(seq 1 600); do
+    grep -q "kiln listening" "$out/cpu-serve-$s.log" && break
+    sleep 0.1
+  done
+done
+
+# Clock ticks per thread name (threads of one name summed).
+ticks() {
+  for t in /proc/"$1"/task/*; do
+    echo "$(tr -d ' ' <"$t/comm") $(awk '{print $14 + $15}' "$t/stat")"
+  done | awk '{c[$1] += $2} END {for (k in c) print k, c[k]}' | sort
+}
+for rep in $(seq 1 "$reps"); do
+  for s in "${settings[@]}"; do
+    ticks "${pid[$s]}" >"$out/cpu-before"
+    "$kiln" bench --url "${url[$s]}" --model "$model" --concurrency "$clients" --duration "$seconds" \
+      --json "$out/cpu-bench.json" >/dev/null
+    ticks "${pid[$s]}" >"$out/cpu-after"
+    python3 - "$out/cpu-before" "$out/cpu-after" "$out/cpu-bench.json" "$hz" "$s" "$rep" <<'PY'
+import json, sys
+read = lambda path: {name: int(ticks) for name, ticks in (line.split() for line in open(path))}
+before, after = read(sys.argv[1]), read(sys.argv[2])
+sent = json.load(open(sys.argv[3]))["steps"][0]["sent"]
+hz = float(sys.argv[4])
+spent = {k: (v - before.get(k, 0)) * 1e3 / hz * 1e3 / max(sent, 1) for k, v in after.items()}
+print(f"{sys.argv[5]:>8} rep {sys.argv[6]}, {sent} requests; CPU ms per 1000 requests: "
+      + " ".join(f"{k} {v:.1f}" for k, v in sorted(spent.items()) if v > 0))
+PY
+  done
+done
