@@ -53,24 +53,8 @@ for s in "${settings[@]}"; do
   done
 done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-declare -A url
-for s in "${settings[@]}"; do
-  port=$(free_port)
-  # One thread count for all three: their warm-up measurements, taken at
-  # the same moment on the same cores, would otherwise disagree.
-  "$kiln" serve --model-threads "$(nproc)" --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 --http 127.0.0.1:0 >"$out/serve-$s.log" 2>&1 &
-  pids+=($!)
-  url[$s]=127.0.0.1:$port
-done
-for s in "${settings[@]}"; do
-  for _ in $(seq 1 600); do
-    grep -q "kiln listening" "$out/serve-$s.log" && break
-    sleep 0.1
-  done
-done
+source scripts/serve-settings.sh
+serve_settings "$out" serve
 
 input=$tools/risk-input.json
 readings=$out/readings.csv

@@ -18,24 +18,8 @@ cargo build --release --quiet --bin kiln
 kiln=$(pwd)/target/release/kiln
 hz=$(getconf CLK_TCK)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-declare -A url pid
-for s in "${settings[@]}"; do
-  port=$(free_port)
-  "$kiln" serve --model-threads "$(nproc)" --repo "$out/repo-$s" --grpc "127.0.0.1:$port" --metrics 127.0.0.1:0 \
-    --http 127.0.0.1:0 >"$out/cpu-serve-$s.log" 2>&1 &
-  pids+=($!)
-  pid[$s]=$!
-  url[$s]=127.0.0.1:$port
-done
-for s in "${settings[@]}"; do
-  for _ in $(seq 1 600); do
-    grep -q "kiln listening" "$out/cpu-serve-$s.log" && break
-    sleep 0.1
-  done
-done
+source scripts/serve-settings.sh
+serve_settings "$out" cpu-serve
 
 # Clock ticks per thread name (threads of one name summed).
 ticks() {
