@@ -21,11 +21,11 @@ hz=$(getconf CLK_TCK)
 source scripts/serve-settings.sh
 serve_settings "$out" cpu-serve
 
-# Clock ticks per thread name (threads of one name summed).
+# Clock ticks of each thread, as "name ticks" lines.
 ticks() {
   for t in /proc/"$1"/task/*; do
     echo "$(tr -d ' ' <"$t/comm") $(awk '{print $14 + $15}' "$t/stat")"
-  done | awk '{c[$1] += $2} END {for (k in c) print k, c[k]}' | sort
+  done
 }
 for rep in $(seq 1 "$reps"); do
   for s in "${settings[@]}"; do
@@ -35,7 +35,14 @@ for rep in $(seq 1 "$reps"); do
     ticks "${pid[$s]}" >"$out/cpu-after"
     python3 - "$out/cpu-before" "$out/cpu-after" "$out/cpu-bench.json" "$hz" "$s" "$rep" <<'PY'
 import json, sys
-read = lambda path: {name: int(ticks) for name, ticks in (line.split() for line in open(path))}
+from collections import Counter
+def read(path):
+    # Threads of one name (the runtime's workers) are summed.
+    by_name = Counter()
+    for line in open(path):
+        name, ticks = line.split()
+        by_name[name] += int(ticks)
+    return by_name
 before, after = read(sys.argv[1]), read(sys.argv[2])
 sent = json.load(open(sys.argv[3]))["steps"][0]["sent"]
 hz = float(sys.argv[4])

@@ -217,7 +217,7 @@ pub fn simulate(setup: &SimSetup) -> SimResult {
                         members = m;
                     }
                 }
-                Action::WaitUntil(at) if executors.iter().any(|e| e.busy_until.is_none()) => wait = Some(at),
+                Action::WaitUntil(at) if can_run => wait = Some(at),
                 _ => {}
             }
             let mut gone: Vec<usize> = plan.expired.iter().chain(&members).copied().collect();
