@@ -204,6 +204,23 @@ async fn full_queue_is_refused_at_once_and_the_queued_are_served() {
 }
 
 #[tokio::test]
+async fn requests_queued_behind_a_running_batch_leave_together_under_the_adaptive_wait() {
+    let _turn = SERIAL.lock().await;
+    const M: &str = "together";
+    // SETTINGS leaves `queue_delay` at its default, the adaptive wait.
+    let (server, _dir) = wide_server(M, 2048, SETTINGS, BTreeMap::new()).await;
+    let slow = occupy_executor(&server, M).await;
+    let queued = queue_behind(&server, M, 8, 1).await;
+    slow.await.expect("join").expect("slow answered");
+    for q in queued {
+        let answer = q.await.expect("join").expect("queued request served").into_inner();
+        assert_eq!(client::int_parameter(&answer, "batch_size"), Some(8), "the eight queued rows left apart");
+    }
+    let mut c = server.client().await;
+    assert_eq!(statistics(&mut c, M).await.execution_count, 2, "the slow batch, then one batch of eight");
+}
+
+#[tokio::test]
 async fn higher_priority_runs_before_an_earlier_lower_priority_request() {
     let _turn = SERIAL.lock().await;
     const M: &str = "priority";

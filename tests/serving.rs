@@ -7,6 +7,7 @@ mod common;
 use common::TestServer;
 use kiln::api::pb;
 use kiln::client::{self, output_fp32};
+use kiln::config::{RepositorySource, ServeConfig};
 
 #[tokio::test]
 async fn outputs_equal_the_model_run_in_process_in_both_content_forms() {
@@ -52,7 +53,23 @@ async fn heldout_accuracy_over_grpc_is_at_least_093() {
 
 #[tokio::test]
 async fn concurrent_requests_are_all_answered_correctly_in_batches() {
-    let server = TestServer::built_in().await;
+    // The built-in risk model with a fixed wait. Here the client and the
+    // server share the test's one thread, so requests reach the scheduler
+    // one by one, slower than the model answers them: the shipped adaptive
+    // wait rightly sends each alone then (tests/batching.rs shows it
+    // batching what queues behind a running batch). A fixed wait makes
+    // every request meet company, so this shows that answers are scattered
+    // back to the right requests.
+    let repo = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(repo.path().join("risk/1")).expect("mkdir");
+    let toml = include_str!("../models/risk/model.toml")
+        .replace("max_queue_delay_ms = 0.5\n", "max_queue_delay_ms = 5\nqueue_delay = \"fixed\"\n");
+    assert!(toml.contains("queue_delay = \"fixed\""), "the shipped model.toml changed its delay line");
+    std::fs::write(repo.path().join("risk/model.toml"), toml).expect("write model.toml");
+    std::fs::write(repo.path().join("risk/1/model.safetensors"), include_bytes!("../models/risk/1/model.safetensors"))
+        .expect("write weights");
+    let config = ServeConfig { repository: RepositorySource::Dir(repo.path().to_path_buf()), ..Default::default() };
+    let server = TestServer::start(config).await;
     let (rows, _) = common::wdbc();
     let expected = common::risk_in_process(&rows[..200]);
     // Several connections, many streams each: 200 requests in flight at once.
