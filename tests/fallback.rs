@@ -125,10 +125,7 @@ async fn a_cycle_or_a_misfit_fallback_stops_the_start() {
 
     let repo = tempfile::tempdir().expect("tempdir");
     test_model(repo.path(), "a", 1.0, "fallback = { model = \"risk\" }", "");
-    let risk = repo.path().join("risk/1");
-    std::fs::create_dir_all(&risk).expect("mkdir");
-    std::fs::copy("models/risk/model.toml", repo.path().join("risk/model.toml")).expect("copy");
-    std::fs::copy("models/risk/1/model.safetensors", risk.join("model.safetensors")).expect("copy");
+    common::write_risk(repo.path(), common::RISK_TOML, &[1]);
     let err = start_error(repo.path()).await;
     assert!(err.contains("a/model.toml") && err.contains("does not take input `x`"), "{err}");
 }

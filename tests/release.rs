@@ -18,19 +18,10 @@ use kiln::client::Credentials;
 use kiln::config::{RepositorySource, ServeConfig};
 use tonic::Code;
 
-const RISK_TOML: &str = include_str!("../models/risk/model.toml");
-const RISK_WEIGHTS: &[u8] = include_bytes!("../models/risk/1/model.safetensors");
 const ADMIN_TOKEN: &str = "release-test-admin-token";
 
 fn two_versions() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let risk = dir.path().join("risk");
-    for v in ["1", "2"] {
-        std::fs::create_dir_all(risk.join(v)).expect("mkdir");
-        std::fs::write(risk.join(v).join("model.safetensors"), RISK_WEIGHTS).expect("weights");
-    }
-    std::fs::write(risk.join("model.toml"), format!("version_policy = {{ all = true }}\n{RISK_TOML}")).expect("toml");
-    dir
+    common::risk_repo(&format!("version_policy = {{ all = true }}\n{}", common::RISK_TOML), &[1, 2])
 }
 
 async fn serve(repo: &Path, audit: &Path) -> TestServer {

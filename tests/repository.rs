@@ -6,24 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::TestServer;
+use common::{RISK_TOML, RISK_WEIGHTS, TestServer, risk_repo};
 use kiln::api::pb;
 use kiln::config::{RepositorySource, ServeConfig};
-
-const RISK_TOML: &str = include_str!("../models/risk/model.toml");
-const RISK_WEIGHTS: &[u8] = include_bytes!("../models/risk/1/model.safetensors");
-
-fn repo_with(toml: &str, versions: &[u64]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("risk");
-    std::fs::create_dir_all(&model).expect("mkdir");
-    std::fs::write(model.join("model.toml"), toml).expect("write toml");
-    for v in versions {
-        std::fs::create_dir_all(model.join(v.to_string())).expect("mkdir version");
-        std::fs::write(model.join(format!("{v}/model.safetensors")), RISK_WEIGHTS).expect("write weights");
-    }
-    dir
-}
 
 fn load_error(dir: &Path) -> String {
     match kiln::repository::load(&RepositorySource::Dir(dir.to_path_buf())) {
@@ -34,7 +19,7 @@ fn load_error(dir: &Path) -> String {
 
 #[test]
 fn unknown_field_is_named_with_its_file() {
-    let dir = repo_with(&RISK_TOML.replace("max_queue = ", "max_queue_len = "), &[1]);
+    let dir = risk_repo(&RISK_TOML.replace("max_queue = ", "max_queue_len = "), &[1]);
     let err = load_error(dir.path());
     assert!(err.contains("risk/model.toml") && err.contains("max_queue_len"), "{err}");
 }
@@ -44,7 +29,7 @@ fn cuda_device_without_cuda_build_names_the_field() {
     if cfg!(feature = "cuda") {
         return; // with CUDA compiled in, cuda:0 may well load
     }
-    let dir = repo_with(&RISK_TOML.replace("device = \"auto\"", "device = \"cuda:0\""), &[1]);
+    let dir = risk_repo(&RISK_TOML.replace("device = \"auto\"", "device = \"cuda:0\""), &[1]);
     let err = load_error(dir.path());
     assert!(err.contains("field `device`") && err.contains("--features cuda"), "{err}");
 }
@@ -56,7 +41,7 @@ fn missing_config_and_missing_weights_are_named() {
     let err = load_error(dir.path());
     assert!(err.contains("empty/model.toml") && err.contains("missing"), "{err}");
 
-    let dir = repo_with(RISK_TOML, &[]);
+    let dir = risk_repo(RISK_TOML, &[]);
     std::fs::create_dir_all(dir.path().join("risk/3")).expect("mkdir");
     let err = load_error(dir.path());
     assert!(err.contains("risk/3/model.safetensors"), "{err}");
@@ -64,7 +49,7 @@ fn missing_config_and_missing_weights_are_named() {
 
 #[test]
 fn declared_output_width_must_match_the_weights() {
-    let dir = repo_with(
+    let dir = risk_repo(
         &RISK_TOML.replace(
             "name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 1]",
             "name = \"probability\"\ndatatype = \"FP32\"\nshape = [-1, 2]",
@@ -77,17 +62,17 @@ fn declared_output_width_must_match_the_weights() {
 
 #[test]
 fn default_version_must_exist_and_be_served() {
-    let dir = repo_with(&format!("default_version = 4\n{RISK_TOML}"), &[1]);
+    let dir = risk_repo(&format!("default_version = 4\n{RISK_TOML}"), &[1]);
     let err = load_error(dir.path());
     assert!(err.contains("field `default_version`"), "{err}");
-    let dir = repo_with(&format!("default_version = 1\n{RISK_TOML}"), &[1, 2]);
+    let dir = risk_repo(&format!("default_version = 1\n{RISK_TOML}"), &[1, 2]);
     let err = load_error(dir.path());
     assert!(err.contains("field `default_version`") && err.contains("latest 1"), "{err}");
 }
 
 #[tokio::test]
 async fn serve_refuses_a_bad_repository_instead_of_panicking() {
-    let dir = repo_with("kind = \"mlp\"\n", &[1]);
+    let dir = risk_repo("kind = \"mlp\"\n", &[1]);
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let config = ServeConfig { repository: RepositorySource::Dir(dir.path().to_path_buf()), ..Default::default() };
     let err = kiln::serve(config, kiln::Listeners { grpc, http: None, metrics: None }, std::future::pending())
@@ -102,7 +87,7 @@ type TwoVersions = (tempfile::TempDir, TestServer, kiln::client::Client, pb::Mod
 
 /// Serves `toml` with versions 1 and 2 and checks the default is 2.
 async fn two_versions(toml: &str) -> TwoVersions {
-    let dir = repo_with(toml, &[1, 2]);
+    let dir = risk_repo(toml, &[1, 2]);
     let server = TestServer::start(ServeConfig {
         repository: RepositorySource::Dir(dir.path().to_path_buf()),
         ..Default::default()
@@ -141,7 +126,7 @@ async fn a_folder_repository_serves_every_version_with_the_highest_as_default() 
 
 #[test]
 fn duplicate_version_folders_are_a_start_up_error_naming_both() {
-    let dir = repo_with(RISK_TOML, &[1]);
+    let dir = risk_repo(RISK_TOML, &[1]);
     std::fs::create_dir_all(dir.path().join("risk/01")).expect("mkdir");
     std::fs::write(dir.path().join("risk/01/model.safetensors"), RISK_WEIGHTS).expect("write weights");
     let err = load_error(dir.path());
@@ -150,7 +135,7 @@ fn duplicate_version_folders_are_a_start_up_error_naming_both() {
 
 #[test]
 fn a_timeout_that_overflows_a_duration_is_refused_at_load() {
-    let dir = repo_with(&RISK_TOML.replace("default_timeout_ms = 1000", "default_timeout_ms = 1e300"), &[1]);
+    let dir = risk_repo(&RISK_TOML.replace("default_timeout_ms = 1000", "default_timeout_ms = 1e300"), &[1]);
     let err = load_error(dir.path());
     assert!(err.contains("risk/model.toml") && err.contains("field `default_timeout_ms`"), "{err}");
 }

@@ -60,14 +60,10 @@ async fn concurrent_requests_are_all_answered_correctly_in_batches() {
     // batching what queues behind a running batch). A fixed wait makes
     // every request meet company, so this shows that answers are scattered
     // back to the right requests.
-    let repo = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(repo.path().join("risk/1")).expect("mkdir");
-    let toml = include_str!("../models/risk/model.toml")
-        .replace("max_queue_delay_ms = 0.5\n", "max_queue_delay_ms = 5\nqueue_delay = \"fixed\"\n");
+    let toml =
+        common::RISK_TOML.replace("max_queue_delay_ms = 0.5\n", "max_queue_delay_ms = 5\nqueue_delay = \"fixed\"\n");
     assert!(toml.contains("queue_delay = \"fixed\""), "the shipped model.toml changed its delay line");
-    std::fs::write(repo.path().join("risk/model.toml"), toml).expect("write model.toml");
-    std::fs::write(repo.path().join("risk/1/model.safetensors"), include_bytes!("../models/risk/1/model.safetensors"))
-        .expect("write weights");
+    let repo = common::risk_repo(&toml, &[1]);
     let config = ServeConfig { repository: RepositorySource::Dir(repo.path().to_path_buf()), ..Default::default() };
     let server = TestServer::start(config).await;
     let (rows, _) = common::wdbc();

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::TestServer;
 use common::load::steady_load;
+use common::{RISK_TOML, RISK_WEIGHTS, TestServer};
 use kiln::api::pb;
 use kiln::client::{Client, Credentials};
 use kiln::config::{AuthConfig, ModelControl, RepositorySource, ServeConfig};
@@ -23,8 +23,6 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const RISK_TOML: &str = include_str!("../models/risk/model.toml");
-const RISK_WEIGHTS: &[u8] = include_bytes!("../models/risk/1/model.safetensors");
 const ADMIN_TOKEN: &str = "versions-test-admin-token";
 
 /// Writes version `v` of `risk` under `root` the way a release tool
@@ -37,11 +35,7 @@ fn add_version(root: &Path, v: u64, weights: &[u8]) {
 }
 
 fn repo(toml: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("risk")).expect("mkdir");
-    std::fs::write(dir.path().join("risk/model.toml"), toml).expect("write toml");
-    add_version(dir.path(), 1, RISK_WEIGHTS);
-    dir
+    common::risk_repo(toml, &[1])
 }
 
 /// Replaces `model.toml` in one step (a rename), as a config tool would.

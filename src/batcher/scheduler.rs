@@ -701,7 +701,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
     use crate::model::{DataType, Inputs, ModelError, Tensor, TensorData, TensorSpec};
 
     #[test]

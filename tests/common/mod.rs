@@ -150,6 +150,29 @@ pub fn risk_in_process(rows: &[Vec<f32>]) -> Vec<f32> {
     }
 }
 
+/// The built-in risk model's files, for repositories a test builds.
+pub const RISK_TOML: &str = include_str!("../../models/risk/model.toml");
+pub const RISK_WEIGHTS: &[u8] = include_bytes!("../../models/risk/1/model.safetensors");
+
+/// Writes `risk` under `root`: `toml` as its model.toml, the built-in
+/// weights as each of `versions`.
+pub fn write_risk(root: &std::path::Path, toml: &str, versions: &[u64]) {
+    let model = root.join("risk");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    std::fs::write(model.join("model.toml"), toml).expect("write toml");
+    for v in versions {
+        std::fs::create_dir_all(model.join(v.to_string())).expect("mkdir version");
+        std::fs::write(model.join(format!("{v}/model.safetensors")), RISK_WEIGHTS).expect("write weights");
+    }
+}
+
+/// A repository holding only `risk` (see [`write_risk`]).
+pub fn risk_repo(toml: &str, versions: &[u64]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_risk(dir.path(), toml, versions);
+    dir
+}
+
 /// A repository holding `wide`: a real MLP 30 → `hidden` → `hidden` → 2
 /// whose cost is controlled by its width and the rows sent (about
 /// 2·hidden² flops per row). Weights come from a seeded generator.
